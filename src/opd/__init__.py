@@ -1,0 +1,1 @@
+"""On-policy distillation study pipeline (release rule, TA-OPD)."""

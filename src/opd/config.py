@@ -1,0 +1,123 @@
+"""Config validation: the JSON schema first, then the cross-references a schema cannot express.
+
+The Snakefile calls `validate_config` at load, so a bad key or value stops the run before any job
+starts, with one message that names each offending key and what is allowed there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """An invalid study config; the message names the key(s) and the allowed values."""
+
+
+def _key(path) -> str:
+    parts = [f"[{p}]" if isinstance(p, int) else f".{p}" for p in path]
+    return "".join(parts).lstrip(".") or "<top level>"
+
+
+def _describe(error) -> str:
+    """One line per schema violation: the key, the bad value, what is allowed."""
+    key, value, schema = _key(error.absolute_path), error.instance, error.schema
+    kind = error.validator
+    if kind == "additionalProperties":
+        allowed = sorted(schema.get("properties", {}))
+        extra = sorted(set(value) - set(allowed)) if isinstance(value, dict) else []
+        patterns = list(schema.get("patternProperties", {}))
+        where = f"under '{key}'" if error.absolute_path else "at the top level"
+        hint = f"allowed keys: {', '.join(allowed)}" if allowed else f"names must match {', '.join(patterns)}"
+        return f"unknown key(s) {', '.join(map(repr, extra))} {where}; {hint}"
+    if kind == "enum":
+        return f"{key}: {value!r} is not allowed; allowed values: {', '.join(map(repr, error.validator_value))}"
+    if kind == "type":
+        return f"{key}: expected {error.validator_value}, got {value!r} ({type(value).__name__})"
+    if kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        lo = schema.get("minimum", schema.get("exclusiveMinimum", "-inf"))
+        hi = schema.get("maximum", schema.get("exclusiveMaximum", "inf"))
+        lo_b = "(" if "exclusiveMinimum" in schema else "["
+        hi_b = ")" if "exclusiveMaximum" in schema else "]"
+        return f"{key}: {value!r} is out of range; allowed: {lo_b}{lo}, {hi}{hi_b}"
+    if kind == "required":
+        return f"{key}: {error.message}"
+    if kind in ("minItems", "uniqueItems", "pattern"):
+        return f"{key}: {error.message}"
+    return f"{key}: {error.message}"
+
+
+def _fill_defaults(config: Any, schema: dict) -> None:
+    """Insert schema defaults for missing keys, recursively (objects only)."""
+    if not isinstance(config, dict):
+        return
+    for name, sub in schema.get("properties", {}).items():
+        if name not in config and "default" in sub:
+            config[name] = copy.deepcopy(sub["default"])
+        if name in config:
+            _fill_defaults(config[name], sub)
+    for sub in schema.get("patternProperties", {}).values():
+        for value in config.values():
+            _fill_defaults(value, sub)
+
+
+def _cross_checks(config: dict) -> list[str]:
+    """Rules that span keys: exactly one teacher, and every named model defined."""
+    problems = []
+    models = config.get("models", {})
+    teachers = [n for n, m in models.items() if m.get("role") == "teacher"]
+    if len(teachers) != 1:
+        problems.append(f"models: exactly one model needs role 'teacher', found {len(teachers)} ({teachers})")
+    if not any(m.get("role") == "student" for m in models.values()):
+        problems.append("models: at least one model needs role 'student'")
+    for i, name in enumerate(config.get("evaluation", {}).get("models") or []):
+        if name not in models:
+            problems.append(f"evaluation.models[{i}]: unknown model {name!r}; defined models: "
+                            f"{', '.join(map(repr, models))}")
+    return problems
+
+
+def load_schema(path: Path | str = SCHEMA) -> dict:
+    with open(path) as fh:
+        return yaml.safe_load(fh)
+
+
+def validate_config(config: dict, schema_path: Path | str = SCHEMA) -> dict:
+    """Validate `config` in place (defaults filled in) and return it; raise ConfigError if invalid."""
+    import jsonschema
+
+    schema = load_schema(schema_path)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
+    problems = [_describe(e) for e in errors]
+    if not problems:
+        _fill_defaults(config, schema)
+        problems = _cross_checks(config)
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    return config
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Validate a study config against the schema.")
+    parser.add_argument("configfile", type=Path, help="YAML config to check")
+    parser.add_argument("--schema", type=Path, default=SCHEMA, help="JSON schema (YAML)")
+    args = parser.parse_args(argv)
+    with open(args.configfile) as fh:
+        config = yaml.safe_load(fh) or {}
+    try:
+        validate_config(config, args.schema)
+    except ConfigError as err:
+        sys.exit(f"{args.configfile}: {err}")
+    print(f"{args.configfile}: valid")
+
+
+if __name__ == "__main__":
+    main()

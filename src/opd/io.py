@@ -1,0 +1,35 @@
+"""Small I/O helpers that fail with an error naming the file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class DataFileError(ValueError):
+    """A data file that is missing or malformed; the message names the file and the line."""
+
+
+def read_jsonl(path: Path | str, required: tuple[str, ...] = ()) -> list[dict]:
+    """Records of a JSONL file; each must be a JSON object holding the `required` keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(f"data file not found: {path}")
+    records = []
+    with path.open() as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFileError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(rec, dict):
+                raise DataFileError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            missing = [k for k in required if k not in rec]
+            if missing:
+                raise DataFileError(f"{path}:{lineno}: missing key(s) {', '.join(missing)}")
+            records.append(rec)
+    if not records:
+        raise DataFileError(f"data file is empty: {path}")
+    return records

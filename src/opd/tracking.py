@@ -1,0 +1,131 @@
+"""MLflow tracking: one run per rule execution, grouped by study (one experiment per study).
+
+The default store is `sqlite:///results/mlflow.db` (no server); `MLFLOW_TRACKING_URI` overrides it.
+Snakemake runs several jobs at once and SQLite allows one writer: concurrent schema creation,
+experiment creation and writes can fail with "database is locked" and silently drop metrics. So every
+write to a SQLite store goes through one inter-process file lock next to the database, and metrics are
+sent in one `log_batch` call (one transaction) rather than one call per metric.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+DEFAULT_URI = "sqlite:///results/mlflow.db"
+_BATCH = 900  # MLflow caps a log_batch at 1000 metrics
+
+
+def tracking_uri() -> str:
+    """The store in use; a relative SQLite path is made absolute so every job sees the same file."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_absolute():
+            path = Path.cwd() / path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def _lock(uri: str):
+    """An inter-process lock for SQLite stores; servers serialise writes themselves."""
+    path = _sqlite_path(uri)
+    if path is None:
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    return FileLock(str(path) + ".lock", timeout=600)
+
+
+def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = str(value)[:6000]  # MLflow's param length limit
+    return flat
+
+
+class Run:
+    """A handle on one MLflow run; every write takes the store's lock."""
+
+    def __init__(self, client, run_id: str, uri: str):
+        self.client, self.run_id, self.uri = client, run_id, uri
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for start in range(0, len(items), _BATCH):
+            with _lock(self.uri):
+                self.client.log_batch(self.run_id, metrics=items[start:start + _BATCH])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in _flatten(params).items()]
+        for start in range(0, len(items), 90):  # params per batch are capped at 100
+            with _lock(self.uri):
+                self.client.log_batch(self.run_id, params=items[start:start + 90])
+
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        with _lock(self.uri):
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            else:
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        with _lock(self.uri):
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, str(v))
+
+
+def _experiment_id(client, study: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(study)
+    if exp is not None:
+        return exp.experiment_id
+    db = _sqlite_path(uri)
+    # Keep artifacts beside the database instead of in ./mlruns of whatever directory the job ran in.
+    location = (db.parent / "mlartifacts" / study).as_uri() if db else None
+    return client.create_experiment(study, artifact_location=location)
+
+
+@contextlib.contextmanager
+def run(study: str, rule: str, params: dict[str, Any] | None = None,
+        tags: dict[str, Any] | None = None) -> Iterator[Run]:
+    """Open a run named `rule` in experiment `study`; it ends FINISHED, or FAILED on an exception."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+    all_tags = {"rule": rule, "study": study, **(tags or {})}
+    if "SNAKEMAKE_JOBID" in os.environ:
+        all_tags["snakemake_jobid"] = os.environ["SNAKEMAKE_JOBID"]
+    if "SLURM_JOB_ID" in os.environ:
+        all_tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+    with _lock(uri):
+        exp_id = _experiment_id(client, study, uri)
+        mlrun = client.create_run(exp_id, run_name=rule, tags={k: str(v) for k, v in all_tags.items()})
+    handle = Run(client, mlrun.info.run_id, uri)
+    if params:
+        handle.log_params(params)
+    status = "FAILED"
+    try:
+        yield handle
+        status = "FINISHED"
+    finally:
+        with _lock(uri):
+            client.set_terminated(handle.run_id, status)

@@ -1,0 +1,93 @@
+import copy
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from opd.config import ConfigError, validate_config
+
+
+@pytest.fixture
+def cfg(repo: Path) -> dict:
+    return yaml.safe_load((repo / "config/config.yaml").read_text())
+
+
+def test_shipped_configs_are_valid(repo: Path, cfg):
+    validate_config(cfg)
+    validate_config(yaml.safe_load((repo / "tests/config/smoke.yaml").read_text()))
+
+
+def test_defaults_are_filled(cfg):
+    cfg.pop("evaluation", None)
+    out = validate_config(cfg)
+    assert out["evaluation"]["benchmarks"] == ["arith1", "arith2", "arith3", "arith4", "arith5", "reverse"]
+    assert out["evaluation"]["limit"] is None
+
+
+def _error(cfg) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate_config(cfg)
+    return str(info.value)
+
+
+def test_unknown_key_named_with_allowed_keys(cfg):
+    cfg["world"]["n_benchh"] = 3
+    msg = _error(cfg)
+    assert "'n_benchh'" in msg and "under 'world'" in msg and "n_bench" in msg and "max_value" in msg
+
+
+def test_unknown_top_level_key(cfg):
+    cfg["modles"] = {}
+    assert "unknown key(s) 'modles' at the top level" in _error(cfg)
+
+
+def test_wrong_type_named(cfg):
+    cfg["models"]["teacher"]["steps"] = "many"
+    assert "models.teacher.steps: expected integer, got 'many'" in _error(cfg)
+
+
+def test_out_of_range_named_with_bounds(cfg):
+    cfg["world"]["ood_fraction"] = 1.5
+    assert "world.ood_fraction: 1.5 is out of range; allowed: [0, 1]" in _error(cfg)
+    cfg = copy.deepcopy(cfg)
+    cfg["world"]["ood_fraction"] = 0.1
+    cfg["models"]["teacher"]["lr"] = 0
+    assert "models.teacher.lr: 0 is out of range; allowed: (0, 1]" in _error(cfg)
+
+
+def test_unknown_benchmark_lists_allowed(cfg):
+    cfg["evaluation"]["benchmarks"] = ["arith1", "math500"]
+    msg = _error(cfg)
+    assert "evaluation.benchmarks[1]: 'math500' is not allowed" in msg
+    assert "'arith5'" in msg and "'reverse'" in msg
+
+
+def test_unknown_model_name(cfg):
+    cfg["evaluation"]["models"] = ["teacher", "student_xl"]
+    msg = _error(cfg)
+    assert "evaluation.models[1]: unknown model 'student_xl'" in msg and "'student_s'" in msg
+
+
+def test_bad_model_name_and_role(cfg):
+    cfg["models"]["bad-name"] = cfg["models"]["teacher"]
+    assert "unknown key(s) 'bad-name' under 'models'" in _error(cfg)
+    cfg = copy.deepcopy(cfg)
+    del cfg["models"]["bad-name"]
+    cfg["models"]["teacher"]["role"] = "student"
+    assert "exactly one model needs role 'teacher'" in _error(cfg)
+
+
+def test_snakemake_refuses_bad_config_before_any_job(repo: Path, tmp_path: Path, cfg, python):
+    cfg["world"]["n_bench"] = -1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run(
+        [python, "-m", "snakemake", "-s", str(repo / "Snakefile"), "--directory", str(tmp_path),
+         "--configfile", str(bad), "--cores", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "world.n_bench: -1 is out of range; allowed: [1, 10000]" in out
+    assert not (tmp_path / "results").exists()  # nothing ran

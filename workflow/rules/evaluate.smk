@@ -1,0 +1,27 @@
+# lm-eval on every (model, benchmark): hf backend, offline, local task YAMLs.
+
+
+rule lm_eval:
+    input:
+        model="results/models/{model}/model.safetensors",
+        data="results/data/{task}.jsonl",
+        task_yaml=str(TASKS_DIR / "{task}.yaml"),
+    output:
+        json="results/eval/{model}/{task}.json",
+        samples="results/eval/{model}/{task}.samples.jsonl",
+    params:
+        args=eval_args,
+        model_dir=lambda wc: model_dir(wc.model),
+        tasks_dir=TASKS_DIR,
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    log:
+        "results/logs/lm_eval/{model}/{task}.log",
+    benchmark:
+        "results/benchmarks/lm_eval/{model}/{task}.tsv"
+    shell:
+        "python -m opd.evaluate --model-dir {params.model_dir} --model-name {wildcards.model}"
+        " --task {wildcards.task} --include-path {params.tasks_dir} --out {output.json}"
+        " --samples-out {output.samples} {params.args} --threads {threads} --study {STUDY} > {log} 2>&1"
