@@ -91,3 +91,20 @@ def test_snakemake_refuses_bad_config_before_any_job(repo: Path, tmp_path: Path,
     out = proc.stdout + proc.stderr
     assert "world.n_bench: -1 is out of range; allowed: [1, 10000]" in out
     assert not (tmp_path / "results").exists()  # nothing ran
+
+
+def _schema_keys(schema: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for name, sub in schema.get("properties", {}).items():
+        keys.add(name)
+        keys |= _schema_keys(sub)
+    for sub in schema.get("patternProperties", {}).values():
+        keys |= _schema_keys(sub)
+    return keys
+
+
+def test_every_schema_key_is_documented(repo: Path):
+    schema = yaml.safe_load((repo / "workflow/schemas/config.schema.yaml").read_text())
+    doc = (repo / "config/README.md").read_text()
+    missing = [k for k in _schema_keys(schema) if f"`{k}`" not in doc]
+    assert not missing, f"config/README.md does not document: {missing}"

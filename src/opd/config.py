@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,8 @@ def _describe(error) -> str:
     kind = error.validator
     if kind == "additionalProperties":
         allowed = sorted(schema.get("properties", {}))
-        extra = sorted(set(value) - set(allowed)) if isinstance(value, dict) else []
         patterns = list(schema.get("patternProperties", {}))
+        extra = sorted(k for k in value if k not in allowed and not any(re.search(p, k) for p in patterns))
         where = f"under '{key}'" if error.absolute_path else "at the top level"
         hint = f"allowed keys: {', '.join(allowed)}" if allowed else f"names must match {', '.join(patterns)}"
         return f"unknown key(s) {', '.join(map(repr, extra))} {where}; {hint}"

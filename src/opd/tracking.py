@@ -110,13 +110,14 @@ def run(study: str, rule: str, params: dict[str, Any] | None = None,
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri()
-    client = MlflowClient(tracking_uri=uri)
     all_tags = {"rule": rule, "study": study, **(tags or {})}
     if "SNAKEMAKE_JOBID" in os.environ:
         all_tags["snakemake_jobid"] = os.environ["SNAKEMAKE_JOBID"]
     if "SLURM_JOB_ID" in os.environ:
         all_tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
     with _lock(uri):
+        # The first client of a new SQLite store creates its schema: two at once collide, so inside the lock.
+        client = MlflowClient(tracking_uri=uri)
         exp_id = _experiment_id(client, study, uri)
         mlrun = client.create_run(exp_id, run_name=rule, tags={k: str(v) for k, v in all_tags.items()})
     handle = Run(client, mlrun.info.run_id, uri)

@@ -2,6 +2,7 @@
 from snakemake.exceptions import WorkflowError
 
 from opd.config import ConfigError, validate_config
+from opd.toy import BENCHMARKS as WORLD_BENCHMARKS
 
 try:
     validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))

@@ -3,10 +3,11 @@
 
 rule toy_data:
     output:
-        expand("results/data/{name}.jsonl", name=["arith1", "arith2", "arith3", "arith4", "arith5", "reverse"]),
+        expand("results/data/{name}.jsonl", name=WORLD_BENCHMARKS),
         sft="results/data/sft.jsonl",
         prompts="results/data/train_prompts.jsonl",
     params:
+        study=STUDY,
         w=config["world"],
         seed=config["seed"],
     log:
@@ -14,7 +15,7 @@ rule toy_data:
     shell:
         "python -m opd.toy --out-dir results/data --n-bench {params.w[n_bench]} --n-sft {params.w[n_sft]}"
         " --n-prompts {params.w[n_prompts]} --max-value {params.w[max_value]}"
-        " --ood-fraction {params.w[ood_fraction]} --seed {params.seed} --study {STUDY} > {log} 2>&1"
+        " --ood-fraction {params.w[ood_fraction]} --seed {params.seed} --study {params.study} > {log} 2>&1"
 
 
 rule tokenizer:
@@ -23,9 +24,10 @@ rule tokenizer:
     output:
         "results/tokenizer/tokenizer.json",
     params:
+        study=STUDY,
         vocab=config["world"]["vocab_size"],
     log:
         "results/logs/tokenizer.log",
     shell:
         "python -m opd.tokenizer --corpus {input} --vocab-size {params.vocab}"
-        " --out-dir results/tokenizer --study {STUDY} > {log} 2>&1"
+        " --out-dir results/tokenizer --study {params.study} > {log} 2>&1"

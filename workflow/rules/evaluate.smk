@@ -10,6 +10,7 @@ rule lm_eval:
         json="results/eval/{model}/{task}.json",
         samples="results/eval/{model}/{task}.samples.jsonl",
     params:
+        study=STUDY,
         args=eval_args,
         model_dir=lambda wc: model_dir(wc.model),
         tasks_dir=TASKS_DIR,
@@ -24,4 +25,4 @@ rule lm_eval:
     shell:
         "python -m opd.evaluate --model-dir {params.model_dir} --model-name {wildcards.model}"
         " --task {wildcards.task} --include-path {params.tasks_dir} --out {output.json}"
-        " --samples-out {output.samples} {params.args} --threads {threads} --study {STUDY} > {log} 2>&1"
+        " --samples-out {output.samples} {params.args} --threads {threads} --study {params.study} > {log} 2>&1"

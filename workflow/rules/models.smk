@@ -8,6 +8,7 @@ rule sft_model:
     output:
         "results/models/{model}/model.safetensors",
     params:
+        study=STUDY,
         args=sft_args,
         out_dir=lambda wc: model_dir(wc.model),
         seed=config["seed"],
@@ -22,4 +23,4 @@ rule sft_model:
     shell:
         "python -m opd.sft --data {input.data} --tokenizer results/tokenizer --out-dir {params.out_dir}"
         " --name {wildcards.model} {params.args} --seed {params.seed} --threads {threads}"
-        " --study {STUDY} > {log} 2>&1"
+        " --study {params.study} > {log} 2>&1"

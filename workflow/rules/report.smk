@@ -9,10 +9,11 @@ rule report_models:
         csv="results/report/models.csv",
         png="results/report/models.png",
     params:
+        study=STUDY,
         models=" ".join(EVAL_MODELS),
         tasks=" ".join(BENCHMARKS),
     log:
         "results/logs/report_models.log",
     shell:
         "python -m opd.report --results-dir results/eval --models {params.models} --tasks {params.tasks}"
-        " --out-md {output.md} --out-csv {output.csv} --out-png {output.png} --study {STUDY} > {log} 2>&1"
+        " --out-md {output.md} --out-csv {output.csv} --out-png {output.png} --study {params.study} > {log} 2>&1"

@@ -1,0 +1,82 @@
+"""The whole DAG on a tiny config, through the real snakemake CLI, with two jobs at a time."""
+
+import csv
+import json
+import os
+import sys
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+
+def _snakemake(python, repo: Path, workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [python, "-m", "snakemake", "-s", str(repo / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(repo / "tests/config/smoke.yaml"), "--cores", "2", *extra]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the default store
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    repo = Path(__file__).resolve().parents[1]
+    workdir = tmp_path_factory.mktemp("smoke")
+    proc = _snakemake(sys.executable, repo, workdir)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return workdir, yaml.safe_load((repo / "tests/config/smoke.yaml").read_text())
+
+
+def test_report_has_every_model_and_benchmark(smoke):
+    workdir, cfg = smoke
+    with open(workdir / "results/report/models.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["model"] for r in rows] == list(cfg["models"])
+    assert list(rows[0]) == ["model", *cfg["evaluation"]["benchmarks"], "in_domain_avg", "ood"]
+    for row in rows:
+        assert 0.0 <= float(row["in_domain_avg"]) <= 100.0
+    assert (workdir / "results/report/models.png").stat().st_size > 1000
+
+
+def test_models_load_and_lm_eval_results_are_real(smoke):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    workdir, cfg = smoke
+    for model in cfg["models"]:
+        path = workdir / "results/models" / model
+        AutoModelForCausalLM.from_pretrained(str(path))
+        AutoTokenizer.from_pretrained(str(path))
+        for task in cfg["evaluation"]["benchmarks"]:
+            result = json.loads((workdir / f"results/eval/{model}/{task}.json").read_text())
+            assert result["results"][task]["exact_match,strict-match"] >= 0.0
+            samples = (workdir / f"results/eval/{model}/{task}.samples.jsonl").read_text().splitlines()
+            assert len(samples) == cfg["world"]["n_bench"]
+
+
+def test_one_finished_mlflow_run_per_job(smoke):
+    from mlflow.tracking import MlflowClient
+
+    workdir, cfg = smoke
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/results/mlflow.db")
+    exp = client.get_experiment_by_name(cfg["study"])
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    n_models, n_tasks = len(cfg["models"]), len(cfg["evaluation"]["benchmarks"])
+    names = sorted(r.info.run_name for r in runs)
+    expected = sorted(["toy_data", "tokenizer", "report"] + [f"sft[{m}]" for m in cfg["models"]]
+                      + [f"lm_eval[{m},{t}]" for m in cfg["models"] for t in cfg["evaluation"]["benchmarks"]])
+    assert names == expected and len(names) == 3 + n_models + n_models * n_tasks
+    for run in runs:
+        assert run.info.status == "FINISHED", run.info.run_name
+        assert run.data.metrics, run.info.run_name
+        assert run.data.tags["rule"] == run.info.run_name
+    lm_runs = [r for r in runs if r.info.run_name.startswith("lm_eval")]
+    assert all("accuracy" in r.data.metrics for r in lm_runs)
+
+
+def test_second_run_has_nothing_to_do(smoke):
+    workdir, _ = smoke
+    proc = _snakemake(sys.executable, Path(__file__).resolve().parents[1], workdir, "-n")
+    assert proc.returncode == 0
+    assert "Nothing to be done" in proc.stdout + proc.stderr
