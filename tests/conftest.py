@@ -14,3 +14,24 @@ def repo() -> Path:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A trained tokenizer and two random tiny Qwen3 models (teacher, student) sharing it."""
+    from opd import toy
+    from opd.sft import build_model
+    from opd.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_world")
+    recs = [r for t in toy.BENCHMARKS for r in toy.generate(t, 30, seed=0, split="sft", distinct=False)]
+    tok = train_tokenizer([p + t for p, t in toy.iter_problems(recs)], vocab_size=320)
+    dirs = {}
+    for name, (hidden, layers, seed) in {"teacher": (32, 2, 1), "student": (16, 1, 2)}.items():
+        model = build_model(len(tok), hidden, layers, 2, 1, 2 * hidden, tok.eos_token_id, seed)
+        dirs[name] = root / name
+        model.save_pretrained(str(dirs[name]))
+        tok.save_pretrained(str(dirs[name]))
+    prompts = root / "prompts.jsonl"
+    toy.write_jsonl(prompts, toy.generate("arith2", 6, seed=0, split="prompts"))
+    return {"tokenizer": tok, "prompts": prompts, **dirs}

@@ -62,11 +62,12 @@ def test_one_finished_mlflow_run_per_job(smoke):
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/results/mlflow.db")
     exp = client.get_experiment_by_name(cfg["study"])
     runs = client.search_runs([exp.experiment_id], max_results=1000)
-    n_models, n_tasks = len(cfg["models"]), len(cfg["evaluation"]["benchmarks"])
+    students = [m for m, spec in cfg["models"].items() if spec["role"] == "student"]
     names = sorted(r.info.run_name for r in runs)
-    expected = sorted(["toy_data", "tokenizer", "report"] + [f"sft[{m}]" for m in cfg["models"]]
-                      + [f"lm_eval[{m},{t}]" for m in cfg["models"] for t in cfg["evaluation"]["benchmarks"]])
-    assert names == expected and len(names) == 3 + n_models + n_models * n_tasks
+    expected = sorted(["toy_data", "tokenizer", "report", "diagnose"] + [f"sft[{m}]" for m in cfg["models"]]
+                      + [f"lm_eval[{m},{t}]" for m in cfg["models"] for t in cfg["evaluation"]["benchmarks"]]
+                      + [f"{stage}[{m}]" for m in students for stage in ("rollout", "score", "fixed_context")])
+    assert names == expected
     for run in runs:
         assert run.info.status == "FINISHED", run.info.run_name
         assert run.data.metrics, run.info.run_name
@@ -80,3 +81,18 @@ def test_second_run_has_nothing_to_do(smoke):
     proc = _snakemake(sys.executable, Path(__file__).resolve().parents[1], workdir, "-n")
     assert proc.returncode == 0
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_diagnostic_study_outputs(smoke):
+    workdir, cfg = smoke
+    out = workdir / "results/diagnose"
+    report = (out / "report.md").read_text()
+    assert "Fixed-context gain by selector" in report
+    for selector in cfg["diagnose"]["fixed_context"]["selectors"]:
+        assert f"| {selector} |" in report
+    for fig in ("margin_reverse_kl", "disagreement", "release_points"):
+        assert (out / f"{fig}.png").stat().st_size > 1000
+    with open(out / "summary.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["student"] for r in rows] == [m for m, s in cfg["models"].items() if s["role"] == "student"]
+    assert int(rows[0]["rollouts"]) == cfg["diagnose"]["n_prompts"] * cfg["diagnose"]["samples"]

@@ -42,8 +42,18 @@ def test_chains_have_rising_length_and_stay_in_range(task):
     for prob in toy.generate(task, 30, seed=0, split="test", max_value=30):
         numbers = [int(x) for x in re.findall(r"\d+", prob["solution"])]
         assert all(0 <= x <= 30 for x in numbers)
-        # L operations -> L step sentences + the answer sentence
-        assert prob["solution"].count(". ") + 1 == toy.chain_length(task) + 1
+        # L operations -> L step sentences, then the answer sentence, then optional chatter
+        steps = re.findall(r"\d+ (?:plus|minus|times) \d+ is \d+\.", prob["solution"])
+        assert len(steps) == toy.chain_length(task)
+        assert prob["solution"].index(f"The answer is {prob['answer']}.") > prob["solution"].index(steps[-1])
+
+
+def test_chatter_is_free_choice_and_optional():
+    rng = random.Random(0)
+    chatter = [toy.make_chatter(rng) for _ in range(400)]
+    assert 0.1 < sum(c == "" for c in chatter) / 400 < 0.3  # 1 - CHATTER_PROB = 0.2
+    assert len(set(chatter)) > 20
+    assert all(c == "" or (c.startswith(" ") and c.endswith(".") and "answer" not in c) for c in chatter)
 
 
 def test_reverse_problem():

@@ -4,6 +4,9 @@ In-domain skill: chained arithmetic on numbers 0..max_value (default 30). A prob
 L + 1 sentences ("7 plus 5 is 12. 12 times 2 is 24. The answer is 24."), so a per-step error rate e
 gives an accuracy near (1 - e)^L: chain length is a natural difficulty ladder (`arith1` .. `arith5`).
 
+Arithmetic solutions may end with a sentence or two of free-choice chatter after the answer (see
+`make_chatter`): the low-contrast suffix that the release rule should find.
+
 Out-of-domain skill: reversing a list of digits (`reverse`). The models learn it during SFT alongside
 arithmetic, so a drop in `reverse` after distillation on arithmetic measures forgetting.
 
@@ -44,6 +47,24 @@ def chain_length(task: str) -> int:
     return int(task[len("arith"):])
 
 
+# Closing chatter after the answer: every slot is a free choice, so the teacher has no preference
+# among the student's candidates there. This gives the world the suffix the release rule is about
+# (late segments with little local contrast), as long reasoning traces have after their answer.
+_CHATTER = (
+    (("That", "This", "The"), ("problem", "question", "chain"), ("was", "seemed"), ("easy", "short", "fine")),
+    (("I", "We"), ("checked", "verified", "reviewed"), ("each", "every"), ("step", "line")),
+)
+CHATTER_PROB = 0.8
+
+
+def make_chatter(rng: random.Random) -> str:
+    """Zero to two sentences of closing chatter with randomly filled slots ("" with prob 1 − CHATTER_PROB)."""
+    if rng.random() >= CHATTER_PROB:
+        return ""
+    templates = rng.sample(_CHATTER, rng.randint(1, len(_CHATTER)))
+    return "".join(" " + " ".join(rng.choice(slot) for slot in t) + "." for t in templates)
+
+
 def make_arith(rng: random.Random, n_ops: int, max_value: int = DEFAULT_MAX_VALUE) -> dict:
     """One chained-arithmetic problem; every intermediate value stays in 0..max_value."""
     value = rng.randint(0, max_value)
@@ -64,7 +85,7 @@ def make_arith(rng: random.Random, n_ops: int, max_value: int = DEFAULT_MAX_VALU
         value = new
     return {
         "question": " ".join(asks) + " What is the result?",
-        "solution": " ".join(steps) + f" The answer is {value}.",
+        "solution": " ".join(steps) + f" The answer is {value}." + make_chatter(rng),
         "answer": str(value),
     }
 

@@ -14,6 +14,8 @@ STUDY = config["study"]
 THREADS = config["threads"]
 MODELS = list(config["models"])
 TEACHER = next(n for n, m in config["models"].items() if m["role"] == "teacher")
+STUDENTS = [n for n, m in config["models"].items() if m["role"] == "student"]
+DIAGNOSE_FIGURES = ["margin_reverse_kl", "disagreement", "release_points"]
 BENCHMARKS = config["evaluation"]["benchmarks"]
 EVAL_MODELS = config["evaluation"]["models"] or MODELS
 
@@ -40,8 +42,28 @@ def eval_args(wildcards):
     return flags + (f" --limit {e['limit']}" if e["limit"] else "")
 
 
+def rollout_args(wildcards):
+    d = config["diagnose"]
+    keys = ["n_prompts", "samples", "top_k", "temperature", "top_p", "max_new_tokens", "backend"]
+    return " ".join(f"--{k.replace('_', '-')} {d[k]}" for k in keys) + f" --seed {config['seed']}"
+
+
+def fixed_context_args(wildcards):
+    d, f = config["diagnose"], config["diagnose"]["fixed_context"]
+    return (f"--selectors {' '.join(f['selectors'])} --ratio {f['ratio']} --steps {f['steps']}"
+            f" --lr {f['lr']} --mode {d['signal_mode']} --seed {config['seed']}")
+
+
+def diagnose_args(wildcards):
+    d, r = config["diagnose"], config["diagnose"]["release"]
+    return (f"--bins {d['bins']} --mode {d['signal_mode']} --margin {d['margin']}"
+            f" --release-lambda {r['lambda']} --min-segments {r['min_segments']}"
+            f" --min-prefix-segments {r['min_prefix_segments']} --sigma2 {r['sigma2']}")
+
+
 def all_outputs():
     return [
+        "results/diagnose/report.md",
         "results/report/models.md",
         "results/report/models.csv",
         "results/report/models.png",

@@ -1,0 +1,62 @@
+"""The OPD loss of both papers' trainers, as pure functions on flat per-token tensors.
+
+Sampled-token reverse KL as an advantage: A_t = −(log p_S^old(y_t) − log p_T(y_t)), i.e. minus the
+single-sample estimate of KL(p_S ‖ p_T) (REVERSE KL: student first) at position t. It enters a
+PPO-clip policy-gradient loss on the supervised (masked) positions only:
+
+    ratio_t = exp(log p_S^new(y_t) − log p_S^old(y_t))
+    ℓ_t = −min(ratio_t · A_t, clip(ratio_t, 1 − ε, 1 + ε) · A_t)
+
+Aggregation: `token_mean` = Σ m_t ℓ_t / Σ m_t over the whole batch (the papers); `sequence_mean` = the
+mean over sequences of each sequence's token mean (the official TA-OPD code).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+AGGREGATIONS = ("token_mean", "sequence_mean")
+
+
+def reverse_kl_advantage(old_logprob_N: Tensor, t_logprob_N: Tensor) -> Tensor:
+    """A_t = log p_T(y_t) − log p_S^old(y_t): positive where the teacher likes the sampled token more."""
+    return (t_logprob_N - old_logprob_N).detach()
+
+
+def ppo_clip_terms(new_logprob_N: Tensor, old_logprob_N: Tensor, advantage_N: Tensor, clip_eps: float) -> Tensor:
+    """Per-token PPO-clip loss ℓ_t (to minimise)."""
+    ratio_N = torch.exp(new_logprob_N - old_logprob_N.detach())
+    clipped_N = torch.clamp(ratio_N, 1.0 - clip_eps, 1.0 + clip_eps)
+    return -torch.minimum(ratio_N * advantage_N, clipped_N * advantage_N)
+
+
+def aggregate(loss_N: Tensor, mask_N: Tensor, seq_index_N: Tensor | None = None,
+              how: str = "token_mean") -> Tensor:
+    """Masked mean of per-token losses; 0 (with a gradient path) when nothing is supervised."""
+    if how not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {how!r}; allowed: {', '.join(AGGREGATIONS)}")
+    m_N = mask_N.to(loss_N.dtype)
+    if how == "token_mean":
+        return (loss_N * m_N).sum() / m_N.sum().clamp(min=1.0)
+    if seq_index_N is None:
+        raise ValueError("sequence_mean needs seq_index_N (the sequence of each token)")
+    n_seq = int(seq_index_N.max()) + 1 if seq_index_N.numel() else 0
+    num_S = torch.zeros(n_seq, dtype=loss_N.dtype).index_add(0, seq_index_N, loss_N * m_N)
+    den_S = torch.zeros(n_seq, dtype=loss_N.dtype).index_add(0, seq_index_N, m_N)
+    has_S = den_S > 0
+    if not bool(has_S.any()):
+        return (loss_N * m_N).sum()
+    return (num_S[has_S] / den_S[has_S]).mean()
+
+
+def opd_loss(new_logprob_N: Tensor, old_logprob_N: Tensor, t_logprob_N: Tensor, mask_N: Tensor,
+             clip_eps: float = 0.2, how: str = "token_mean", seq_index_N: Tensor | None = None) -> Tensor:
+    """The OPD objective on the masked positions (sampled-token reverse KL advantage, PPO-clip)."""
+    advantage_N = reverse_kl_advantage(old_logprob_N, t_logprob_N)
+    return aggregate(ppo_clip_terms(new_logprob_N, old_logprob_N, advantage_N, clip_eps), mask_N, seq_index_N, how)
+
+
+def forward_kl_full(t_logp_NV: Tensor, s_logp_NV: Tensor) -> Tensor:
+    """KL(p_T ‖ p_S) per position over the full vocabulary (FORWARD KL: teacher first)."""
+    return (t_logp_NV.exp() * (t_logp_NV - s_logp_NV)).sum(-1)
