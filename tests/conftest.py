@@ -18,7 +18,10 @@ def python() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
-    """A trained tokenizer and two random tiny Qwen3 models (teacher, student) sharing it."""
+    """A trained tokenizer and two random tiny Qwen3 models (teacher, student) sharing it.
+
+    head_dim 32: the smallest head width vLLM's CPU attention supports (tests/test_vllm.py).
+    """
     from opd import toy
     from opd.sft import build_model
     from opd.tokenizer import train_tokenizer
@@ -28,7 +31,7 @@ def tiny_world(tmp_path_factory):
     tok = train_tokenizer([p + t for p, t in toy.iter_problems(recs)], vocab_size=320)
     dirs = {}
     for name, (hidden, layers, seed) in {"teacher": (32, 2, 1), "student": (16, 1, 2)}.items():
-        model = build_model(len(tok), hidden, layers, 2, 1, 2 * hidden, tok.eos_token_id, seed)
+        model = build_model(len(tok), hidden, layers, 2, 1, 2 * hidden, tok.eos_token_id, seed, head_dim=32)
         dirs[name] = root / name
         model.save_pretrained(str(dirs[name]))
         tok.save_pretrained(str(dirs[name]))

@@ -114,3 +114,16 @@ def test_tokenizer_mismatch_is_refused(tiny_world):
     with pytest.raises(TokenizerMismatch, match="tokenizers of student and teacher differ"):
         check_tokenizers(other, tok)
     check_tokenizers(tok, tok)
+
+
+def test_model_generation_defaults_do_not_truncate_sampling(tiny_world):
+    """A hub model's generation_config (Qwen3: top_k=20, temperature 0.6) must not change our sampling."""
+    tok = tiny_world["tokenizer"]
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_world["student"])).eval()
+    hub_like = AutoModelForCausalLM.from_pretrained(str(tiny_world["student"])).eval()
+    hub_like.generation_config.top_k = 1  # would make sampling greedy if it leaked through
+    hub_like.generation_config.temperature = 0.01
+    a = generate_hf(plain, tok, _prompts(tok, 4), K, 1.0, 1.0, 16, seed=7, batch_size=4)
+    b = generate_hf(hub_like, tok, _prompts(tok, 4), K, 1.0, 1.0, 16, seed=7, batch_size=4)
+    assert torch.equal(a["tokens_N"], b["tokens_N"])
+    assert not torch.equal(a["tokens_N"], a["s_topk_ids_NK"][:, 0])  # really sampled, not greedy

@@ -60,3 +60,20 @@ def test_relative_sqlite_uri_is_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking.tracking_uri() == f"sqlite:///{tmp_path}/results/mlflow.db"
+
+
+def test_run_id_reopens_the_same_run(tmp_path, monkeypatch):
+    """A job resumed from a checkpoint writes on into its first run, FAILED → RUNNING → FINISHED."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(RuntimeError):
+        with tracking.run("s", "train", params={"lr": 0.1}) as first:
+            first.log_metrics({"loss": 2.0}, step=1)
+            raise RuntimeError("killed")
+    with tracking.run("s", "ignored", run_id=first.run_id) as again:
+        client, (r,) = _runs(uri, "s")
+        assert again.run_id == first.run_id and r.info.status == "RUNNING"
+        again.log_metrics({"loss": 1.0}, step=2)
+    client, (r,) = _runs(uri, "s")
+    assert r.info.status == "FINISHED" and r.info.run_name == "train" and r.data.params == {"lr": "0.1"}
+    assert sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, "loss")) == [(1, 2.0), (2, 1.0)]

@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from opd.release import release_token_index
-from opd.rollout import Rollouts, token_char_offsets
+from opd.rollout import Rollouts
 from opd.score import load_scores
-from opd.signals import BatchSignals, batch_signals
+from opd.signals import BatchSignals, batch_signals, release_indices
 
 PROFILES = ("margin", "reverse_kl", "learnable", "incompatible")
 
@@ -47,13 +46,9 @@ def profiles(sig: BatchSignals, n_bins: int) -> dict[str, list[float]]:
 
 def release_points(rollouts: Rollouts, sig: BatchSignals, tokenizer, **rule) -> list[float | None]:
     """Relative release position (release token / response length) per rollout, None = no release."""
-    out = []
-    for b, (_, response) in enumerate(rollouts.sequences()):
-        text, offsets = token_char_offsets(tokenizer, response)
-        margins_T = sig.margin_BT[b, : len(response)]
-        idx = release_token_index(margins_T, text, offsets, **rule)
-        out.append(None if idx is None else idx / len(response))
-    return out
+    lengths = [len(r) for _, r in rollouts.sequences()]
+    return [None if idx is None else idx / n
+            for idx, n in zip(release_indices(rollouts, sig, tokenizer, rule), lengths)]
 
 
 def summary_row(name: str, rollouts: Rollouts, sig: BatchSignals, released: list[float | None]) -> dict:
@@ -121,11 +116,16 @@ def markdown(rows: list[dict], floats: str = ".3f") -> str:
                      + ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]) + "\n"
 
 
+def _number(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text else value
+
+
 def read_fixed_context(paths: list[Path], names: list[str]) -> list[dict]:
     rows = []
     for name, path in zip(names, paths):
         with open(path) as fh:
-            rows += [{"student": name, **{k: (v if k == "selector" else float(v)) for k, v in r.items()}}
+            rows += [{"student": name, **{k: _number(v) if k != "selector" else v for k, v in r.items()}}
                      for r in csv.DictReader(fh)]
     return rows
 

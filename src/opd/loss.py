@@ -42,8 +42,8 @@ def aggregate(loss_N: Tensor, mask_N: Tensor, seq_index_N: Tensor | None = None,
     if seq_index_N is None:
         raise ValueError("sequence_mean needs seq_index_N (the sequence of each token)")
     n_seq = int(seq_index_N.max()) + 1 if seq_index_N.numel() else 0
-    num_S = torch.zeros(n_seq, dtype=loss_N.dtype).index_add(0, seq_index_N, loss_N * m_N)
-    den_S = torch.zeros(n_seq, dtype=loss_N.dtype).index_add(0, seq_index_N, m_N)
+    num_S = loss_N.new_zeros(n_seq).index_add(0, seq_index_N, loss_N * m_N)
+    den_S = loss_N.new_zeros(n_seq).index_add(0, seq_index_N, m_N)
     has_S = den_S > 0
     if not bool(has_S.any()):
         return (loss_N * m_N).sum()

@@ -76,20 +76,29 @@ def _cut_at_eos(seq_T: Tensor, eos_id: int) -> int:
 @torch.no_grad()
 def generate_hf(model, tokenizer, prompts: list[list[int]], K: int, temperature: float, top_p: float,
                 max_new_tokens: int, seed: int, batch_size: int) -> dict[str, Tensor]:
-    """Batched, KV-cached sampling with transformers; greedy when temperature == 0."""
+    """Batched, KV-cached sampling with transformers; greedy when temperature == 0.
+
+    The generation config is built here, not taken from the model: a hub model's own defaults (Qwen3
+    ships top_k=20, and transformers' global default is top_k=50) would truncate the sampling
+    distribution, and rollouts would no longer be on-policy samples of p_S.
+    """
+    from transformers import GenerationConfig
+
     torch.manual_seed(seed)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+        "do_sample": False}
+    # Explicit values win over the model's: transformers fills only the fields left at None.
+    config = GenerationConfig(max_new_tokens=max_new_tokens, top_k=0, min_p=0.0, repetition_penalty=1.0,
+                              pad_token_id=pad, eos_token_id=eos, output_logits=True,
+                              return_dict_in_generate=True, **sampling)
     responses, logprobs, topk_ids, topk_lps = [], [], [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         P = max(map(len, chunk))
         input_ids_BP = torch.tensor([[pad] * (P - len(p)) + p for p in chunk])  # left padding
         attn_BP = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in chunk])
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
-            "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        out = model.generate(input_ids=input_ids_BP, attention_mask=attn_BP, max_new_tokens=max_new_tokens,
-                             output_logits=True, return_dict_in_generate=True, pad_token_id=pad,
-                             eos_token_id=eos, **sampling)
+        out = model.generate(input_ids=input_ids_BP, attention_mask=attn_BP, generation_config=config)
         seq_BT = out.sequences[:, P:]
         # Raw logits (before temperature/top-p) = the student's own distribution p_S.
         logp_BTV = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)
@@ -104,12 +113,16 @@ def generate_hf(model, tokenizer, prompts: list[list[int]], K: int, temperature:
 
 
 def generate_vllm(model_dir: Path, prompts: list[list[int]], K: int, temperature: float, top_p: float,
-                  max_new_tokens: int, seed: int, dtype: str = "auto") -> dict[str, Tensor]:
-    """The same rollouts with vLLM (raw logprobs: vLLM reports the model's distribution by default)."""
+                  max_new_tokens: int, seed: int, dtype: str = "auto",
+                  memory_fraction: float = 0.85) -> dict[str, Tensor]:
+    """The same rollouts with vLLM (raw logprobs: vLLM reports the model's distribution by default).
+
+    `memory_fraction` is vLLM's gpu_memory_utilization; on the CPU build it is the share of host RAM.
+    """
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, enforce_eager=True,
-              max_model_len=max(map(len, prompts)) + max_new_tokens)
+              gpu_memory_utilization=memory_fraction, max_model_len=max(map(len, prompts)) + max_new_tokens)
     params = SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                             max_tokens=max_new_tokens, seed=seed, logprobs=K)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

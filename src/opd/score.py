@@ -64,8 +64,9 @@ def response_logits(model, prompt_ids: list[list[int]], response_ids: list[list[
     attn_BL = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s in seqs])
     hidden_BLH = model.model(input_ids=input_ids_BL.to(model.device),
                              attention_mask=attn_BL.to(model.device)).last_hidden_state
-    rows = torch.tensor([b for b, r in enumerate(response_ids) for _ in r])
-    cols = torch.tensor([len(p) - 1 + j for p, r in zip(prompt_ids, response_ids) for j in range(len(r))])
+    rows = torch.tensor([b for b, r in enumerate(response_ids) for _ in r], dtype=torch.long)
+    cols = torch.tensor([len(p) - 1 + j for p, r in zip(prompt_ids, response_ids) for j in range(len(r))],
+                        dtype=torch.long)
     if keep_N is not None:
         rows, cols = rows[keep_N.cpu()], cols[keep_N.cpu()]
     return model.lm_head(hidden_BLH[rows, cols])

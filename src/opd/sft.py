@@ -21,14 +21,17 @@ from opd.toy import iter_problems
 
 
 def build_model(vocab_size: int, hidden_size: int, layers: int, heads: int, kv_heads: int,
-                intermediate_size: int, eos_id: int, seed: int):
-    """A randomly initialised Qwen3 causal LM (tied embeddings, as in the small Qwen3 models)."""
+                intermediate_size: int, eos_id: int, seed: int, head_dim: int | None = None):
+    """A randomly initialised Qwen3 causal LM (tied embeddings, as in the small Qwen3 models).
+
+    Qwen3 sets head_dim apart from hidden_size / heads; vLLM's CPU attention needs head_dim >= 32.
+    """
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        head_dim=hidden_size // heads, max_position_embeddings=512, tie_word_embeddings=True,
+        head_dim=head_dim or hidden_size // heads, max_position_embeddings=512, tie_word_embeddings=True,
         bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
     )
     torch.manual_seed(seed)
@@ -97,13 +100,20 @@ def train(model, examples, steps: int, batch_size: int, lr: float, seed: int, pa
 
 
 def save(model, tokenizer, out_dir: Path) -> None:
-    """Write to a sibling temp dir, then swap it in, so a killed job leaves no half-written model."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    """Write to a sibling temp dir, then swap it in, so a killed job leaves no half-written model.
+
+    The old directory is renamed aside before the new one moves in: at every instant either the old
+    or the new model is complete on disk.
+    """
+    tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(out_dir, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
     tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -117,6 +127,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, required=True, help="attention heads")
     parser.add_argument("--kv-heads", type=int, required=True, help="key/value heads (GQA)")
     parser.add_argument("--intermediate-size", type=int, required=True, help="MLP width")
+    parser.add_argument("--head-dim", type=int, default=None, help="attention head width (default hidden/heads)")
     parser.add_argument("--steps", type=int, required=True, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per step")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
@@ -137,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
     examples = encode_examples(tokenizer, read_jsonl(args.data, required=("question", "solution")))
     model = build_model(len(tokenizer), args.hidden_size, args.layers, args.heads, args.kv_heads,
-                        args.intermediate_size, tokenizer.eos_token_id, args.seed)
+                        args.intermediate_size, tokenizer.eos_token_id, args.seed, args.head_dim)
     n_params = sum(p.numel() for p in model.parameters())
     with tracking.run(args.study, f"sft[{args.name}]", params=vars(args), tags={"model": args.name}) as run:
         start = time.time()

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from opd import teachability as ta
+from opd.release import release_token_index
+from opd.rollout import Rollouts, token_char_offsets
 from opd.select import Signals
 from opd.store import to_padded
 
@@ -61,3 +63,15 @@ def batch_signals(rollout_t: dict[str, Tensor], score_t: dict[str, Tensor], mode
         reverse_kl_BT=rkl.masked_fill(zero, 0.0),
         mode=mode,
     )
+
+
+def release_indices(rollouts: Rollouts, sig: BatchSignals, tokenizer, rule: dict) -> list[int | None]:
+    """Release token index per rollout (None = supervise the whole response), from the teacher margin.
+
+    `rule` holds `opd.release.find_release`'s options (lam, min_segments, min_prefix_segments, sigma2).
+    """
+    out = []
+    for b, (_, response) in enumerate(rollouts.sequences()):
+        text, offsets = token_char_offsets(tokenizer, response)
+        out.append(release_token_index(sig.margin_BT[b, : len(response)], text, offsets, **rule))
+    return out

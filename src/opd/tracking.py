@@ -105,8 +105,13 @@ def _experiment_id(client, study: str, uri: str) -> str:
 
 @contextlib.contextmanager
 def run(study: str, rule: str, params: dict[str, Any] | None = None,
-        tags: dict[str, Any] | None = None) -> Iterator[Run]:
-    """Open a run named `rule` in experiment `study`; it ends FINISHED, or FAILED on an exception."""
+        tags: dict[str, Any] | None = None, run_id: str | None = None) -> Iterator[Run]:
+    """Open a run named `rule` in experiment `study`; it ends FINISHED, or FAILED on an exception.
+
+    With `run_id`, reopen that existing run instead (status back to RUNNING; `study`, `rule` and
+    `tags` are ignored): a job resumed from a checkpoint keeps one metric history. `params` given
+    again are logged again, and MLflow refuses a changed value: pass none when resuming.
+    """
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri()
@@ -118,9 +123,13 @@ def run(study: str, rule: str, params: dict[str, Any] | None = None,
     with _lock(uri):
         # The first client of a new SQLite store creates its schema: two at once collide, so inside the lock.
         client = MlflowClient(tracking_uri=uri)
-        exp_id = _experiment_id(client, study, uri)
-        mlrun = client.create_run(exp_id, run_name=rule, tags={k: str(v) for k, v in all_tags.items()})
-    handle = Run(client, mlrun.info.run_id, uri)
+        if run_id is None:
+            exp_id = _experiment_id(client, study, uri)
+            run_id = client.create_run(exp_id, run_name=rule,
+                                       tags={k: str(v) for k, v in all_tags.items()}).info.run_id
+        else:
+            client.update_run(run_id, status="RUNNING")
+    handle = Run(client, run_id, uri)
     if params:
         handle.log_params(params)
     status = "FAILED"

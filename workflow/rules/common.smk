@@ -33,7 +33,8 @@ def sft_args(wildcards):
     """Command-line flags of opd.sft for one model, from its config block."""
     m = config["models"][wildcards.model]
     keys = ["hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "steps", "batch_size", "lr"]
-    return " ".join(f"--{k.replace('_', '-')} {m[k]}" for k in keys)
+    flags = " ".join(f"--{k.replace('_', '-')} {m[k]}" for k in keys)
+    return flags + (f" --head-dim {m['head_dim']}" if m["head_dim"] else "")
 
 
 def eval_args(wildcards):

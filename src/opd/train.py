@@ -1,0 +1,383 @@
+"""On-policy distillation in process: sample from the current student, score with the teacher, mask, update.
+
+Step t (1-based) depends only on (--seed, t) and the student's weights and optimizer state (prompts drawn
+with seed·1_000_003 + t, sampling seeded with seed + t): a resumed run replays an uninterrupted one exactly.
+Steps call the functions the standalone stages call, so training and the diagnostic study see the same
+numbers. Methods: `full`; another selector of `opd.select` at budget ρ; `release` (tokens before each
+rollout's release point); `release+ta_opd` (ta_opd at budget ρ among pre-release tokens only).
+Checkpoints OUT/checkpoints/step_{t:06d}/ (model.pt, trainer.pt, state.json) are written to a hidden
+temporary directory and renamed: a directory under its final name is always complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from opd.io import read_jsonl
+from opd.loss import AGGREGATIONS, opd_loss
+from opd.release import SIGMA2_ESTIMATES, release_mask
+from opd.rollout import Rollouts, generate_hf
+from opd.score import check_tokenizers, response_logits, score_rollouts
+from opd.select import SELECTORS, select_mask
+from opd.signals import BatchSignals, batch_signals, release_indices
+from opd.toy import PROMPT_TEMPLATE, is_correct
+
+RELEASE_METHODS = ("release", "release+ta_opd")
+METHODS = SELECTORS + RELEASE_METHODS
+SIGNAL_MODES = ("exact", "topk")
+STEP_SEED = 1_000_003
+KEEP_CHECKPOINTS = 2
+CHECKPOINT_RE = re.compile(r"step_\d{6}")
+RESUME_EXEMPT = ("threads", "out_dir", "checkpoint_every")  # may change on resumption: same steps
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything a step needs; the student, optimizer and scheduler change in place."""
+    args: argparse.Namespace
+    student: Any
+    teacher: Any
+    tokenizer: Any
+    records: list[dict]
+    prompt_ids: list[list[int]]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one step produced (the tests look at the mask and the release points)."""
+    metrics: dict[str, float]
+    rollouts: Rollouts
+    signals: BatchSignals
+    mask_BT: Tensor
+    release_B: list[int | None]
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse flags that would fail (or silently mean something else) only after the first step."""
+    if args.method not in METHODS:
+        raise ValueError(f"unknown method {args.method!r}; allowed: {', '.join(METHODS)}")
+    if not 0.0 < args.ratio <= 1.0:
+        raise ValueError(f"--ratio must be in (0, 1], got {args.ratio}")
+    if args.top_k < 2:
+        raise ValueError(f"--top-k must be >= 2 (the teacher margin compares two candidates), got {args.top_k}")
+    for flag, allowed in (("aggregation", AGGREGATIONS), ("signal_mode", SIGNAL_MODES)):
+        if getattr(args, flag) not in allowed:
+            raise ValueError(f"unknown --{flag.replace('_', '-')} {getattr(args, flag)!r}; "
+                             f"allowed: {', '.join(allowed)}")
+    for name in ("steps", "prompts_per_step", "samples", "max_new_tokens", "checkpoint_every", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    rule_params(args)
+
+
+def rule_params(args: argparse.Namespace) -> dict:
+    """Keyword arguments of the release rule (`opd.release.find_release`)."""
+    sigma2: str | float = args.sigma2
+    if sigma2 not in SIGMA2_ESTIMATES:
+        try:
+            sigma2 = float(sigma2)
+        except ValueError:
+            raise ValueError(f"--sigma2 must be {' or '.join(SIGMA2_ESTIMATES)} or a number, got {sigma2!r}") from None
+    return {"lam": args.release_lambda, "min_segments": args.min_segments,
+            "min_prefix_segments": args.min_prefix_segments, "sigma2": sigma2}
+
+
+def setup(args: argparse.Namespace) -> Trainer:
+    """Check flags, prompts and tokenizers (before anything is written), then load models and optimizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_args(args)
+    records = read_jsonl(args.prompts, required=("id", "question", "answer"))
+    if args.prompts_per_step > len(records):
+        raise ValueError(f"--prompts-per-step {args.prompts_per_step} > {len(records)} prompts in {args.prompts}")
+    tokenizer = AutoTokenizer.from_pretrained(str(args.student))
+    check_tokenizers(tokenizer, AutoTokenizer.from_pretrained(str(args.teacher)), str(args.student), str(args.teacher))
+    torch.set_num_threads(args.threads)
+    student = AutoModelForCausalLM.from_pretrained(str(args.student))
+    teacher = AutoModelForCausalLM.from_pretrained(str(args.teacher)).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+    prompt_ids = [tokenizer(PROMPT_TEMPLATE.format(question=r["question"]))["input_ids"] for r in records]
+    return Trainer(args, student, teacher, tokenizer, records, prompt_ids, optimizer, scheduler)
+
+
+def sample(tr: Trainer, t: int) -> tuple[Rollouts, list[dict]]:
+    """`samples` responses to each of `prompts_per_step` prompts, from the current student."""
+    args = tr.args
+    gen = torch.Generator().manual_seed(args.seed * STEP_SEED + t)
+    picked = torch.randperm(len(tr.records), generator=gen)[: args.prompts_per_step].tolist()
+    index = [i for i in picked for _ in range(args.samples)]
+    ids = [f"{tr.records[i]['id']}#{j % args.samples}" for j, i in enumerate(index)]
+    tr.student.eval()
+    tensors = generate_hf(tr.student, tr.tokenizer, [tr.prompt_ids[i] for i in index], args.top_k,
+                          args.temperature, args.top_p, args.max_new_tokens, seed=args.seed + t,
+                          batch_size=args.batch_size)
+    return Rollouts(ids, tensors), [tr.records[i] for i in index]
+
+
+def build_mask(method: str, rollouts: Rollouts, sig: BatchSignals, tokenizer, ratio: float, rule: dict,
+               seed: int) -> tuple[Tensor, list[int | None]]:
+    """(mask_BT ⊆ valid_BT of the supervised positions, release index per rollout)."""
+    if method not in RELEASE_METHODS:
+        return select_mask(method, sig.for_selection(), ratio, seed=seed), [None] * len(rollouts.ids)
+    release_B = release_indices(rollouts, sig, tokenizer, rule)
+    pre_BT = release_mask(sig.valid_BT, release_B)
+    if method == "release":
+        return pre_BT, release_B
+    # The released suffix is out of the batch for selection: Norm() quantiles and n = ⌈ρ·N⌉ count
+    # pre-release positions only.
+    pre_signals = dataclasses.replace(sig.for_selection(), valid_BT=pre_BT)
+    return select_mask("ta_opd", pre_signals, ratio, seed=seed), release_B
+
+
+def supervised_batch(seqs: list[tuple[list[int], list[int]]], mask_BT: Tensor):
+    """(prompts, responses cut after their last supervised token, keep_N on them, sequence of each kept token).
+
+    A released suffix then costs no forward pass, and a sequence with nothing supervised none at all.
+    """
+    prompts, responses, keeps, seq_index = [], [], [], []
+    for b, (prompt, response) in enumerate(seqs):
+        m_T = mask_BT[b, : len(response)]
+        hits = m_T.nonzero()
+        if len(hits) == 0:
+            continue
+        cut = int(hits[-1, 0]) + 1
+        prompts.append(prompt)
+        responses.append(response[:cut])
+        keeps.append(m_T[:cut])
+        seq_index += [b] * int(m_T.sum())
+    return prompts, responses, torch.cat(keeps), torch.tensor(seq_index, dtype=torch.long)
+
+
+def update_step(tr: Trainer, rollouts: Rollouts, scores: dict[str, Tensor], mask_BT: Tensor, step: int) -> float:
+    """One optimizer step on the OPD loss of the masked positions; FloatingPointError on NaN/Inf."""
+    args, seqs = tr.args, rollouts.sequences()
+    mask_N = torch.cat([mask_BT[b, : len(r)] for b, (_, r) in enumerate(seqs)])
+    if not bool(mask_N.any()):
+        raise ValueError(f"step {step}: the {args.method!r} mask supervises no token")
+    prompts, responses, keep_N, seq_index_M = supervised_batch(seqs, mask_BT)
+    tr.student.train()
+    logits_MV = response_logits(tr.student, prompts, responses, keep_N)
+    if not bool(torch.isfinite(logits_MV).all()):
+        raise FloatingPointError(f"non-finite student logits at step {step}")
+    dev = logits_MV.device
+    tokens_M = rollouts.tensors["tokens_N"].long()[mask_N].to(dev)
+    new_logprob_M = torch.log_softmax(logits_MV.float(), -1).gather(-1, tokens_M[:, None])[:, 0]
+    old_logprob_M, t_logprob_M = (x[mask_N].to(dev) for x in (rollouts.tensors["s_logprob_N"], scores["t_logprob_N"]))
+    loss = opd_loss(new_logprob_M, old_logprob_M, t_logprob_M, torch.ones_like(tokens_M, dtype=torch.bool),
+                    args.clip_eps, args.aggregation, seq_index_M.to(dev))
+    if not bool(torch.isfinite(loss)):
+        raise FloatingPointError(f"non-finite OPD loss ({loss.item()}) at step {step}")
+    tr.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(tr.student.parameters(), 1.0)
+    if not bool(torch.isfinite(grad_norm)):
+        raise FloatingPointError(f"non-finite gradient norm at step {step}")
+    tr.optimizer.step()
+    tr.scheduler.step()
+    return loss.item()
+
+
+def step_metrics(tr: Trainer, rollouts: Rollouts, scores: dict[str, Tensor], records: list[dict],
+                 mask_N: Tensor, release_B: list[int | None]) -> dict[str, float]:
+    """The per-step metrics that do not depend on the update (all NaN-free)."""
+    reverse_kl_N = rollouts.tensors["s_logprob_N"] - scores["t_logprob_N"]
+    seqs = rollouts.sequences()
+    released = [idx / len(r) for idx, (_, r) in zip(release_B, seqs) if idx is not None]
+    texts = [tr.tokenizer.decode(r, skip_special_tokens=True) for _, r in seqs]
+    correct = [is_correct(text, rec["answer"]) for text, rec in zip(texts, records)]
+    return {
+        "reverse_kl_all": float(reverse_kl_N.mean()),
+        "reverse_kl_supervised": float(reverse_kl_N[mask_N].mean()) if bool(mask_N.any()) else 0.0,
+        "frac_supervised": float(mask_N.float().mean()),
+        "mean_release_position": sum(released) / len(released) if released else 1.0,
+        "train_accuracy": sum(correct) / len(correct),
+    }
+
+
+def run_step(tr: Trainer, t: int) -> StepResult:
+    """Training step t: rollouts from the current student, teacher scores, mask, one update."""
+    args, start = tr.args, time.perf_counter()
+    rollouts, records = sample(tr, t)
+    scores = score_rollouts(tr.teacher, rollouts, args.top_k, args.batch_size,
+                            student=tr.student if args.signal_mode == "exact" else None)
+    sig = batch_signals(rollouts.tensors, scores, args.signal_mode)
+    mask_BT, release_B = build_mask(args.method, rollouts, sig, tr.tokenizer, args.ratio, rule_params(args),
+                                    seed=args.seed * STEP_SEED + t)
+    lr = tr.optimizer.param_groups[0]["lr"]
+    loss = update_step(tr, rollouts, scores, mask_BT, t)
+    metrics = {"loss": loss, **step_metrics(tr, rollouts, scores, records, mask_BT[sig.valid_BT], release_B),
+               "lr": lr, "tokens_per_second": int(sig.valid_BT.sum()) / (time.perf_counter() - start)}
+    return StepResult(metrics, rollouts, sig, mask_BT, release_B)
+
+
+def _rng_states() -> dict:
+    """torch, python and numpy RNG states as tensors/lists, so `torch.load(weights_only=True)` reads them."""
+    version, py_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": [version, list(py_state), gauss],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
+
+
+def _set_rng_states(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    version, py_state, gauss = rng["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def _discard(path: Path) -> None:
+    """Rename, then delete: a half-deleted checkpoint never sits under a name that looks complete."""
+    trash = path.with_name(f".trash_{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    path.rename(trash)
+    shutil.rmtree(trash)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint directories with their state.json (written last), oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if CHECKPOINT_RE.fullmatch(p.name) and (p / "state.json").is_file())
+
+
+def _resume_flags(args: argparse.Namespace) -> dict:
+    return {k: str(v) for k, v in vars(args).items() if k not in RESUME_EXEMPT}
+
+
+def save_checkpoint(out_dir: Path, step: int, tr: Trainer, run_id: str, metrics: dict,
+                    keep: int = KEEP_CHECKPOINTS) -> Path:
+    """OUT/checkpoints/step_{step:06d}, written atomically; only the newest `keep` are kept."""
+    root = out_dir / "checkpoints"
+    final, tmp = root / f"step_{step:06d}", root / f".tmp_step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(tr.student.state_dict(), tmp / "model.pt")
+    torch.save({"optimizer": tr.optimizer.state_dict(), "scheduler": tr.scheduler.state_dict(),
+                "rng": _rng_states()}, tmp / "trainer.pt")
+    state = {"step": step, "run_id": run_id, "metrics": metrics, "flags": _resume_flags(tr.args)}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    if final.exists():  # an incomplete leftover (no state.json) or an older copy of this very step
+        _discard(final)
+    tmp.rename(final)
+    for old in complete_checkpoints(root)[:-keep]:
+        _discard(old)
+    return final
+
+
+def load_latest_checkpoint(out_dir: Path) -> dict | None:
+    """The newest complete checkpoint: its state.json plus `model` and `trainer` state dicts; None if none."""
+    done = complete_checkpoints(out_dir / "checkpoints")
+    if not done:
+        return None
+    path = done[-1]
+    state = json.loads((path / "state.json").read_text())
+    return {**state, "path": path, "model": torch.load(path / "model.pt", weights_only=True),
+            "trainer": torch.load(path / "trainer.pt", weights_only=True)}
+
+
+def restore(tr: Trainer, ckpt: dict) -> None:
+    """Put a checkpoint's weights, optimizer, scheduler and RNG states back; refuse other flags."""
+    changed = sorted(k for k, v in _resume_flags(tr.args).items() if ckpt["flags"].get(k) != v)
+    if changed:
+        raise ValueError(f"{ckpt['path']} was written with other flags ({', '.join(changed)}): "
+                         f"use another --out-dir or the same flags")
+    if ckpt["step"] > tr.args.steps:
+        raise ValueError(f"{ckpt['path']} is past --steps {tr.args.steps}")
+    tr.student.load_state_dict(ckpt["model"])
+    tr.optimizer.load_state_dict(ckpt["trainer"]["optimizer"])
+    tr.scheduler.load_state_dict(ckpt["trainer"]["scheduler"])
+    _set_rng_states(ckpt["trainer"]["rng"])
+
+
+def train_loop(tr: Trainer, run, start: int, metrics: dict) -> dict:
+    """Steps start+1 .. --steps, logging each to MLflow and checkpointing; returns the last metrics."""
+    from tqdm import tqdm
+
+    args = tr.args
+    bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, file=sys.stderr,
+               desc=f"opd[{args.method}]", mininterval=2)
+    for t in bar:
+        metrics = run_step(tr, t).metrics
+        run.log_metrics(metrics, step=t)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['reverse_kl_all']:.3f}")
+        if t % args.checkpoint_every == 0 or t == args.steps:
+            save_checkpoint(args.out_dir, t, tr, run.run_id, metrics)
+    return metrics
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="On-policy distillation of a student by a teacher (in process).")
+    a = p.add_argument
+    a("--student", type=Path, required=True, help="initial student: Hugging Face model directory")
+    a("--teacher", type=Path, required=True, help="teacher: Hugging Face model directory (same tokenizer)")
+    a("--prompts", type=Path, required=True, help="training prompts, JSONL of {id, question, answer}")
+    a("--out-dir", type=Path, required=True, help="checkpoints/, model/ and metrics.json go here")
+    a("--method", required=True, help=f"which tokens get the loss: {', '.join(METHODS)}")
+    a("--top-k", type=int, default=16, help="K: student/teacher top-K kept per token (>= 2)")
+    a("--ratio", type=float, default=0.1, help="selection budget ρ in (0, 1] (selectors, release+ta_opd)")
+    a("--steps", type=int, default=100, help="optimizer steps")
+    a("--prompts-per-step", type=int, default=8, help="prompts drawn per step")
+    a("--samples", type=int, default=4, help="responses sampled per prompt")
+    a("--max-new-tokens", type=int, default=160, help="longest response")
+    a("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    a("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    a("--lr", type=float, default=1e-4, help="AdamW learning rate after warm-up")
+    a("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: steps // 20, at least 1)")
+    a("--clip-eps", type=float, default=0.2, help="PPO clip range ε")
+    a("--aggregation", default="token_mean", help=f"loss aggregation: {' or '.join(AGGREGATIONS)}")
+    a("--signal-mode", default="exact", help="teachability signals: exact (paper) or topk (official code)")
+    a("--release-lambda", type=float, default=2.0, help="release rule: BIC penalty multiplier λ")
+    a("--min-segments", type=int, default=3, help="release rule: fewest segments for a change-point test")
+    a("--min-prefix-segments", type=int, default=1, help="release rule: segments always supervised first")
+    a("--sigma2", default="residual", help="release rule σ²: residual, mad, or a number")
+    a("--checkpoint-every", type=int, default=50, help="steps between checkpoints (and one at the end)")
+    a("--batch-size", type=int, default=64, help="sequences per generate() call and per teacher forward")
+    a("--seed", type=int, default=0, help="seed of prompt draws, sampling and the random selector")
+    a("--threads", type=int, default=1, help="torch CPU threads")
+    a("--study", default="miniature", help="MLflow experiment name")
+    a("--name", default="student", help="run name for tracking (e.g. the student scale and method)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from opd import tracking
+    from opd.sft import save
+
+    args = parse_args(argv)
+    tr = setup(args)
+    ckpt = load_latest_checkpoint(args.out_dir)
+    if ckpt is not None:
+        restore(tr, ckpt)
+    start, metrics = (ckpt["step"], ckpt["metrics"]) if ckpt else (0, {})
+    with tracking.run(args.study, f"train[{args.name}]", params=None if ckpt else vars(args),
+                      tags={"model": args.name, "method": args.method},
+                      run_id=ckpt["run_id"] if ckpt else None) as run:
+        metrics = train_loop(tr, run, start, metrics)
+        save(tr.student, tr.tokenizer, args.out_dir / "model")
+        final = {"step": args.steps, **metrics}
+        (args.out_dir / "metrics.json.tmp").write_text(json.dumps(final, indent=1))
+        (args.out_dir / "metrics.json.tmp").replace(args.out_dir / "metrics.json")  # atomic, like the model
+    print(json.dumps(final))
+    return final
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+import argparse
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from opd import train
+from opd.rollout import Rollouts, token_char_offsets
+from opd.signals import BatchSignals
+
+SMALL = ["--top-k", "4", "--prompts-per-step", "2", "--samples", "2", "--max-new-tokens", "12",
+         "--threads", "1", "--lr", "1e-3", "--study", "test_train"]
+
+
+def argv(world, out, *extra) -> list[str]:
+    return ["--student", str(world["student"]), "--teacher", str(world["teacher"]),
+            "--prompts", str(world["prompts"]), "--out-dir", str(out), *SMALL, *extra]
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory):
+    """One SQLite store for the module: creating its schema costs seconds, so pay it once."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if old is None:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_world, tmp_path_factory):
+    args = train.parse_args(argv(tiny_world, tmp_path_factory.mktemp("unused"), "--method", "full", "--steps", "4"))
+    return train.setup(args)
+
+
+def with_flags(tr: train.Trainer, **flags) -> train.Trainer:
+    tr.args = argparse.Namespace(**{**vars(tr.args), **flags})
+    return tr
+
+
+@pytest.mark.parametrize("method", train.METHODS)
+def test_every_method_runs_a_step_inside_the_valid_positions(trainer, method):
+    out = train.run_step(with_flags(trainer, method=method, ratio=0.3, aggregation="token_mean"), t=1)
+    valid, mask = out.signals.valid_BT, out.mask_BT
+    assert mask.dtype == torch.bool and mask.shape == valid.shape
+    assert not bool((mask & ~valid).any()) and bool(mask.any())
+    if method == "full":
+        assert torch.equal(mask, valid)
+    m = out.metrics
+    assert all(math.isfinite(v) for v in m.values())
+    assert m["frac_supervised"] == pytest.approx(float(mask.sum() / valid.sum()))
+    # First update of a fresh batch: new = old log-probs, so the loss is the supervised reverse KL.
+    assert m["loss"] == pytest.approx(m["reverse_kl_supervised"], abs=1e-3)
+    for b, idx in enumerate(out.release_B):
+        if idx is not None:
+            assert not bool(mask[b, idx:].any())
+
+
+def _planted_release_batch(tok):
+    """Two rollouts of a multi-sentence response whose teacher margin collapses at "That was easy."."""
+    text = " 3 plus 4 is 7. 7 plus 1 is 8. 8 minus 2 is 6. The answer is 6. That was easy. I checked each step."
+    response = tok(text)["input_ids"]
+    prompt = tok("Question: Start with 3.\nAnswer:")["input_ids"]
+    responses = [response, response[:-2]]
+    flat = lambda seqs: torch.tensor([x for s in seqs for x in s], dtype=torch.int32)  # noqa: E731
+    offsets = lambda seqs: torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)  # noqa: E731
+    rollouts = Rollouts(["a", "b"], {"offsets_B1": offsets(responses), "tokens_N": flat(responses),
+                                     "prompt_offsets_B1": offsets([prompt] * 2), "prompt_tokens_P": flat([prompt] * 2)})
+    decoded, spans = token_char_offsets(tok, response)
+    release = next(i for i, (_, end) in enumerate(spans) if end > decoded.index("That"))
+    T = len(response)
+    valid = torch.arange(T)[None, :] < torch.tensor([T, T - 2])[:, None]
+    t = torch.arange(T, dtype=torch.float32)
+    margin = torch.where(t < release, 3.0, 0.2) + 0.05 * torch.sin(t)
+    gen = torch.Generator().manual_seed(0)
+    sig = BatchSignals(valid, *(torch.rand(2, T, generator=gen) * valid for _ in range(3)),
+                       margin_BT=margin.expand(2, T) * valid, reverse_kl_BT=torch.zeros(2, T), mode="exact")
+    return rollouts, sig, release
+
+
+def test_release_methods_supervise_nothing_after_the_release_point(tiny_world):
+    rollouts, sig, release = _planted_release_batch(tiny_world["tokenizer"])
+    rule = {"lam": 2.0, "min_segments": 3, "min_prefix_segments": 1, "sigma2": "residual"}
+    pre, rel = train.build_mask("release", rollouts, sig, tiny_world["tokenizer"], 0.5, rule, seed=0)
+    assert rel == [release, release]
+    assert torch.equal(pre, sig.valid_BT & (torch.arange(sig.valid_BT.shape[1]) < release))
+    mask, rel2 = train.build_mask("release+ta_opd", rollouts, sig, tiny_world["tokenizer"], 0.5, rule, seed=0)
+    assert rel2 == rel
+    assert not bool(mask[:, release:].any())
+    assert bool((mask & ~pre).sum() == 0) and int(mask.sum()) == math.ceil(0.5 * int(pre.sum()))
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean"])
+def test_update_computes_logits_only_at_supervised_positions(trainer, monkeypatch, aggregation):
+    seen = []
+    real = train.response_logits
+
+    def spy(model, prompts, responses, keep_N=None):
+        seen.append((keep_N.clone(), [len(r) for r in responses]))
+        return real(model, prompts, responses, keep_N)
+
+    monkeypatch.setattr(train, "response_logits", spy)
+    out = train.run_step(with_flags(trainer, method="ta_opd", ratio=0.2, aggregation=aggregation), t=2)
+    (keep, lengths), = seen  # teacher scoring goes through opd.score, not this name
+    assert keep.dtype == torch.bool and int(keep.sum()) == int(out.mask_BT.sum())
+    # every sequence is cut right after its last supervised token
+    expected = [int(row.nonzero()[-1, 0]) + 1 for row in out.mask_BT if row.any()]
+    assert lengths == expected and keep.numel() == sum(expected)
+
+
+def _final_state(out):
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics.pop("tokens_per_second")  # wall-clock timing, the only metric allowed to differ
+    return metrics, load_file(str(out / "model" / "model.safetensors"))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_replays_exactly(tiny_world, tmp_path, mlflow_uri, monkeypatch):
+    common = ("--method", "ta_opd", "--ratio", "0.3", "--steps", "4", "--checkpoint-every", "1", "--seed", "7",
+              "--warmup-steps", "3")  # resumed mid warm-up: the scheduler state matters
+    train.main(argv(tiny_world, tmp_path / "A", *common, "--name", "A"))
+    real = train.save_checkpoint
+
+    def crash_after_step_2(out_dir, step, *rest, **kw):
+        path = real(out_dir, step, *rest, **kw)
+        if step == 2:
+            raise Killed
+        return path
+
+    monkeypatch.setattr(train, "save_checkpoint", crash_after_step_2)
+    with pytest.raises(Killed):
+        train.main(argv(tiny_world, tmp_path / "B", *common, "--name", "B"))
+    monkeypatch.setattr(train, "save_checkpoint", real)
+    ckpts = tmp_path / "B" / "checkpoints"
+    (ckpts / "step_000003").mkdir()  # a leftover without state.json: not a checkpoint, gets replaced
+    (ckpts / "step_000003" / "model.pt").write_bytes(b"junk")
+    run_id = json.loads((ckpts / "step_000002" / "state.json").read_text())["run_id"]
+    train.main(argv(tiny_world, tmp_path / "B", *common, "--name", "B"))
+
+    (metrics_a, weights_a), (metrics_b, weights_b) = _final_state(tmp_path / "A"), _final_state(tmp_path / "B")
+    assert metrics_a == metrics_b and metrics_a["step"] == 4
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert [p.name for p in train.complete_checkpoints(ckpts)] == ["step_000003", "step_000004"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000003", "step_000004"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    exp = client.get_experiment_by_name("test_train")
+    (run,) = client.search_runs([exp.experiment_id], "tags.model = 'B'")
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("extra, match", [
+    (("--method", "nope"), "unknown method 'nope'"),
+    (("--method", "ta_opd", "--ratio", "0"), r"--ratio must be in \(0, 1\]"),
+    (("--method", "ta_opd", "--ratio", "1.5"), r"--ratio must be in \(0, 1\]"),
+    (("--method", "full", "--top-k", "1"), "--top-k must be >= 2"),
+    (("--method", "release", "--sigma2", "big"), "--sigma2 must be"),
+])
+def test_bad_flags_fail_before_any_step(tiny_world, tmp_path, extra, match):
+    with pytest.raises(ValueError, match=match):
+        train.main(argv(tiny_world, tmp_path / "out", "--steps", "1", *extra))
+    assert not (tmp_path / "out").exists()
+
+
+def test_teacher_with_another_tokenizer_fails_before_any_step(tiny_world, tmp_path):
+    from opd.score import TokenizerMismatch
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_world["teacher"], teacher)
+    tok = tiny_world["tokenizer"].__class__.from_pretrained(str(teacher))
+    tok.add_tokens(["<|extra|>"])
+    tok.save_pretrained(str(teacher))
+    args = argv(tiny_world, tmp_path / "out", "--method", "full", "--steps", "1")
+    args[args.index("--teacher") + 1] = str(teacher)
+    with pytest.raises(TokenizerMismatch, match="differ"):
+        train.main(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tiny_world, tmp_path, mlflow_uri, monkeypatch):
+    real, calls = train.opd_loss, []
+
+    def poisoned(*args, **kw):
+        calls.append(1)
+        loss = real(*args, **kw)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(train, "opd_loss", poisoned)
+    out = tmp_path / "out"
+    with pytest.raises(FloatingPointError, match="at step 2"):
+        train.main(argv(tiny_world, out, "--method", "full", "--steps", "3", "--checkpoint-every", "1"))
+    assert [p.name for p in train.complete_checkpoints(out / "checkpoints")] == ["step_000001"]
+    assert train.load_latest_checkpoint(out)["step"] == 1
+    assert not (out / "model").exists() and not (out / "metrics.json").exists()
