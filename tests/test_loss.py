@@ -47,3 +47,44 @@ def test_forward_kl_full_by_hand():
     expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
     assert forward_kl_full(p_t, p_s).item() == pytest.approx(expected)
     assert forward_kl_full(p_t, p_t).item() == pytest.approx(0.0)
+
+
+def _two_token_case():
+    # vocabulary of 3; student p_S = (0.5, 0.25, 0.25); teacher on ids (0, 1) has p_T = (0.2, 0.6)
+    s_logp = torch.tensor([[0.5, 0.25, 0.25]]).log()
+    ids = torch.tensor([[0, 1]])
+    t_lp = torch.tensor([[0.2, 0.6]]).log()
+    return s_logp, ids, t_lp
+
+
+def test_topk_reverse_kl_by_hand():
+    from opd.loss import topk_reverse_kl
+
+    s_logp, ids, t_lp = _two_token_case()
+    # renormalised on {0, 1}: p̄_S = (2/3, 1/3), p̄_T = (1/4, 3/4)
+    expected = (2 / 3) * math.log((2 / 3) / 0.25) + (1 / 3) * math.log((1 / 3) / 0.75)
+    assert topk_reverse_kl(s_logp, ids, t_lp).item() == pytest.approx(expected, rel=1e-5)
+    assert topk_reverse_kl(s_logp, ids, s_logp[:, :2]).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_topk_forward_kl_and_jsd_by_hand():
+    from opd.loss import topk_forward_kl, topk_jsd
+
+    s_logp, ids, t_lp = _two_token_case()
+    s, t = (2 / 3, 1 / 3), (0.25, 0.75)
+    fkl = t[0] * math.log(t[0] / s[0]) + t[1] * math.log(t[1] / s[1])
+    assert topk_forward_kl(s_logp, ids, t_lp).item() == pytest.approx(fkl, rel=1e-5)
+    m = tuple(0.5 * a + 0.5 * b for a, b in zip(t, s))
+    jsd = 0.5 * sum(a * math.log(a / c) for a, c in zip(t, m)) + 0.5 * sum(b * math.log(b / c) for b, c in zip(s, m))
+    assert topk_jsd(s_logp, ids, t_lp).item() == pytest.approx(jsd, rel=1e-5)
+    with pytest.raises(ValueError, match="beta"):
+        topk_jsd(s_logp, ids, t_lp, beta=1.0)
+
+
+def test_distribution_losses_have_gradients_only_through_the_student():
+    from opd.loss import topk_reverse_kl
+
+    logits = torch.zeros(1, 3, requires_grad=True)
+    _, ids, t_lp = _two_token_case()
+    topk_reverse_kl(torch.log_softmax(logits, -1), ids, t_lp).backward()
+    assert logits.grad.abs().sum() > 0 and logits.grad[0, 2].item() == pytest.approx(0.0, abs=1e-7)

@@ -13,10 +13,13 @@ mean over sequences of each sequence's token mean (the official TA-OPD code).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 AGGREGATIONS = ("token_mean", "sequence_mean")
+DISTRIBUTION_LOSSES = ("topk_reverse_kl", "topk_forward_kl", "topk_jsd")
 
 
 def reverse_kl_advantage(old_logprob_N: Tensor, t_logprob_N: Tensor) -> Tensor:
@@ -60,3 +63,41 @@ def opd_loss(new_logprob_N: Tensor, old_logprob_N: Tensor, t_logprob_N: Tensor, 
 def forward_kl_full(t_logp_NV: Tensor, s_logp_NV: Tensor) -> Tensor:
     """KL(p_T ‖ p_S) per position over the full vocabulary (FORWARD KL: teacher first)."""
     return (t_logp_NV.exp() * (t_logp_NV - s_logp_NV)).sum(-1)
+
+
+# Distribution-matching options (not the papers' default). They use what the scores store — the
+# teacher's logprobs on the student's top-K ids and the teacher's own top-K — and the CURRENT student's
+# full log-probs at the supervised positions, each side renormalised on the id set.
+
+
+def _renormalise(logp_MK: Tensor) -> Tensor:
+    return logp_MK - torch.logsumexp(logp_MK, dim=-1, keepdim=True)
+
+
+def topk_reverse_kl(s_logp_MV: Tensor, s_topk_ids_MK: Tensor, t_on_s_logprobs_MK: Tensor) -> Tensor:
+    """KL(p̄_S ‖ p̄_T) on the student's top-K ids (REVERSE KL: student first), per position."""
+    s_MK = _renormalise(s_logp_MV.gather(-1, s_topk_ids_MK.long()))
+    t_MK = _renormalise(t_on_s_logprobs_MK.to(s_MK.dtype))
+    return (s_MK.exp() * (s_MK - t_MK)).sum(-1)
+
+
+def topk_forward_kl(s_logp_MV: Tensor, t_topk_ids_MK: Tensor, t_topk_logprobs_MK: Tensor) -> Tensor:
+    """KL(p̄_T ‖ p̄_S) on the teacher's top-K ids (FORWARD KL: teacher first), per position."""
+    s_MK = _renormalise(s_logp_MV.gather(-1, t_topk_ids_MK.long()))
+    t_MK = _renormalise(t_topk_logprobs_MK.to(s_MK.dtype))
+    return (t_MK.exp() * (t_MK - s_MK)).sum(-1)
+
+
+def topk_jsd(s_logp_MV: Tensor, t_topk_ids_MK: Tensor, t_topk_logprobs_MK: Tensor, beta: float = 0.5) -> Tensor:
+    """Generalised JSD on the teacher's top-K ids: β·KL(p_T ‖ m) + (1 − β)·KL(p_S ‖ m), m = β p_T + (1 − β) p_S.
+
+    β → 0 approaches forward KL's behaviour, β → 1 reverse KL's (the GKD convention); β = 0.5 is the JSD.
+    """
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must be in (0, 1), got {beta}")
+    s_MK = _renormalise(s_logp_MV.gather(-1, t_topk_ids_MK.long()))
+    t_MK = _renormalise(t_topk_logprobs_MK.to(s_MK.dtype))
+    m_MK = torch.logsumexp(torch.stack([t_MK + math.log(beta), s_MK + math.log(1 - beta)]), dim=0)
+    kl_t = (t_MK.exp() * (t_MK - m_MK)).sum(-1)
+    kl_s = (s_MK.exp() * (s_MK - m_MK)).sum(-1)
+    return beta * kl_t + (1 - beta) * kl_s

@@ -1,4 +1,6 @@
 # Config validation at load, and the small functions that turn config into rule inputs and params.
+import os
+
 from snakemake.exceptions import WorkflowError
 
 from opd.config import ConfigError, validate_config

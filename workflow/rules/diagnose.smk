@@ -34,8 +34,8 @@ rule score_initial:
         "results/diagnose/{model}/scores.safetensors",
     params:
         k=config["diagnose"]["top_k"],
-        teacher_dir=model_dir(TEACHER),
-        student_dir=lambda wc: model_dir(wc.model),
+        teacher_dir=lambda wc, input: os.path.dirname(input.teacher),
+        student_dir=lambda wc, input: os.path.dirname(input.student),
         study=STUDY,
     threads: THREADS
     resources:
@@ -61,8 +61,8 @@ rule fixed_context:
         "results/diagnose/{model}/fixed_context.csv",
     params:
         args=fixed_context_args,
-        teacher_dir=model_dir(TEACHER),
-        student_dir=lambda wc: model_dir(wc.model),
+        teacher_dir=lambda wc, input: os.path.dirname(input.teacher),
+        student_dir=lambda wc, input: os.path.dirname(input.student),
         study=STUDY,
     threads: THREADS
     resources:
