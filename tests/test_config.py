@@ -108,3 +108,18 @@ def test_every_schema_key_is_documented(repo: Path):
     doc = (repo / "config/README.md").read_text()
     missing = [k for k in _schema_keys(schema) if f"`{k}`" not in doc and f".{k}`" not in doc]
     assert not missing, f"config/README.md does not document: {missing}"
+
+
+def test_train_students_must_be_students(cfg):
+    cfg["train"]["students"] = ["teacher"]
+    assert "train.students[0]: 'teacher' is not a student" in _error(cfg)
+
+
+def test_unknown_method_and_bad_ratio_refused(cfg):
+    cfg["train"]["methods"] = ["full", "magic"]
+    cfg["train"]["ratio"] = 1.5
+    msg = _error(cfg)
+    assert "train.methods[1]: 'magic' is not allowed" in msg and "'release+ta_opd'" in msg
+    assert "train.ratio: 1.5 is out of range; allowed: (0, 1]" in msg
+    cfg["train"]["methods"], cfg["train"]["ratio"], cfg["train"]["top_k"] = ["full"], 0.1, 1
+    assert "train.top_k: 1 is out of range; allowed: [2, 1024]" in _error(cfg)

@@ -66,14 +66,20 @@ def test_one_finished_mlflow_run_per_job(smoke):
     names = sorted(r.info.run_name for r in runs)
     expected = sorted(["toy_data", "tokenizer", "report", "diagnose"] + [f"sft[{m}]" for m in cfg["models"]]
                       + [f"lm_eval[{m},{t}]" for m in cfg["models"] for t in cfg["evaluation"]["benchmarks"]]
-                      + [f"{stage}[{m}]" for m in students for stage in ("rollout", "score", "fixed_context")])
+                      + [f"{stage}[{m}]" for m in students for stage in ("rollout", "score", "fixed_context")]
+                      + ["report_training"]
+                      + [f"{stage}[{run}]" for run in _train_runs(cfg) for stage in ("train", "lm_eval")])
     assert names == expected
+    for run in runs:  # the trained students' scores are attached to their training runs
+        if run.info.run_name.startswith("train["):
+            assert all(f"eval.{t}.accuracy" in run.data.metrics for t in cfg["evaluation"]["benchmarks"])
+            assert "reverse_kl_all" in run.data.metrics and "frac_supervised" in run.data.metrics
     for run in runs:
         assert run.info.status == "FINISHED", run.info.run_name
         assert run.data.metrics, run.info.run_name
         assert run.data.tags["rule"] == run.info.run_name
     lm_runs = [r for r in runs if r.info.run_name.startswith("lm_eval")]
-    assert all("accuracy" in r.data.metrics for r in lm_runs)
+    assert all(any(k.endswith("accuracy") for k in r.data.metrics) for r in lm_runs)
 
 
 def test_second_run_has_nothing_to_do(smoke):
@@ -81,6 +87,23 @@ def test_second_run_has_nothing_to_do(smoke):
     proc = _snakemake(sys.executable, Path(__file__).resolve().parents[1], workdir, "-n")
     assert proc.returncode == 0
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def _train_runs(cfg) -> list[str]:
+    t = cfg["train"]
+    students = [m for m, spec in cfg["models"].items() if spec["role"] == "student"]
+    return [f"{s}/{m}/K~{t['top_k']}/ratio~0.1/seed~0" for s in students for m in t["methods"]]
+
+
+def test_training_report(smoke):
+    workdir, cfg = smoke
+    md = (workdir / "results/report/training.md").read_text()
+    for method in ["base", *cfg["train"]["methods"]]:
+        assert f"| {method} |" in md
+    for run in _train_runs(cfg):
+        metrics = json.loads((workdir / "results/train" / run / "metrics.json").read_text())
+        assert metrics["step"] == cfg["train"]["steps"]
+        assert 0.0 < metrics["frac_supervised"] <= 1.0
 
 
 def test_diagnostic_study_outputs(smoke):

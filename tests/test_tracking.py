@@ -77,3 +77,8 @@ def test_run_id_reopens_the_same_run(tmp_path, monkeypatch):
     client, (r,) = _runs(uri, "s")
     assert r.info.status == "FINISHED" and r.info.run_name == "train" and r.data.params == {"lr": "0.1"}
     assert sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, "loss")) == [(1, 2.0), (2, 1.0)]
+
+
+def test_metric_names_are_made_valid_for_mlflow():
+    assert tracking.metric_name("student_s.release+ta_opd.ood") == "student_s.release_ta_opd.ood"
+    assert tracking.metric_name("eval.arith1.accuracy") == "eval.arith1.accuracy"

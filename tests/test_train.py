@@ -3,6 +3,10 @@ import json
 import math
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -161,6 +165,56 @@ def test_kill_and_resume_replays_exactly(tiny_world, tmp_path, mlflow_uri, monke
     (run,) = client.search_runs([exp.experiment_id], "tags.model = 'B'")
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4]
+
+
+def _kill_when_complete(cmd: list[str], checkpoint, timeout: float = 300.0) -> None:
+    """Run cmd; SIGKILL it as soon as `checkpoint` is complete (its state.json is there)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not (checkpoint / "state.json").is_file():
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended (exit {proc.returncode}) before {checkpoint.name} was complete, "
+                            f"so it could not be killed after it:\n{proc.stderr.read()[-4000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no complete {checkpoint.name} after {timeout:.0f} s")
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    if proc.returncode != -signal.SIGKILL:
+        pytest.fail(f"the run finished (exit {proc.returncode}) before the SIGKILL reached it: make its steps slower")
+
+
+@pytest.mark.slow
+def test_sigkilled_process_resumes_and_replays_exactly(tiny_world, tmp_path, mlflow_uri):
+    """A real kill: `python -m opd.train` gets SIGKILL once step 2 is checkpointed, then runs again."""
+    common = ("--method", "ta_opd", "--ratio", "0.3", "--steps", "4", "--checkpoint-every", "1", "--seed", "3",
+              "--warmup-steps", "3", "--max-new-tokens", "160")  # longer responses: slower steps after the kill
+    train.main(argv(tiny_world, tmp_path / "A", *common, "--name", "killA"))
+    cmd = [sys.executable, "-m", "opd.train", *argv(tiny_world, tmp_path / "B", *common, "--name", "killB")]
+    _kill_when_complete(cmd, tmp_path / "B" / "checkpoints" / "step_000002")
+    assert not (tmp_path / "B" / "metrics.json").exists() and not (tmp_path / "B" / "model").exists()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    (metrics_a, weights_a), (metrics_b, weights_b) = _final_state(tmp_path / "A"), _final_state(tmp_path / "B")
+    assert metrics_a == metrics_b and metrics_a["step"] == 4
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    ckpts = tmp_path / "B" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000003", "step_000004"]  # no temporary left over
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("test_train").experiment_id], "tags.model = 'killB'")
+    assert run.info.status == "FINISHED"
+    # a step logged after the last checkpoint, before the kill, is logged again when it is redone
+    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")}) == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("extra, match", [

@@ -78,6 +78,11 @@ def _cross_checks(config: dict) -> list[str]:
         problems.append(f"models: exactly one model needs role 'teacher', found {len(teachers)} ({teachers})")
     if not any(m.get("role") == "student" for m in models.values()):
         problems.append("models: at least one model needs role 'student'")
+    students = [n for n, m in models.items() if m.get("role") == "student"]
+    for i, name in enumerate(config.get("train", {}).get("students") or []):
+        if name not in students:
+            problems.append(f"train.students[{i}]: {name!r} is not a student; students: "
+                            f"{', '.join(map(repr, students))}")
     for i, name in enumerate(config.get("evaluation", {}).get("models") or []):
         if name not in models:
             problems.append(f"evaluation.models[{i}]: unknown model {name!r}; defined models: "

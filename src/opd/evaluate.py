@@ -16,9 +16,9 @@ from pathlib import Path
 METRIC = "exact_match,strict-match"
 
 
-def run_lm_eval(model_dir: Path, task: str, include_path: Path, backend: str, batch_size: int,
+def run_lm_eval(model_dir: Path, tasks: list[str], include_path: Path, backend: str, batch_size: int,
                 max_gen_toks: int, limit: int | None, device: str) -> dict:
-    """lm-eval's result dict for one (model, task); samples stay in result['samples']."""
+    """lm-eval's result dict for a model on `tasks` (one process: start-up dominates on small models)."""
     # Offline by construction: nothing here may reach the hub, so fail fast instead of hanging.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -31,7 +31,7 @@ def run_lm_eval(model_dir: Path, task: str, include_path: Path, backend: str, ba
     result = lm_eval.simple_evaluate(
         model=backend,
         model_args=model_args,
-        tasks=[task],
+        tasks=list(tasks),
         batch_size=batch_size,
         device=device,
         limit=limit,
@@ -41,7 +41,7 @@ def run_lm_eval(model_dir: Path, task: str, include_path: Path, backend: str, ba
         bootstrap_iters=1000,
     )
     if result is None:
-        raise RuntimeError(f"lm-eval returned no result for task {task!r}")
+        raise RuntimeError(f"lm-eval returned no result for tasks {tasks}")
     return result
 
 
@@ -53,27 +53,46 @@ def score(result: dict, task: str) -> tuple[float, float, int]:
     return float(metrics[METRIC]), float(stderr) if stderr != "N/A" else float("nan"), int(n)
 
 
-def write_outputs(result: dict, task: str, out: Path, samples_out: Path) -> None:
-    samples = result.pop("samples", {}).get(task, [])
-    samples_out.parent.mkdir(parents=True, exist_ok=True)
-    with samples_out.open("w") as fh:
-        for s in samples:
+def task_view(result: dict, task: str) -> dict:
+    """The part of a multi-task lm-eval result that concerns `task` (same layout as a one-task run)."""
+    view = {k: v for k, v in result.items() if k != "samples"}
+    for key in ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples"):
+        if isinstance(result.get(key), dict):
+            view[key] = {t: v for t, v in result[key].items() if t == task}
+    return view
+
+
+def write_outputs(result: dict, task: str, out_dir: Path) -> Path:
+    """<out_dir>/<task>.json (lm-eval's result) and <task>.samples.jsonl (every response); returns the JSON."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / f"{task}.samples.jsonl").open("w") as fh:
+        for s in result.get("samples", {}).get(task, []):
             fh.write(json.dumps({"doc_id": s["doc_id"], "target": s["target"],
                                  "response": s["resps"][0][0], "filtered": s["filtered_resps"][0],
                                  "exact_match": s["exact_match"]}, default=str) + "\n")
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str))
+    out, tmp = out_dir / f"{task}.json", out_dir / f"{task}.json.tmp"
+    tmp.write_text(json.dumps(task_view(result, task), indent=2, default=str))
     tmp.replace(out)
+    return out
+
+
+def training_run_id(train_dir: Path) -> str:
+    """The MLflow run of an OPD training directory (from its latest complete checkpoint)."""
+    states = sorted(train_dir.glob("checkpoints/step_*/state.json"))
+    if not states:
+        raise FileNotFoundError(f"{train_dir}: no complete checkpoint with a state.json")
+    return json.loads(states[-1].read_text())["run_id"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Evaluate a model on one lm-eval task.")
+    parser = argparse.ArgumentParser(description="Evaluate a model on lm-eval tasks.")
     parser.add_argument("--model-dir", type=Path, required=True, help="Hugging Face model directory")
     parser.add_argument("--model-name", required=True, help="name of the model in the study")
-    parser.add_argument("--task", required=True, help="lm-eval task name (a YAML under --include-path)")
+    parser.add_argument("--tasks", nargs="+", required=True, help="lm-eval task names (YAMLs under --include-path)")
     parser.add_argument("--include-path", type=Path, required=True, help="directory of task YAMLs")
-    parser.add_argument("--out", type=Path, required=True, help="results JSON to write")
-    parser.add_argument("--samples-out", type=Path, required=True, help="per-problem JSONL to write")
+    parser.add_argument("--out-dir", type=Path, required=True, help="writes <task>.json and <task>.samples.jsonl")
+    parser.add_argument("--train-dir", type=Path, default=None,
+                        help="OPD training directory: also log the scores to its MLflow run")
     parser.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="lm-eval model backend")
     parser.add_argument("--batch-size", type=int, default=64, help="generation batch size")
     parser.add_argument("--max-gen-toks", type=int, default=160, help="longest response in tokens")
@@ -90,16 +109,22 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if not (args.model_dir / "config.json").is_file():
         raise FileNotFoundError(f"no Hugging Face model in {args.model_dir} (config.json missing)")
-    tags = {"model": args.model_name, "task": args.task}
-    with tracking.run(args.study, f"lm_eval[{args.model_name},{args.task}]", params=vars(args), tags=tags) as run:
+    name = f"lm_eval[{args.model_name},{args.tasks[0]}]" if len(args.tasks) == 1 else f"lm_eval[{args.model_name}]"
+    with tracking.run(args.study, name, params=vars(args), tags={"model": args.model_name}) as run:
         start = time.time()
-        result = run_lm_eval(args.model_dir, args.task, args.include_path, args.backend, args.batch_size,
+        result = run_lm_eval(args.model_dir, args.tasks, args.include_path, args.backend, args.batch_size,
                              args.max_gen_toks, args.limit, args.device)
-        acc, stderr, n = score(result, args.task)
-        write_outputs(result, args.task, args.out, args.samples_out)
-        run.log_metrics({"accuracy": acc, "accuracy_stderr": stderr, "n": n, "seconds": time.time() - start})
-        run.log_artifact(args.out)
-    print(json.dumps({"model": args.model_name, "task": args.task, "accuracy": acc, "n": n}))
+        metrics = {}
+        for task in args.tasks:
+            acc, stderr, n = score(result, task)
+            prefix = "" if len(args.tasks) == 1 else f"{task}."
+            metrics.update({f"{prefix}accuracy": acc, f"{prefix}accuracy_stderr": stderr, f"{prefix}n": n})
+            run.log_artifact(write_outputs(result, task, args.out_dir))
+        run.log_metrics({**metrics, "seconds": time.time() - start})
+    if args.train_dir is not None:  # the scores of a trained student belong with its training run too
+        with tracking.run(args.study, "train", run_id=training_run_id(args.train_dir)) as train_run:
+            train_run.log_metrics({f"eval.{t}.accuracy": score(result, t)[0] for t in args.tasks})
+    print(json.dumps({"model": args.model_name, **metrics}))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,6 +46,11 @@ def _lock(uri: str):
     return FileLock(str(path) + ".lock", timeout=600)
 
 
+def metric_name(key: str) -> str:
+    """MLflow allows only [A-Za-z0-9_-. :/] in names: `release+ta_opd.ood` becomes `release_ta_opd.ood`."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", key)
+
+
 def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     for key, value in params.items():
@@ -66,7 +72,7 @@ class Run:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        items = [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()]
         for start in range(0, len(items), _BATCH):
             with _lock(self.uri):
                 self.client.log_batch(self.run_id, metrics=items[start:start + _BATCH])

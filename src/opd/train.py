@@ -7,6 +7,7 @@ numbers. Methods: `full`; another selector of `opd.select` at budget ρ; `releas
 rollout's release point); `release+ta_opd` (ta_opd at budget ρ among pre-release tokens only).
 Checkpoints OUT/checkpoints/step_{t:06d}/ (model.pt, trainer.pt, state.json) are written to a hidden
 temporary directory and renamed: a directory under its final name is always complete.
+Under `torchrun --nproc_per_node=N -m opd.train`: data-parallel DDP training, see `opd.distributed`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from opd import distributed
 from opd.io import read_jsonl
 from opd.loss import AGGREGATIONS, opd_loss
 from opd.release import SIGMA2_ESTIMATES, release_mask
@@ -55,6 +57,8 @@ class Trainer:
     prompt_ids: list[list[int]]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    dist: distributed.Context = distributed.Context()
+    ddp: Any = None  # the DDP-wrapped `distributed.MaskedLogits(student)` when world > 1
 
 
 @dataclasses.dataclass
@@ -67,7 +71,7 @@ class StepResult:
     release_B: list[int | None]
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace, world: int = 1) -> None:
     """Refuse flags that would fail (or silently mean something else) only after the first step."""
     if args.method not in METHODS:
         raise ValueError(f"unknown method {args.method!r}; allowed: {', '.join(METHODS)}")
@@ -82,6 +86,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("steps", "prompts_per_step", "samples", "max_new_tokens", "checkpoint_every", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    distributed.check_share(args.prompts_per_step, world)
     rule_params(args)
 
 
@@ -97,11 +102,11 @@ def rule_params(args: argparse.Namespace) -> dict:
             "min_prefix_segments": args.min_prefix_segments, "sigma2": sigma2}
 
 
-def setup(args: argparse.Namespace) -> Trainer:
+def setup(args: argparse.Namespace, ctx: distributed.Context = distributed.Context()) -> Trainer:
     """Check flags, prompts and tokenizers (before anything is written), then load models and optimizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_args(args)
+    check_args(args, ctx.world)
     records = read_jsonl(args.prompts, required=("id", "question", "answer"))
     if args.prompts_per_step > len(records):
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} > {len(records)} prompts in {args.prompts}")
@@ -114,20 +119,22 @@ def setup(args: argparse.Namespace) -> Trainer:
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
     prompt_ids = [tokenizer(PROMPT_TEMPLATE.format(question=r["question"]))["input_ids"] for r in records]
-    return Trainer(args, student, teacher, tokenizer, records, prompt_ids, optimizer, scheduler)
+    ddp = distributed.wrap(student) if ctx.world > 1 else None
+    return Trainer(args, student, teacher, tokenizer, records, prompt_ids, optimizer, scheduler, ctx, ddp)
 
 
 def sample(tr: Trainer, t: int) -> tuple[Rollouts, list[dict]]:
     """`samples` responses to each of `prompts_per_step` prompts, from the current student."""
     args = tr.args
     gen = torch.Generator().manual_seed(args.seed * STEP_SEED + t)
-    picked = torch.randperm(len(tr.records), generator=gen)[: args.prompts_per_step].tolist()
+    drawn = torch.randperm(len(tr.records), generator=gen)[: args.prompts_per_step].tolist()
+    picked = distributed.share(tr.dist, drawn)  # the same draw on every rank: rank r keeps its share
     index = [i for i in picked for _ in range(args.samples)]
     ids = [f"{tr.records[i]['id']}#{j % args.samples}" for j, i in enumerate(index)]
     tr.student.eval()
     tensors = generate_hf(tr.student, tr.tokenizer, [tr.prompt_ids[i] for i in index], args.top_k,
-                          args.temperature, args.top_p, args.max_new_tokens, seed=args.seed + t,
-                          batch_size=args.batch_size)
+                          args.temperature, args.top_p, args.max_new_tokens,
+                          seed=args.seed + t + tr.dist.rank * distributed.RANK_SEED, batch_size=args.batch_size)
     return Rollouts(ids, tensors), [tr.records[i] for i in index]
 
 
@@ -169,11 +176,13 @@ def update_step(tr: Trainer, rollouts: Rollouts, scores: dict[str, Tensor], mask
     """One optimizer step on the OPD loss of the masked positions; FloatingPointError on NaN/Inf."""
     args, seqs = tr.args, rollouts.sequences()
     mask_N = torch.cat([mask_BT[b, : len(r)] for b, (_, r) in enumerate(seqs)])
-    if not bool(mask_N.any()):
-        raise ValueError(f"step {step}: the {args.method!r} mask supervises no token")
+    scale = distributed.loss_scale(tr.dist, mask_BT, args.aggregation, f"step {step}: the {args.method!r} mask")
     prompts, responses, keep_N, seq_index_M = supervised_batch(seqs, mask_BT)
     tr.student.train()
-    logits_MV = response_logits(tr.student, prompts, responses, keep_N)
+    if tr.ddp is None:
+        logits_MV = response_logits(tr.student, prompts, responses, keep_N)
+    else:  # through DDP's forward: backward then averages the gradients over ranks
+        logits_MV = tr.ddp(prompts, responses, keep_N)
     if not bool(torch.isfinite(logits_MV).all()):
         raise FloatingPointError(f"non-finite student logits at step {step}")
     dev = logits_MV.device
@@ -181,7 +190,7 @@ def update_step(tr: Trainer, rollouts: Rollouts, scores: dict[str, Tensor], mask
     new_logprob_M = torch.log_softmax(logits_MV.float(), -1).gather(-1, tokens_M[:, None])[:, 0]
     old_logprob_M, t_logprob_M = (x[mask_N].to(dev) for x in (rollouts.tensors["s_logprob_N"], scores["t_logprob_N"]))
     loss = opd_loss(new_logprob_M, old_logprob_M, t_logprob_M, torch.ones_like(tokens_M, dtype=torch.bool),
-                    args.clip_eps, args.aggregation, seq_index_M.to(dev))
+                    args.clip_eps, args.aggregation, seq_index_M.to(dev)) * scale
     if not bool(torch.isfinite(loss)):
         raise FloatingPointError(f"non-finite OPD loss ({loss.item()}) at step {step}")
     tr.optimizer.zero_grad(set_to_none=True)
@@ -219,12 +228,12 @@ def run_step(tr: Trainer, t: int) -> StepResult:
                             student=tr.student if args.signal_mode == "exact" else None)
     sig = batch_signals(rollouts.tensors, scores, args.signal_mode)
     mask_BT, release_B = build_mask(args.method, rollouts, sig, tr.tokenizer, args.ratio, rule_params(args),
-                                    seed=args.seed * STEP_SEED + t)
+                                    seed=args.seed * STEP_SEED + t + tr.dist.rank * distributed.RANK_SEED)
     lr = tr.optimizer.param_groups[0]["lr"]
     loss = update_step(tr, rollouts, scores, mask_BT, t)
     metrics = {"loss": loss, **step_metrics(tr, rollouts, scores, records, mask_BT[sig.valid_BT], release_B),
                "lr": lr, "tokens_per_second": int(sig.valid_BT.sum()) / (time.perf_counter() - start)}
-    return StepResult(metrics, rollouts, sig, mask_BT, release_B)
+    return StepResult(distributed.reduce_metrics(tr.dist, metrics), rollouts, sig, mask_BT, release_B)
 
 
 def _rng_states() -> dict:
@@ -311,15 +320,17 @@ def train_loop(tr: Trainer, run, start: int, metrics: dict) -> dict:
     """Steps start+1 .. --steps, logging each to MLflow and checkpointing; returns the last metrics."""
     from tqdm import tqdm
 
-    args = tr.args
+    args, ctx = tr.args, tr.dist
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, file=sys.stderr,
-               desc=f"opd[{args.method}]", mininterval=2)
+               desc=f"opd[{args.method}]", mininterval=2, disable=not ctx.main)
     for t in bar:
         metrics = run_step(tr, t).metrics
-        run.log_metrics(metrics, step=t)
+        run.log_metrics(metrics, step=t)  # on ranks other than 0, a NoRun
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['reverse_kl_all']:.3f}")
         if t % args.checkpoint_every == 0 or t == args.steps:
-            save_checkpoint(args.out_dir, t, tr, run.run_id, metrics)
+            if ctx.main:
+                save_checkpoint(args.out_dir, t, tr, run.run_id, metrics)
+            distributed.barrier(ctx)  # no rank runs ahead of (or exits before) a complete checkpoint
     return metrics
 
 
@@ -362,20 +373,25 @@ def main(argv: list[str] | None = None) -> dict:
     from opd.sft import save
 
     args = parse_args(argv)
-    tr = setup(args)
-    ckpt = load_latest_checkpoint(args.out_dir)
-    if ckpt is not None:
-        restore(tr, ckpt)
-    start, metrics = (ckpt["step"], ckpt["metrics"]) if ckpt else (0, {})
-    with tracking.run(args.study, f"train[{args.name}]", params=None if ckpt else vars(args),
-                      tags={"model": args.name, "method": args.method},
-                      run_id=ckpt["run_id"] if ckpt else None) as run:
-        metrics = train_loop(tr, run, start, metrics)
-        save(tr.student, tr.tokenizer, args.out_dir / "model")
-        final = {"step": args.steps, **metrics}
-        (args.out_dir / "metrics.json.tmp").write_text(json.dumps(final, indent=1))
-        (args.out_dir / "metrics.json.tmp").replace(args.out_dir / "metrics.json")  # atomic, like the model
-    print(json.dumps(final))
+    with distributed.session() as ctx:  # a process group under torchrun (WORLD_SIZE > 1); else one rank
+        tr = setup(args, ctx)
+        ckpt = load_latest_checkpoint(args.out_dir)  # every rank reads the same files
+        if ckpt is not None:
+            restore(tr, ckpt)
+        start, metrics = (ckpt["step"], ckpt["metrics"]) if ckpt else (0, {})
+        distributed.check_same_step(ctx, start, args.out_dir)
+        with distributed.main_only(ctx, lambda: tracking.run(
+                args.study, f"train[{args.name}]", params=None if ckpt else vars(args),
+                tags={"model": args.name, "method": args.method}, run_id=ckpt["run_id"] if ckpt else None)) as run:
+            metrics = train_loop(tr, run, start, metrics)
+            final = {"step": args.steps, **metrics}
+            if ctx.main:
+                save(tr.student, tr.tokenizer, args.out_dir / "model")
+                (args.out_dir / "metrics.json.tmp").write_text(json.dumps(final, indent=1))
+                (args.out_dir / "metrics.json.tmp").replace(args.out_dir / "metrics.json")  # atomic, like the model
+        distributed.finish(ctx, tr.student)
+    if ctx.main:
+        print(json.dumps(final))
     return final
 
 

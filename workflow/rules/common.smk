@@ -1,5 +1,6 @@
 # Config validation at load, and the small functions that turn config into rule inputs and params.
 import os
+import re
 
 from snakemake.exceptions import WorkflowError
 
@@ -22,9 +23,20 @@ BENCHMARKS = config["evaluation"]["benchmarks"]
 EVAL_MODELS = config["evaluation"]["models"] or MODELS
 
 
+TRAIN = config["train"]
+TRAIN_STUDENTS = TRAIN["students"] or STUDENTS
+TRAIN_ID = "{student}/{method}/K~{k}/ratio~{ratio}/seed~{seed}"
+TRAIN_DIR = "results/train/" + TRAIN_ID
+
+
 wildcard_constraints:
     model="|".join(MODELS),
     task="|".join(BENCHMARKS),
+    student="|".join(STUDENTS),
+    method="|".join(re.escape(m) for m in TRAIN["methods"]),
+    k=r"\d+",
+    ratio=r"[0-9.]+",
+    seed=r"\d+",
 
 
 def model_dir(model):
@@ -58,14 +70,35 @@ def fixed_context_args(wildcards):
 
 
 def diagnose_args(wildcards):
-    d, r = config["diagnose"], config["diagnose"]["release"]
+    d, r = config["diagnose"], config["release"]
     return (f"--bins {d['bins']} --mode {d['signal_mode']} --margin {d['margin']}"
             f" --release-lambda {r['lambda']} --min-segments {r['min_segments']}"
             f" --min-prefix-segments {r['min_prefix_segments']} --sigma2 {r['sigma2']}")
 
 
+def train_args(wildcards):
+    keys = ["steps", "prompts_per_step", "samples", "max_new_tokens", "temperature", "lr", "clip_eps",
+            "aggregation", "signal_mode", "checkpoint_every"]
+    r = config["release"]
+    return " ".join(f"--{k.replace('_', '-')} {TRAIN[k]}" for k in keys) + (
+        f" --release-lambda {r['lambda']} --min-segments {r['min_segments']}"
+        f" --min-prefix-segments {r['min_prefix_segments']} --sigma2 {r['sigma2']}")
+
+
+def train_runs():
+    """One dict of wildcards per training run of the study."""
+    return [dict(student=s, method=m, k=TRAIN["top_k"], ratio=TRAIN["ratio"], seed=seed)
+            for s in TRAIN_STUDENTS for m in TRAIN["methods"] for seed in TRAIN["seeds"]]
+
+
+def trained_evals():
+    return [f"results/train/{r['student']}/{r['method']}/K~{r['k']}/ratio~{r['ratio']}/seed~{r['seed']}"
+            f"/eval/{t}.json" for r in train_runs() for t in BENCHMARKS]
+
+
 def all_outputs():
     return [
+        "results/report/training.md",
         "results/diagnose/report.md",
         "results/report/models.md",
         "results/report/models.csv",

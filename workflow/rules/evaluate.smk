@@ -24,5 +24,5 @@ rule lm_eval:
         "results/benchmarks/lm_eval/{model}/{task}.tsv"
     shell:
         "python -m opd.evaluate --model-dir {params.model_dir} --model-name {wildcards.model}"
-        " --task {wildcards.task} --include-path {params.tasks_dir} --out {output.json}"
-        " --samples-out {output.samples} {params.args} --threads {threads} --study {params.study} > {log} 2>&1"
+        " --tasks {wildcards.task} --include-path {params.tasks_dir} --out-dir results/eval/{wildcards.model}"
+        " {params.args} --threads {threads} --study {params.study} > {log} 2>&1"
