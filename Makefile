@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 study: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" snakemake --profile workflow/profiles/default --cores $(CORES)
-	@cat results/report/models.md
+	@cat results/report/models.md results/report/training.md
 
 test: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" python -m pytest -q $(PYTEST_ARGS)
@@ -41,4 +41,4 @@ lint: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" snakemake --lint --cores 1
 
 clean-results:
-	rm -rf results/data results/tokenizer results/models results/eval results/report results/logs results/benchmarks results/diagnose
+	rm -rf results/data results/tokenizer results/models results/eval results/report results/logs results/benchmarks results/diagnose results/train

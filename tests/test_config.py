@@ -16,6 +16,7 @@ def cfg(repo: Path) -> dict:
 def test_shipped_configs_are_valid(repo: Path, cfg):
     validate_config(cfg)
     validate_config(yaml.safe_load((repo / "tests/config/smoke.yaml").read_text()))
+    validate_config(yaml.safe_load((repo / "config/full_methods.yaml").read_text()))
 
 
 def test_defaults_are_filled(cfg):

@@ -44,7 +44,8 @@ def test_ranks_take_disjoint_shares_of_the_same_draw_and_sample_with_their_own_s
     whole = train.sample(tr, t=3)[0]
     parts = [train.sample(train.dataclasses.replace(tr, dist=distributed.Context(r, 2)), t=3)[0] for r in range(2)]
     assert parts[0].ids + parts[1].ids == whole.ids and not set(parts[0].ids) & set(parts[1].ids)
-    assert seeds == [5 + 3, 5 + 3, 5 + 3 + distributed.RANK_SEED]  # rank 0 samples as one process does
+    base = 5 * train.STEP_SEED + 3
+    assert seeds == [base, base, base + distributed.RANK_SEED]  # rank 0 samples as one process does
     # rank 0's rollouts are those of the single process on its share
     assert torch.equal(parts[0].tensors["tokens_N"], train.sample(
         with_flags(tr, prompts_per_step=2), t=3)[0].tensors["tokens_N"])

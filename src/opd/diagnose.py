@@ -159,7 +159,10 @@ def main(argv: list[str] | None = None) -> None:
     from opd import tracking
 
     tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
-    sigma2 = args.sigma2 if args.sigma2 in ("residual", "mad") else float(args.sigma2)
+    try:
+        sigma2 = args.sigma2 if args.sigma2 in ("residual", "mad") else float(args.sigma2)
+    except ValueError:
+        raise SystemExit(f"--sigma2: expected residual, mad or a number, got {args.sigma2!r}") from None
     rule = {"lam": args.release_lambda, "min_segments": args.min_segments,
             "min_prefix_segments": args.min_prefix_segments, "sigma2": sigma2}
     prof, released, summary = {}, {}, []

@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> None:
             run.log_artifact(write_outputs(result, task, args.out_dir))
         run.log_metrics({**metrics, "seconds": time.time() - start})
     if args.train_dir is not None:  # the scores of a trained student belong with its training run too
-        with tracking.run(args.study, "train", run_id=training_run_id(args.train_dir)) as train_run:
-            train_run.log_metrics({f"eval.{t}.accuracy": score(result, t)[0] for t in args.tasks})
+        tracking.log_to_run(training_run_id(args.train_dir),
+                            {f"eval.{t}.accuracy": score(result, t)[0] for t in args.tasks})
     print(json.dumps({"model": args.model_name, **metrics}))
 
 

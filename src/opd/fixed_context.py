@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--selectors", nargs="+", default=list(SELECTORS), choices=SELECTORS, help="selectors")
     p.add_argument("--ratio", type=float, default=0.04, help="budget ρ (fraction of positions)")
     p.add_argument("--steps", type=int, default=5, help="τ: OPD steps on the bank")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the τ steps")
+    p.add_argument("--lr", type=float, default=2e-5, help="Adam learning rate of the τ steps")
     p.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range ε")
     p.add_argument("--mode", choices=["exact", "topk"], default=None, help="signal mode (default: exact if possible)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random selector and of training")

@@ -42,7 +42,8 @@ class Rollouts:
         return cls(ids, tensors, meta)
 
     def fingerprint(self) -> str:
-        return store.fingerprint(self.ids, self.tensors["offsets_B1"], self.tensors["tokens_N"])
+        t = self.tensors
+        return store.fingerprint(self.ids, t["offsets_B1"], t["tokens_N"], t["prompt_offsets_B1"], t["prompt_tokens_P"])
 
     def sequences(self) -> list[tuple[list[int], list[int]]]:
         """(prompt ids, response ids) per rollout."""
@@ -121,10 +122,12 @@ def generate_vllm(model_dir: Path, prompts: list[list[int]], K: int, temperature
     """
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, enforce_eager=True,
+    # The engine is seeded once; a per-request SamplingParams seed would give every copy of a repeated
+    # prompt the same generator, hence identical samples. max_logprobs defaults to 20 < K = 32.
+    llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, enforce_eager=True, max_logprobs=max(K, 20),
               gpu_memory_utilization=memory_fraction, max_model_len=max(map(len, prompts)) + max_new_tokens)
     params = SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                            max_tokens=max_new_tokens, seed=seed, logprobs=K)
+                            max_tokens=max_new_tokens, logprobs=K)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     responses, logprobs, topk_ids, topk_lps = [], [], [], []
     for out in outs:

@@ -88,11 +88,12 @@ def check_finite(path: Path | str, tensors: dict[str, Tensor], ids: list[str], n
                              f"{flat - int(offsets[seq])}")
 
 
-def fingerprint(ids: list[str], offsets_B1: Tensor, tokens_N: Tensor) -> str:
-    """A hash of what identifies a rollout batch; scores record it to prove which rollouts they score."""
+def fingerprint(ids: list[str], *tensors: Tensor) -> str:
+    """A hash of what identifies a rollout batch (ids, prompts, responses); scores record it to prove
+    which rollouts they score."""
     h = hashlib.sha256(json.dumps(ids).encode())
-    h.update(offsets_B1.to(torch.int64).numpy().tobytes())
-    h.update(tokens_N.to(torch.int64).numpy().tobytes())
+    for t in tensors:
+        h.update(t.to(torch.int64).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -106,7 +106,15 @@ def _experiment_id(client, study: str, uri: str) -> str:
     db = _sqlite_path(uri)
     # Keep artifacts beside the database instead of in ./mlruns of whatever directory the job ran in.
     location = (db.parent / "mlartifacts" / study).as_uri() if db else None
-    return client.create_experiment(study, artifact_location=location)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(study, artifact_location=location)
+    except MlflowException:  # another job created it first (server stores take no file lock)
+        exp = client.get_experiment_by_name(study)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 @contextlib.contextmanager
@@ -136,12 +144,22 @@ def run(study: str, rule: str, params: dict[str, Any] | None = None,
         else:
             client.update_run(run_id, status="RUNNING")
     handle = Run(client, run_id, uri)
-    if params:
-        handle.log_params(params)
     status = "FAILED"
     try:
+        if params:
+            handle.log_params(params)
         yield handle
         status = "FINISHED"
     finally:
         with _lock(uri):
             client.set_terminated(handle.run_id, status)
+
+
+def log_to_run(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Add metrics to an existing run without reopening it or changing its status (e.g. a training run)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    with _lock(uri):
+        client = MlflowClient(tracking_uri=uri)
+    Run(client, run_id, uri).log_metrics(metrics, step=step)

@@ -1,7 +1,8 @@
 """On-policy distillation in process: sample from the current student, score with the teacher, mask, update.
 
 Step t (1-based) depends only on (--seed, t) and the student's weights and optimizer state (prompts drawn
-with seed·1_000_003 + t, sampling seeded with seed + t): a resumed run replays an uninterrupted one exactly.
+and sampling both seeded with seed·1_000_003 + t, so different seeds never share a stream): a resumed run
+replays an uninterrupted one exactly.
 Steps call the functions the standalone stages call, so training and the diagnostic study see the same
 numbers. Methods: `full`; another selector of `opd.select` at budget ρ; `release` (tokens before each
 rollout's release point); `release+ta_opd` (ta_opd at budget ρ among pre-release tokens only).
@@ -134,7 +135,7 @@ def sample(tr: Trainer, t: int) -> tuple[Rollouts, list[dict]]:
     tr.student.eval()
     tensors = generate_hf(tr.student, tr.tokenizer, [tr.prompt_ids[i] for i in index], args.top_k,
                           args.temperature, args.top_p, args.max_new_tokens,
-                          seed=args.seed + t + tr.dist.rank * distributed.RANK_SEED, batch_size=args.batch_size)
+                          seed=args.seed * STEP_SEED + t + tr.dist.rank * distributed.RANK_SEED, batch_size=args.batch_size)
     return Rollouts(ids, tensors), [tr.records[i] for i in index]
 
 
@@ -226,7 +227,7 @@ def run_step(tr: Trainer, t: int) -> StepResult:
     rollouts, records = sample(tr, t)
     scores = score_rollouts(tr.teacher, rollouts, args.top_k, args.batch_size,
                             student=tr.student if args.signal_mode == "exact" else None)
-    sig = batch_signals(rollouts.tensors, scores, args.signal_mode)
+    sig = batch_signals(rollouts.tensors, scores, args.signal_mode, args.margin)
     mask_BT, release_B = build_mask(args.method, rollouts, sig, tr.tokenizer, args.ratio, rule_params(args),
                                     seed=args.seed * STEP_SEED + t + tr.dist.rank * distributed.RANK_SEED)
     lr = tr.optimizer.param_groups[0]["lr"]
@@ -362,6 +363,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--checkpoint-every", type=int, default=50, help="steps between checkpoints (and one at the end)")
     a("--batch-size", type=int, default=64, help="sequences per generate() call and per teacher forward")
     a("--seed", type=int, default=0, help="seed of prompt draws, sampling and the random selector")
+    a("--margin", default="top2", help="teacher margin of the release rule (opd.teachability.MARGIN_DEFINITIONS)")
     a("--threads", type=int, default=1, help="torch CPU threads")
     a("--study", default="miniature", help="MLflow experiment name")
     a("--name", default="student", help="run name for tracking (e.g. the student scale and method)")

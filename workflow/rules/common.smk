@@ -71,7 +71,7 @@ def fixed_context_args(wildcards):
 
 def diagnose_args(wildcards):
     d, r = config["diagnose"], config["release"]
-    return (f"--bins {d['bins']} --mode {d['signal_mode']} --margin {d['margin']}"
+    return (f"--bins {d['bins']} --mode {d['signal_mode']} --margin {r['margin']}"
             f" --release-lambda {r['lambda']} --min-segments {r['min_segments']}"
             f" --min-prefix-segments {r['min_prefix_segments']} --sigma2 {r['sigma2']}")
 
@@ -82,7 +82,7 @@ def train_args(wildcards):
     r = config["release"]
     return " ".join(f"--{k.replace('_', '-')} {TRAIN[k]}" for k in keys) + (
         f" --release-lambda {r['lambda']} --min-segments {r['min_segments']}"
-        f" --min-prefix-segments {r['min_prefix_segments']} --sigma2 {r['sigma2']}")
+        f" --min-prefix-segments {r['min_prefix_segments']} --sigma2 {r['sigma2']} --margin {r['margin']}")
 
 
 def train_runs():
