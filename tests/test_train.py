@@ -260,3 +260,18 @@ def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tiny_world, tmp_p
     assert [p.name for p in train.complete_checkpoints(out / "checkpoints")] == ["step_000001"]
     assert train.load_latest_checkpoint(out)["step"] == 1
     assert not (out / "model").exists() and not (out / "metrics.json").exists()
+
+
+def test_changed_flags_restart_afresh_only_when_asked(tiny_world, tmp_path):
+    """A rerun with other flags is refused, unless --restart-if-flags-changed: then the old checkpoints are
+    renamed aside (nothing deleted) and training starts from step 0."""
+    base = ["--student", str(tiny_world["student"]), "--teacher", str(tiny_world["teacher"]),
+            "--prompts", str(tiny_world["prompts"]), "--out-dir", str(tmp_path), "--method", "full",
+            "--steps", "1", "--prompts-per-step", "2", "--samples", "1", "--max-new-tokens", "8",
+            "--top-k", "4", "--checkpoint-every", "1"]
+    train.main(base)
+    with pytest.raises(ValueError, match="other flags \\(lr\\)"):
+        train.main(base + ["--lr", "0.001"])
+    final = train.main(base + ["--lr", "0.001", "--restart-if-flags-changed"])
+    assert final["step"] == 1
+    assert len(list(tmp_path.glob("checkpoints.replaced-*/step_000001/state.json"))) == 1

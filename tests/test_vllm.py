@@ -39,3 +39,14 @@ def test_vllm_matches_hf_greedy(tiny_world, tmp_path, repo):
     assert torch.equal(v["s_topk_ids_NK"].long(), h["s_topk_ids_NK"].long())
     assert torch.allclose(v["s_logprob_N"], h["s_logprob_N"], atol=2e-3)
     assert torch.allclose(v["s_topk_logprobs_NK"], h["s_topk_logprobs_NK"], atol=2e-3)
+
+    # Sampling: copies of one prompt must give different responses (one engine seed, not one per request).
+    (tmp_path / "same.json").write_text(json.dumps([prompts[0]] * 6))
+    proc = subprocess.run([VLLM_PYTHON, str(repo / "tests/vllm_rollout.py"), str(tiny_world["teacher"]),
+                           str(tmp_path / "same.json"), str(K), str(max_new), str(tmp_path / "s.safetensors"), "1.0"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = load_file(str(tmp_path / "s.safetensors"))
+    off = s["offsets_B1"].tolist()
+    responses = {tuple(s["tokens_N"][off[i]:off[i + 1]].tolist()) for i in range(6)}
+    assert len(responses) > 1

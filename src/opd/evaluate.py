@@ -78,7 +78,7 @@ def write_outputs(result: dict, task: str, out_dir: Path) -> Path:
 
 def training_run_id(train_dir: Path) -> str:
     """The MLflow run of an OPD training directory (from its latest complete checkpoint)."""
-    states = sorted(train_dir.glob("checkpoints/step_*/state.json"))
+    states = sorted(train_dir.glob("checkpoints/step_*/state.json"))  # checkpoints.replaced-* are old runs
     if not states:
         raise FileNotFoundError(f"{train_dir}: no complete checkpoint with a state.json")
     return json.loads(states[-1].read_text())["run_id"]

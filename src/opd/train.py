@@ -44,7 +44,7 @@ SIGNAL_MODES = ("exact", "topk")
 STEP_SEED = 1_000_003
 KEEP_CHECKPOINTS = 2
 CHECKPOINT_RE = re.compile(r"step_\d{6}")
-RESUME_EXEMPT = ("threads", "out_dir", "checkpoint_every")  # may change on resumption: same steps
+RESUME_EXEMPT = ("threads", "out_dir", "checkpoint_every", "restart_if_flags_changed")  # may change on resumption
 
 
 @dataclasses.dataclass
@@ -303,9 +303,13 @@ def load_latest_checkpoint(out_dir: Path) -> dict | None:
             "trainer": torch.load(path / "trainer.pt", weights_only=True)}
 
 
+def changed_flags(args: argparse.Namespace, ckpt: dict) -> list[str]:
+    return sorted(k for k, v in _resume_flags(args).items() if ckpt["flags"].get(k) != v)
+
+
 def restore(tr: Trainer, ckpt: dict) -> None:
     """Put a checkpoint's weights, optimizer, scheduler and RNG states back; refuse other flags."""
-    changed = sorted(k for k, v in _resume_flags(tr.args).items() if ckpt["flags"].get(k) != v)
+    changed = changed_flags(tr.args, ckpt)
     if changed:
         raise ValueError(f"{ckpt['path']} was written with other flags ({', '.join(changed)}): "
                          f"use another --out-dir or the same flags")
@@ -363,6 +367,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--checkpoint-every", type=int, default=50, help="steps between checkpoints (and one at the end)")
     a("--batch-size", type=int, default=64, help="sequences per generate() call and per teacher forward")
     a("--seed", type=int, default=0, help="seed of prompt draws, sampling and the random selector")
+    a("--restart-if-flags-changed", action="store_true",
+      help="start afresh (old checkpoints renamed aside) instead of refusing checkpoints made with other flags")
     a("--margin", default="top2", help="teacher margin of the release rule (opd.teachability.MARGIN_DEFINITIONS)")
     a("--threads", type=int, default=1, help="torch CPU threads")
     a("--study", default="miniature", help="MLflow experiment name")
@@ -378,6 +384,11 @@ def main(argv: list[str] | None = None) -> dict:
     with distributed.session() as ctx:  # a process group under torchrun (WORLD_SIZE > 1); else one rank
         tr = setup(args, ctx)
         ckpt = load_latest_checkpoint(args.out_dir)  # every rank reads the same files
+        if ckpt is not None and args.restart_if_flags_changed and changed_flags(args, ckpt):
+            if ctx.main:  # a rerun with new settings (e.g. Snakemake after a config change): keep, set aside
+                (args.out_dir / "checkpoints").rename(args.out_dir / f"checkpoints.replaced-{time.time():.0f}")
+            distributed.barrier(ctx)
+            ckpt = None
         if ckpt is not None:
             restore(tr, ckpt)
         start, metrics = (ckpt["step"], ckpt["metrics"]) if ckpt else (0, {})

@@ -28,7 +28,7 @@ rule train_opd:
         "python -m opd.train --student {params.student_dir} --teacher {params.teacher_dir}"
         " --prompts {input.prompts} --out-dir {params.out_dir} --method {wildcards.method}"
         " --top-k {wildcards.k} --ratio {wildcards.ratio} --seed {wildcards.seed} {params.args}"
-        " --threads {threads} --name {wildcards.student}/{wildcards.method}/K~{wildcards.k}/ratio~{wildcards.ratio}/seed~{wildcards.seed}"
+        " --threads {threads} --restart-if-flags-changed --name {wildcards.student}/{wildcards.method}/K~{wildcards.k}/ratio~{wildcards.ratio}/seed~{wildcards.seed}"
         " --study {params.study} > {log} 2>&1"
 
 
