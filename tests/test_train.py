@@ -275,3 +275,18 @@ def test_changed_flags_restart_afresh_only_when_asked(tiny_world, tmp_path):
     final = train.main(base + ["--lr", "0.001", "--restart-if-flags-changed"])
     assert final["step"] == 1
     assert len(list(tmp_path.glob("checkpoints.replaced-*/step_000001/state.json"))) == 1
+
+
+@pytest.mark.parametrize("loss", ["topk_reverse_kl", "topk_forward_kl", "topk_jsd"])
+def test_distribution_losses_train_a_step(trainer, loss):
+    before = [p.detach().clone() for p in trainer.student.parameters()]
+    out = train.run_step(with_flags(trainer, method="ta_opd", ratio=0.3, loss=loss, aggregation="token_mean"), t=1)
+    assert math.isfinite(out.metrics["loss"]) and out.metrics["loss"] >= -1e-6  # a KL/JSD is never negative
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
+    with_flags(trainer, loss="pg")
+
+
+def test_unknown_loss_is_refused(tiny_world, tmp_path):
+    args = train.parse_args(argv(tiny_world, tmp_path, "--method", "full", "--loss", "mse"))
+    with pytest.raises(ValueError, match="unknown --loss 'mse'; allowed: pg, topk_reverse_kl"):
+        train.check_args(args)

@@ -60,6 +60,24 @@ def opd_loss(new_logprob_N: Tensor, old_logprob_N: Tensor, t_logprob_N: Tensor, 
     return aggregate(ppo_clip_terms(new_logprob_N, old_logprob_N, advantage_N, clip_eps), mask_N, seq_index_N, how)
 
 
+def distribution_loss(kind: str, s_logp_MV: Tensor, rollout_t: dict[str, Tensor], score_t: dict[str, Tensor],
+                      mask_N: Tensor) -> Tensor:
+    """Per-token loss_M of a distribution-matching option at the supervised positions `mask_N`.
+
+    `rollout_t`/`score_t` are the flat stored tensors (opd.rollout / opd.score); `s_logp_MV` the current
+    student's log-probs at the same positions.
+    """
+    if kind == "topk_reverse_kl":
+        return topk_reverse_kl(s_logp_MV, *(t[mask_N].to(s_logp_MV.device) for t in
+                                            (rollout_t["s_topk_ids_NK"], score_t["t_on_s_logprobs_NK"])))
+    ids, lps = (t[mask_N].to(s_logp_MV.device) for t in (score_t["t_topk_ids_NK"], score_t["t_topk_logprobs_NK"]))
+    if kind == "topk_forward_kl":
+        return topk_forward_kl(s_logp_MV, ids, lps)
+    if kind == "topk_jsd":
+        return topk_jsd(s_logp_MV, ids, lps)
+    raise ValueError(f"unknown loss {kind!r}; allowed: pg, {', '.join(DISTRIBUTION_LOSSES)}")
+
+
 def forward_kl_full(t_logp_NV: Tensor, s_logp_NV: Tensor) -> Tensor:
     """KL(p_T ‖ p_S) per position over the full vocabulary (FORWARD KL: teacher first)."""
     return (t_logp_NV.exp() * (t_logp_NV - s_logp_NV)).sum(-1)

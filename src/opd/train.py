@@ -28,7 +28,7 @@ from opd import distributed
 from opd.checkpoint import (_set_rng_states, changed_flags, complete_checkpoints,  # noqa: F401 (re-exported)
                             load_latest_checkpoint, save_checkpoint)
 from opd.io import read_jsonl
-from opd.loss import AGGREGATIONS, opd_loss
+from opd.loss import AGGREGATIONS, DISTRIBUTION_LOSSES, aggregate, distribution_loss, opd_loss
 from opd.release import SIGMA2_ESTIMATES, release_mask
 from opd.rollout import Rollouts, generate_hf
 from opd.score import check_tokenizers, response_logits, score_rollouts
@@ -75,7 +75,8 @@ def check_args(args: argparse.Namespace, world: int = 1) -> None:
         raise ValueError(f"--ratio must be in (0, 1], got {args.ratio}")
     if args.top_k < 2:
         raise ValueError(f"--top-k must be >= 2 (the teacher margin compares two candidates), got {args.top_k}")
-    for flag, allowed in (("aggregation", AGGREGATIONS), ("signal_mode", SIGNAL_MODES)):
+    for flag, allowed in (("aggregation", AGGREGATIONS), ("signal_mode", SIGNAL_MODES),
+                          ("loss", ("pg", *DISTRIBUTION_LOSSES))):
         if getattr(args, flag) not in allowed:
             raise ValueError(f"unknown --{flag.replace('_', '-')} {getattr(args, flag)!r}; "
                              f"allowed: {', '.join(allowed)}")
@@ -183,10 +184,15 @@ def update_step(tr: Trainer, rollouts: Rollouts, scores: dict[str, Tensor], mask
         raise FloatingPointError(f"non-finite student logits at step {step}")
     dev = logits_MV.device
     tokens_M = rollouts.tensors["tokens_N"].long()[mask_N].to(dev)
-    new_logprob_M = torch.log_softmax(logits_MV.float(), -1).gather(-1, tokens_M[:, None])[:, 0]
-    old_logprob_M, t_logprob_M = (x[mask_N].to(dev) for x in (rollouts.tensors["s_logprob_N"], scores["t_logprob_N"]))
-    loss = opd_loss(new_logprob_M, old_logprob_M, t_logprob_M, torch.ones_like(tokens_M, dtype=torch.bool),
-                    args.clip_eps, args.aggregation, seq_index_M.to(dev)) * scale
+    s_logp_MV = torch.log_softmax(logits_MV.float(), -1)
+    if args.loss == "pg":  # the papers' objective
+        new_logprob_M = s_logp_MV.gather(-1, tokens_M[:, None])[:, 0]
+        old_logprob_M, t_logprob_M = (x[mask_N].to(dev) for x in (rollouts.tensors["s_logprob_N"], scores["t_logprob_N"]))
+        loss = opd_loss(new_logprob_M, old_logprob_M, t_logprob_M, torch.ones_like(tokens_M, dtype=torch.bool),
+                        args.clip_eps, args.aggregation, seq_index_M.to(dev)) * scale
+    else:
+        loss_M = distribution_loss(args.loss, s_logp_MV, rollouts.tensors, scores, mask_N)
+        loss = aggregate(loss_M, torch.ones_like(tokens_M, dtype=torch.bool), seq_index_M.to(dev), args.aggregation) * scale
     if not bool(torch.isfinite(loss)):
         raise FloatingPointError(f"non-finite OPD loss ({loss.item()}) at step {step}")
     tr.optimizer.zero_grad(set_to_none=True)
@@ -284,6 +290,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: steps // 20, at least 1)")
     a("--clip-eps", type=float, default=0.2, help="PPO clip range ε")
     a("--aggregation", default="token_mean", help=f"loss aggregation: {' or '.join(AGGREGATIONS)}")
+    a("--loss", default="pg", help=f"pg (the papers: PPO-clip on the sampled-token reverse KL) or "
+      f"{', '.join(DISTRIBUTION_LOSSES)} (on the stored top-K)")
     a("--signal-mode", default="exact", help="teachability signals: exact (paper) or topk (official code)")
     a("--release-lambda", type=float, default=2.0, help="release rule: BIC penalty multiplier λ")
     a("--min-segments", type=int, default=3, help="release rule: fewest segments for a change-point test")

@@ -78,7 +78,7 @@ def diagnose_args(wildcards):
 
 def train_args(wildcards):
     keys = ["steps", "prompts_per_step", "samples", "max_new_tokens", "temperature", "lr", "clip_eps",
-            "aggregation", "signal_mode", "checkpoint_every"]
+            "loss", "aggregation", "signal_mode", "checkpoint_every"]
     r = config["release"]
     return " ".join(f"--{k.replace('_', '-')} {TRAIN[k]}" for k in keys) + (
         f" --release-lambda {r['lambda']} --min-segments {r['min_segments']}"
