@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from opd.io import write_rows_csv
 from opd.rollout import Rollouts
 from opd.score import load_scores
 from opd.signals import BatchSignals, batch_signals, release_indices
@@ -102,13 +103,6 @@ def plot_all(prof: dict[str, dict[str, list[float]]], released: dict[str, list],
     return paths + [out_dir / "release_points.png"]
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def markdown(rows: list[dict], floats: str = ".3f") -> str:
     cols = list(rows[0])
     fmt = lambda v: f"{v:{floats}}" if isinstance(v, float) else str(v)  # noqa: E731
@@ -175,9 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     fixed = read_fixed_context(args.fixed_context, args.students)
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "summary.csv", summary)
-    write_csv(out / "fixed_context.csv", fixed)
-    write_csv(out / "profiles.csv", [{"student": s, "signal": k, **{f"bin{i}": v for i, v in enumerate(vals)}}
+    write_rows_csv(out / "summary.csv", summary)
+    write_rows_csv(out / "fixed_context.csv", fixed)
+    write_rows_csv(out / "profiles.csv", [{"student": s, "signal": k, **{f"bin{i}": v for i, v in enumerate(vals)}}
                                      for s, p in prof.items() for k, vals in p.items()])
     (out / "release_points.json").write_text(json.dumps(released))
     figures = plot_all(prof, released, out)

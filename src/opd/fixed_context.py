@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from opd.io import write_rows_csv
 from opd.loss import forward_kl_full, opd_loss
 from opd.rollout import Rollouts
 from opd.score import load_scores, response_logits
@@ -118,11 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     with tracking.run(args.study, f"fixed_context[{args.name}]", params=vars(args), tags={"model": args.name}) as run:
         rows = run_bank(student, teacher, rollouts, scores, args.selectors, args.ratio, args.steps, args.lr,
                         args.clip_eps, args.seed, args.mode)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_rows_csv(args.out, rows)
         run.log_metrics({f"{r['selector']}.{k}": r[k] for r in rows for k in ("gain_abs", "gain_rel")})
         run.log_artifact(args.out)
     print(json.dumps(rows, indent=1))

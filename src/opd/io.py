@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -33,3 +34,13 @@ def read_jsonl(path: Path | str, required: tuple[str, ...] = ()) -> list[dict]:
     if not records:
         raise DataFileError(f"data file is empty: {path}")
     return records
+
+
+def write_rows_csv(path: Path | str, rows: list[dict]) -> None:
+    """A CSV with one row per dict, columns in the first dict's key order."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
