@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 
-.PHONY: study test test-vllm lint clean-results
+.PHONY: study sweep test test-vllm lint clean-results
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,7 +20,13 @@ $(STAMP): pyproject.toml
 
 study: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" snakemake --profile workflow/profiles/default --cores $(CORES)
-	@cat results/report/models.md results/report/training.md
+	@cat results/report/miniature/models.md results/report/miniature/training.md
+
+# A K x ratio sweep of the miniature study (config/sweep.yaml overlays config/config.yaml).
+sweep: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" snakemake --profile workflow/profiles/default --cores $(CORES) \
+		--configfile config/config.yaml config/sweep.yaml
+	@cat results/report/miniature_sweep/sweep.md
 
 test: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" python -m pytest -q $(PYTEST_ARGS)

@@ -13,10 +13,21 @@ def cfg(repo: Path) -> dict:
     return yaml.safe_load((repo / "config/config.yaml").read_text())
 
 
+def _overlay(base: dict, over: dict) -> dict:
+    """Snakemake's merge of several --configfile's: mappings recursively, anything else replaced."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _overlay(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def test_shipped_configs_are_valid(repo: Path, cfg):
-    validate_config(cfg)
+    validate_config(copy.deepcopy(cfg))
     validate_config(yaml.safe_load((repo / "tests/config/smoke.yaml").read_text()))
-    validate_config(yaml.safe_load((repo / "config/full_methods.yaml").read_text()))
+    for overlay in ("full_methods", "sweep"):
+        merged = _overlay(cfg, yaml.safe_load((repo / f"config/{overlay}.yaml").read_text()))
+        assert merged["models"] == cfg["models"] and merged["study"] == f"miniature_{overlay}"
+        validate_config(merged)
 
 
 def test_defaults_are_filled(cfg):
@@ -58,7 +69,7 @@ def test_out_of_range_named_with_bounds(cfg):
 
 
 def test_unknown_benchmark_lists_allowed(cfg):
-    cfg["evaluation"]["benchmarks"] = ["arith1", "math500"]
+    cfg["evaluation"]["benchmarks"] = ["arith1", "math500", "reverse"]
     msg = _error(cfg)
     assert "evaluation.benchmarks[1]: 'math500' is not allowed" in msg
     assert "'arith5'" in msg and "'reverse'" in msg
@@ -118,9 +129,46 @@ def test_train_students_must_be_students(cfg):
 
 def test_unknown_method_and_bad_ratio_refused(cfg):
     cfg["train"]["methods"] = ["full", "magic"]
-    cfg["train"]["ratio"] = 1.5
+    cfg["train"]["ratio"] = [0.1, 1.5]
     msg = _error(cfg)
     assert "train.methods[1]: 'magic' is not allowed" in msg and "'release+ta_opd'" in msg
-    assert "train.ratio: 1.5 is out of range; allowed: (0, 1]" in msg
-    cfg["train"]["methods"], cfg["train"]["ratio"], cfg["train"]["top_k"] = ["full"], 0.1, 1
-    assert "train.top_k: 1 is out of range; allowed: [2, 1024]" in _error(cfg)
+    assert "train.ratio[1]: 1.5 is out of range; allowed: (0, 1]" in msg
+    cfg["train"]["methods"], cfg["train"]["ratio"], cfg["train"]["top_k"] = ["full"], [0.1], [16, 1]
+    assert "train.top_k[1]: 1 is out of range; allowed: [2, 1024]" in _error(cfg)
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("ratio", [], "train.ratio: [] should be non-empty"),
+    ("top_k", [], "train.top_k: [] should be non-empty"),
+    ("seeds", [], "train.seeds: [] should be non-empty"),
+    ("methods", [], "train.methods: [] should be non-empty"),
+    ("ratio", [0.1, 0.1], "train.ratio: [0.1, 0.1] has non-unique elements"),
+    ("top_k", [8, 16, 8], "train.top_k: [8, 16, 8] has non-unique elements"),
+    ("ratio", [0.0], "train.ratio[0]: 0.0 is out of range; allowed: (0, 1]"),
+    ("ratio", [0.1, 0.1000000001], "train.ratio: values [0.1, 0.1000000001] are not distinct once written"),
+    ("ratio", 0.1, "train.ratio: expected array, got 0.1"),
+])
+def test_bad_grids_refused(cfg, key, value, expected):
+    cfg["train"][key] = value
+    assert expected in _error(cfg)
+
+
+def test_pairs_must_name_defined_distinct_models(cfg):
+    cfg["train"]["pairs"] = [{"teacher": "teacher", "student": "nope"}, {"teacher": "student_s", "student": "student_s"}]
+    msg = _error(cfg)
+    assert "train.pairs[0].student: unknown model 'nope'" in msg
+    assert "train.pairs[1]: teacher and student are both 'student_s'" in msg
+
+
+def test_ood_benchmarks_must_be_benchmarks(cfg):
+    cfg["evaluation"]["ood_benchmarks"] = ["gpqa"]
+    assert "evaluation.ood_benchmarks: 'gpqa' is not in evaluation.benchmarks" in _error(cfg)
+
+
+def test_partial_resources_keep_defaults(cfg):
+    from opd.config import validate_config
+
+    cfg["resources"] = {"train": {"gpu": 1}}
+    out = validate_config(cfg)
+    assert out["resources"]["train"] == {"gpu": 1, "mem_mb": 4000, "runtime": 120}
+    assert out["resources"]["eval"]["gpu"] == 0

@@ -31,13 +31,13 @@ def smoke(tmp_path_factory):
 
 def test_report_has_every_model_and_benchmark(smoke):
     workdir, cfg = smoke
-    with open(workdir / "results/report/models.csv") as fh:
+    with open(workdir / "results/report/smoke/models.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["model"] for r in rows] == list(cfg["models"])
     assert list(rows[0]) == ["model", *cfg["evaluation"]["benchmarks"], "in_domain_avg", "ood"]
     for row in rows:
         assert 0.0 <= float(row["in_domain_avg"]) <= 100.0
-    assert (workdir / "results/report/models.png").stat().st_size > 1000
+    assert (workdir / "results/report/smoke/models.png").stat().st_size > 1000
 
 
 def test_models_load_and_lm_eval_results_are_real(smoke):
@@ -69,8 +69,9 @@ def test_one_finished_mlflow_run_per_job(smoke):
     names = sorted(r.info.run_name for r in runs)
     expected = sorted(["toy_data", "tokenizer", "report", "diagnose"] + [f"sft[{m}]" for m in cfg["models"]]
                       + [f"lm_eval[{m},{t}]" for m in cfg["models"] for t in cfg["evaluation"]["benchmarks"]]
-                      + [f"{stage}[{m}]" for m in students for stage in ("rollout", "score", "fixed_context")]
-                      + ["report_training"]
+                      + [f"rollout[{m}]" for m in students]
+                      + [f"{stage}[teacher/{m}]" for m in students for stage in ("score", "fixed_context")]
+                      + ["report_training", "report_sweep"]
                       + [f"{stage}[{run}]" for run in _train_runs(cfg) for stage in ("train", "lm_eval")])
     assert names == expected
     for run in runs:  # the trained students' scores are attached to their training runs
@@ -93,25 +94,38 @@ def test_second_run_has_nothing_to_do(smoke):
 
 
 def _train_runs(cfg) -> list[str]:
-    t = cfg["train"]
-    students = [m for m, spec in cfg["models"].items() if spec["role"] == "student"]
-    return [f"{s}/{m}/K~{t['top_k']}/ratio~0.1/seed~0" for s in students for m in t["methods"]]
+    """Run ids written out by hand for the smoke grid: full has no ratio, release+ta_opd has two."""
+    assert cfg["train"]["methods"] == ["full", "release+ta_opd"] and cfg["train"]["ratio"] == [0.1, 0.3]
+    return ["teacher/student_s/full/K~4/ratio~1/seed~0", "teacher/student_s/release+ta_opd/K~4/ratio~0.1/seed~0",
+            "teacher/student_s/release+ta_opd/K~4/ratio~0.3/seed~0"]
 
 
 def test_training_report(smoke):
     workdir, cfg = smoke
-    md = (workdir / "results/report/training.md").read_text()
-    for method in ["base", *cfg["train"]["methods"]]:
-        assert f"| {method} |" in md
+    md = (workdir / "results/report/smoke/training.md").read_text()
+    for row in ["base", "full K=4", "release+ta_opd K=4 ρ=0.1", "release+ta_opd K=4 ρ=0.3"]:
+        assert f"| {row} |" in md
     for run in _train_runs(cfg):
         metrics = json.loads((workdir / "results/train" / run / "metrics.json").read_text())
         assert metrics["step"] == cfg["train"]["steps"]
         assert 0.0 < metrics["frac_supervised"] <= 1.0
 
 
+def test_sweep_report(smoke):
+    workdir, _ = smoke
+    md = (workdir / "results/report/smoke/sweep.md").read_text()
+    assert "**release+ta_opd: in-domain avg**" in md and "| K | ρ=0.1 | ρ=0.3 |" in md
+    assert "**full: OOD**" in md and "| K | all |" in md
+    with open(workdir / "results/report/smoke/sweep.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    # 1 point for full + 2 for release+ta_opd, each with an in-domain and an OOD cell
+    assert len(rows) == 6 and {r["ratio"] for r in rows} == {"1", "0.1", "0.3"}
+    assert (workdir / "results/report/smoke/sweep.png").stat().st_size > 1000
+
+
 def test_diagnostic_study_outputs(smoke):
     workdir, cfg = smoke
-    out = workdir / "results/diagnose"
+    out = workdir / "results/report/smoke/diagnose"
     report = (out / "report.md").read_text()
     assert "Fixed-context gain by selector" in report
     for selector in cfg["diagnose"]["fixed_context"]["selectors"]:

@@ -19,7 +19,8 @@ import torch
 
 KEEP_CHECKPOINTS = 2
 CHECKPOINT_RE = re.compile(r"step_\d{6}")
-RESUME_EXEMPT = ("threads", "out_dir", "checkpoint_every", "restart_if_flags_changed")  # may change on resumption
+# May change on resumption: they do not change what is computed (study only names the MLflow experiment).
+RESUME_EXEMPT = ("threads", "out_dir", "checkpoint_every", "restart_if_flags_changed", "study")
 
 
 def _rng_states() -> dict:

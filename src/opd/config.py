@@ -62,6 +62,10 @@ def _fill_defaults(config: Any, schema: dict) -> None:
     for name, sub in schema.get("properties", {}).items():
         if name not in config and "default" in sub:
             config[name] = copy.deepcopy(sub["default"])
+        elif isinstance(config.get(name), dict) and isinstance(sub.get("default"), dict):
+            # A partly given block (e.g. resources.train: {gpu: 1}) keeps the defaults of the keys it omits.
+            for key, value in sub["default"].items():
+                config[name].setdefault(key, copy.deepcopy(value))
         if name in config:
             _fill_defaults(config[name], sub)
     for sub in schema.get("patternProperties", {}).values():
@@ -69,24 +73,59 @@ def _fill_defaults(config: Any, schema: dict) -> None:
             _fill_defaults(value, sub)
 
 
-def _cross_checks(config: dict) -> list[str]:
-    """Rules that span keys: exactly one teacher, and every named model defined."""
-    problems = []
-    models = config.get("models", {})
-    teachers = [n for n, m in models.items() if m.get("role") == "teacher"]
-    if len(teachers) != 1:
-        problems.append(f"models: exactly one model needs role 'teacher', found {len(teachers)} ({teachers})")
-    if not any(m.get("role") == "student" for m in models.values()):
-        problems.append("models: at least one model needs role 'student'")
+def _pair_checks(config: dict) -> list[str]:
+    """Distillation pairs: the one teacher (when no pairs are given) or every named pair, defined and distinct."""
+    models, train = config.get("models", {}), config.get("train", {})
     students = [n for n, m in models.items() if m.get("role") == "student"]
-    for i, name in enumerate(config.get("train", {}).get("students") or []):
+    problems = []
+    if not train.get("pairs"):
+        teachers = [n for n, m in models.items() if m.get("role") == "teacher"]
+        if len(teachers) != 1:
+            problems.append(f"models: exactly one model needs role 'teacher' when train.pairs is not given, "
+                            f"found {len(teachers)} ({teachers})")
+        if not students:
+            problems.append("models: at least one model needs role 'student'")
+    for i, name in enumerate(train.get("students") or []):
         if name not in students:
             problems.append(f"train.students[{i}]: {name!r} is not a student; students: "
                             f"{', '.join(map(repr, students))}")
+    for i, pair in enumerate(train.get("pairs") or []):
+        for side in ("teacher", "student"):
+            if pair[side] not in models:
+                problems.append(f"train.pairs[{i}].{side}: unknown model {pair[side]!r}; defined models: "
+                                f"{', '.join(map(repr, models))}")
+        if pair["teacher"] == pair["student"]:
+            problems.append(f"train.pairs[{i}]: teacher and student are both {pair['teacher']!r}")
+    return problems
+
+
+def _cross_checks(config: dict) -> list[str]:
+    """Rules that span keys: the distillation pairs, every named model defined, grids that stay distinct."""
+    models, train = config.get("models", {}), config.get("train", {})
+    problems = _pair_checks(config)
     for i, name in enumerate(config.get("evaluation", {}).get("models") or []):
         if name not in models:
             problems.append(f"evaluation.models[{i}]: unknown model {name!r}; defined models: "
                             f"{', '.join(map(repr, models))}")
+    evaluation = config.get("evaluation", {})
+    benchmarks = evaluation.get("benchmarks", [])
+    if config.get("data", {}).get("source", "miniature") == "miniature":
+        from opd.toy import BENCHMARKS as WORLD
+
+        for i, name in enumerate(benchmarks):
+            if name not in WORLD:
+                problems.append(f"evaluation.benchmarks[{i}]: {name!r} is not allowed with data.source "
+                                f"'miniature'; allowed values: {', '.join(map(repr, WORLD))}")
+    for key in ("ood_benchmarks", "metrics"):
+        for name in evaluation.get(key, []):
+            if name not in benchmarks:
+                problems.append(f"evaluation.{key}: {name!r} is not in evaluation.benchmarks ({benchmarks})")
+    # Run directories name the ratio in its shortest form ('0.1'), so two values that print alike would
+    # share a directory and overwrite each other's runs.
+    shown = [f"{float(r):g}" for r in train.get("ratio", [])]
+    if len(set(shown)) != len(shown):
+        problems.append(f"train.ratio: values {train['ratio']} are not distinct once written as run paths "
+                        f"({shown})")
     return problems
 
 

@@ -12,32 +12,45 @@ import json
 from pathlib import Path
 
 from opd.evaluate import METRIC
-from opd.toy import IN_DOMAIN, OUT_OF_DOMAIN
+from opd.toy import OUT_OF_DOMAIN
 
 
-def read_score(path: Path, task: str) -> float:
-    """Accuracy of `task` in an lm-eval results file; errors name the file."""
+def read_score(path: Path, task: str, metric: str = METRIC) -> float:
+    """`metric` of `task` in an lm-eval results file; errors name the file."""
     try:
         result = json.loads(Path(path).read_text())
-        return float(result["results"][task][METRIC])
+        return float(result["results"][task][metric])
     except FileNotFoundError:
         raise FileNotFoundError(f"lm-eval results not found: {path}") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path}: not an lm-eval result with {METRIC!r} for task {task!r} ({err!r})") from None
+        raise ValueError(f"{path}: not an lm-eval result with {metric!r} for task {task!r} ({err!r})") from None
 
 
-def build_table(scores: dict[str, dict[str, float]], tasks: list[str]) -> list[dict]:
+def parse_metrics(pairs: list[str]) -> dict[str, str]:
+    """`TASK=METRIC` flags (lm-eval's 'name,filter' metric key) into {task: metric}."""
+    out = {}
+    for item in pairs:
+        task, sep, metric = item.partition("=")
+        if not sep or not task or not metric:
+            raise ValueError(f"--metric {item!r}: expected TASK=METRIC, e.g. ifeval=prompt_level_strict_acc,none")
+        out[task] = metric
+    return out
+
+
+def summary_row(by_task: dict[str, float], tasks: list[str], ood_tasks: list[str]) -> dict[str, float]:
+    """Accuracies in percent plus in_domain_avg (mean of the non-OOD tasks) and ood (mean of the OOD ones)."""
+    row = {t: 100 * by_task[t] for t in tasks}
+    ind = [row[t] for t in tasks if t not in ood_tasks]
+    ood = [row[t] for t in tasks if t in ood_tasks]
+    row["in_domain_avg"] = sum(ind) / len(ind) if ind else float("nan")
+    row["ood"] = sum(ood) / len(ood) if ood else float("nan")
+    return row
+
+
+def build_table(scores: dict[str, dict[str, float]], tasks: list[str],
+                ood_tasks: list[str] = list(OUT_OF_DOMAIN)) -> list[dict]:
     """Rows {model, <task>..., in_domain_avg, ood}; accuracies in percent, averages of what exists."""
-    rows = []
-    for model, by_task in scores.items():
-        row: dict = {"model": model}
-        row.update({t: 100 * by_task[t] for t in tasks})
-        ind = [100 * by_task[t] for t in tasks if t in IN_DOMAIN]
-        ood = [100 * by_task[t] for t in tasks if t in OUT_OF_DOMAIN]
-        row["in_domain_avg"] = sum(ind) / len(ind) if ind else float("nan")
-        row["ood"] = sum(ood) / len(ood) if ood else float("nan")
-        rows.append(row)
-    return rows
+    return [{"model": model, **summary_row(by_task, tasks, ood_tasks)} for model, by_task in scores.items()]
 
 
 def to_markdown(rows: list[dict], columns: list[str]) -> str:
@@ -69,7 +82,7 @@ def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("Miniature world: models before distillation")
+    ax.set_title("Models before distillation")
     ax.legend(fontsize=8, ncols=len(rows))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -81,6 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results-dir", type=Path, required=True, help="holds <model>/<task>.json")
     parser.add_argument("--models", nargs="+", required=True, help="models, in table order")
     parser.add_argument("--tasks", nargs="+", required=True, help="tasks, in column order")
+    parser.add_argument("--ood-tasks", nargs="*", default=list(OUT_OF_DOMAIN),
+                        help="tasks that count as out-of-domain (the rest make the in-domain average)")
+    parser.add_argument("--metric", nargs="*", default=[], metavar="TASK=METRIC",
+                        help=f"lm-eval metric key per task where it is not {METRIC!r}")
     parser.add_argument("--out-md", type=Path, required=True, help="Markdown table to write")
     parser.add_argument("--out-csv", type=Path, required=True, help="CSV table to write")
     parser.add_argument("--out-png", type=Path, required=True, help="bar chart to write")
@@ -89,8 +106,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from opd import tracking
 
-    scores = {m: {t: read_score(args.results_dir / m / f"{t}.json", t) for t in args.tasks} for m in args.models}
-    rows = build_table(scores, args.tasks)
+    metrics = parse_metrics(args.metric)
+    scores = {m: {t: read_score(args.results_dir / m / f"{t}.json", t, metrics.get(t, METRIC)) for t in args.tasks}
+              for m in args.models}
+    rows = build_table(scores, args.tasks, args.ood_tasks)
     columns = ["model", *args.tasks, "in_domain_avg", "ood"]
     args.out_md.parent.mkdir(parents=True, exist_ok=True)
     args.out_md.write_text(to_markdown(rows, columns))

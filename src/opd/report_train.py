@@ -1,7 +1,8 @@
 """The distillation report: per student scale, method × benchmark, mean ± sd over seeds.
 
 Rows: the student before OPD (`base`, results/eval/<student>/) and each method
-(results/train/<student>/<method>/K~k/ratio~r/seed~s/eval/). In-domain average and OOD are computed per
+(results/train/<teacher>/<student>/<method>/K~k/ratio~r/seed~s/eval/, see opd.sweep); with several (K, ratio)
+points in the grid, one row per method and point. In-domain average and OOD are computed per
 seed first, then averaged, so their sd is the spread across seeds. sd is the sample sd (n − 1); with one
 seed it is reported as 0.
 """
@@ -13,18 +14,11 @@ import csv
 import statistics
 from pathlib import Path
 
-from opd.report import read_score
-from opd.toy import IN_DOMAIN, OUT_OF_DOMAIN
+from opd.evaluate import METRIC
+from opd.report import parse_metrics, read_score, summary_row
+from opd.sweep import Run, grid, pair_label
 
-
-def per_seed_row(scores: dict[str, float], tasks: list[str]) -> dict[str, float]:
-    """Accuracies in percent plus in_domain_avg and ood for one evaluated model."""
-    row = {t: 100 * scores[t] for t in tasks}
-    ind = [row[t] for t in tasks if t in IN_DOMAIN]
-    ood = [row[t] for t in tasks if t in OUT_OF_DOMAIN]
-    row["in_domain_avg"] = sum(ind) / len(ind) if ind else float("nan")
-    row["ood"] = sum(ood) / len(ood) if ood else float("nan")
-    return row
+Point = tuple[str, str, str, int, str]  # (teacher, student, method, K, ratio)
 
 
 def mean_sd(rows: list[dict[str, float]]) -> dict[str, tuple[float, float, int]]:
@@ -36,18 +30,35 @@ def mean_sd(rows: list[dict[str, float]]) -> dict[str, tuple[float, float, int]]
     return out
 
 
-def collect(students, methods, seeds, tasks, k, ratio, results: Path) -> dict[str, dict[str, dict]]:
-    """{student: {method or 'base': {column: (mean, sd, n)}}}."""
+def eval_row(eval_dir: Path, tasks: list[str], ood_tasks: list[str], metrics: dict[str, str]) -> dict[str, float]:
+    scores = {t: read_score(eval_dir / f"{t}.json", t, metrics.get(t, METRIC)) for t in tasks}
+    return summary_row(scores, tasks, ood_tasks)
+
+
+def collect_runs(runs: list[Run], tasks: list[str], ood_tasks: list[str], metrics: dict[str, str],
+                 results: Path) -> dict[Point, dict]:
+    """{(teacher, student, method, K, ratio): {column: (mean, sd, n over seeds)}}."""
+    by_point: dict[Point, list[dict]] = {}
+    for r in runs:
+        row = eval_row(results.parent / r.path / "eval", tasks, ood_tasks, metrics)
+        by_point.setdefault((r.teacher, r.student, r.method, r.k, r.ratio), []).append(row)
+    return {point: mean_sd(rows) for point, rows in by_point.items()}
+
+
+def collect(runs: list[Run], tasks, ood_tasks, metrics, results: Path) -> dict[str, dict[str, dict]]:
+    """{pair label: {'base' or method (with K, ratio when the grid has several points): stats}}."""
+    pair_list = list(dict.fromkeys((r.teacher, r.student) for r in runs))
+    points = collect_runs(runs, tasks, ood_tasks, metrics, results)
+    ks, ratios = {p[3] for p in points}, {p[4] for p in points if p[4] != "1"}
+    several = len(ks) > 1 or len(ratios) > 1
     table: dict[str, dict[str, dict]] = {}
-    for student in students:
-        base = {t: read_score(results / "eval" / student / f"{t}.json", t) for t in tasks}
-        table[student] = {"base": mean_sd([per_seed_row(base, tasks)])}
-        for method in methods:
-            rows = []
-            for seed in seeds:
-                d = results / "train" / student / method / f"K~{k}" / f"ratio~{ratio}" / f"seed~{seed}" / "eval"
-                rows.append(per_seed_row({t: read_score(d / f"{t}.json", t) for t in tasks}, tasks))
-            table[student][method] = mean_sd(rows)
+    for teacher, student in pair_list:
+        rows = {"base": mean_sd([eval_row(results / "eval" / student, tasks, ood_tasks, metrics)])}
+        for (t, s, method, k, ratio), stats in points.items():
+            if (t, s) == (teacher, student):
+                name = method if not several else f"{method} K={k}" + ("" if ratio == "1" else f" ρ={ratio}")
+                rows[name] = stats
+        table[pair_label(teacher, student, pair_list)] = rows
     return table
 
 
@@ -96,23 +107,41 @@ def plot(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Tabulate OPD results per student: method x benchmark.")
-    p.add_argument("--students", nargs="+", required=True, help="student names")
+def add_grid_args(p: argparse.ArgumentParser) -> None:
+    """Flags that name the training grid and the benchmarks (shared with opd.report_sweep)."""
+    p.add_argument("--pairs", nargs="+", required=True, metavar="TEACHER:STUDENT", help="distillation pairs")
     p.add_argument("--methods", nargs="+", required=True, help="methods, in row order")
+    p.add_argument("--top-k", nargs="+", type=int, required=True, help="K values of the grid")
+    p.add_argument("--ratios", nargs="+", type=float, required=True, help="selection ratios of the grid")
     p.add_argument("--seeds", nargs="+", type=int, required=True, help="seeds to average over")
     p.add_argument("--tasks", nargs="+", required=True, help="benchmarks, in column order")
-    p.add_argument("--k", type=int, required=True, help="K of the runs")
-    p.add_argument("--ratio", required=True, help="ratio of the runs, as written in their paths")
+    p.add_argument("--ood-tasks", nargs="*", default=["reverse"], help="benchmarks that count as out-of-domain")
+    p.add_argument("--metric", nargs="*", default=[], metavar="TASK=METRIC",
+                   help=f"lm-eval metric key per task where it is not {METRIC!r}")
     p.add_argument("--results", type=Path, default=Path("results"), help="results root")
+    p.add_argument("--study", default="miniature", help="MLflow experiment name")
+
+
+def grid_runs(args: argparse.Namespace) -> list[Run]:
+    pair_list = []
+    for item in args.pairs:
+        teacher, sep, student = item.partition(":")
+        if not sep:
+            raise ValueError(f"--pairs {item!r}: expected TEACHER:STUDENT")
+        pair_list.append((teacher, student))
+    return grid(pair_list, args.methods, args.top_k, args.ratios, args.seeds)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Tabulate OPD results per student: method x benchmark.")
+    add_grid_args(p)
     p.add_argument("--out-md", type=Path, required=True, help="Markdown report")
     p.add_argument("--out-csv", type=Path, required=True, help="CSV (long format)")
     p.add_argument("--out-png", type=Path, required=True, help="figure")
-    p.add_argument("--study", default="miniature", help="MLflow experiment name")
     args = p.parse_args(argv)
     from opd import tracking
 
-    table = collect(args.students, args.methods, args.seeds, args.tasks, args.k, args.ratio, args.results)
+    table = collect(grid_runs(args), args.tasks, args.ood_tasks, parse_metrics(args.metric), args.results)
     columns = [*args.tasks, "in_domain_avg", "ood"]
     args.out_md.parent.mkdir(parents=True, exist_ok=True)
     args.out_md.write_text(markdown(table, columns, len(args.seeds)))

@@ -4,6 +4,7 @@ import re
 
 from snakemake.exceptions import WorkflowError
 
+from opd import sweep
 from opd.config import ConfigError, validate_config
 from opd.toy import BENCHMARKS as WORLD_BENCHMARKS
 
@@ -14,9 +15,11 @@ except ConfigError as err:
 
 TASKS_DIR = Path(workflow.basedir) / "workflow" / "tasks"
 STUDY = config["study"]
+# Jobs read the study name (their MLflow experiment) from the environment, not from params: models, runs
+# and evaluations are shared between studies on the same results/, and a params change would rebuild them.
+os.environ["OPD_STUDY"] = STUDY
 THREADS = config["threads"]
 MODELS = list(config["models"])
-TEACHER = next(n for n, m in config["models"].items() if m["role"] == "teacher")
 STUDENTS = [n for n, m in config["models"].items() if m["role"] == "student"]
 DIAGNOSE_FIGURES = ["margin_reverse_kl", "disagreement", "release_points"]
 BENCHMARKS = config["evaluation"]["benchmarks"]
@@ -24,23 +27,36 @@ EVAL_MODELS = config["evaluation"]["models"] or MODELS
 
 
 TRAIN = config["train"]
-TRAIN_STUDENTS = TRAIN["students"] or STUDENTS
-TRAIN_ID = "{student}/{method}/K~{k}/ratio~{ratio}/seed~{seed}"
+PAIRS = sweep.pairs(config["models"], TRAIN)
+TRAIN_STUDENTS = list(dict.fromkeys(s for _, s in PAIRS))
+TRAIN_ID = "{teacher}/{student}/{method}/K~{k}/ratio~{ratio}/seed~{seed}"
 TRAIN_DIR = "results/train/" + TRAIN_ID
+REPORT_DIR = f"results/report/{STUDY}"
+RES = config["resources"]
 
 
 wildcard_constraints:
     model="|".join(MODELS),
     task="|".join(BENCHMARKS),
-    student="|".join(STUDENTS),
+    teacher="|".join(MODELS),
+    student="|".join(MODELS),
     method="|".join(re.escape(m) for m in TRAIN["methods"]),
     k=r"\d+",
-    ratio=r"[0-9.]+",
+    ratio=r"[0-9.e-]+",
     seed=r"\d+",
 
 
 def model_dir(model):
     return f"results/models/{model}"
+
+
+def model_file(model):
+    """The file that marks a model as ready: its SFT weights, or the manifest of a hub download."""
+    return f"{model_dir(model)}/" + ("FETCHED.json" if config["models"][model].get("hub") else "model.safetensors")
+
+
+def pair_label(teacher, student):
+    return sweep.pair_label(teacher, student, PAIRS)
 
 
 def sft_args(wildcards):
@@ -85,22 +101,26 @@ def train_args(wildcards):
         f" --min-prefix-segments {r['min_prefix_segments']} --sigma2 {r['sigma2']} --margin {r['margin']}")
 
 
-def train_runs():
-    """One dict of wildcards per training run of the study."""
-    return [dict(student=s, method=m, k=TRAIN["top_k"], ratio=TRAIN["ratio"], seed=seed)
-            for s in TRAIN_STUDENTS for m in TRAIN["methods"] for seed in TRAIN["seeds"]]
-
-
 def trained_evals():
-    return [f"results/train/{r['student']}/{r['method']}/K~{r['k']}/ratio~{r['ratio']}/seed~{r['seed']}"
-            f"/eval/{t}.json" for r in train_runs() for t in BENCHMARKS]
+    return [f"{run.path}/eval/{t}.json" for run in sweep.runs(config["models"], TRAIN) for t in BENCHMARKS]
+
+
+def grid_args():
+    """The flags that tell opd.report_train / opd.report_sweep which runs make the grid."""
+    return (f"--pairs {' '.join(f'{t}:{s}' for t, s in PAIRS)} --methods {' '.join(TRAIN['methods'])}"
+            f" --top-k {' '.join(map(str, TRAIN['top_k']))} --ratios {' '.join(map(str, TRAIN['ratio']))}"
+            f" --seeds {' '.join(map(str, TRAIN['seeds']))} --tasks {' '.join(BENCHMARKS)}")
+
+
+def bench_args():
+    """Which benchmarks are out-of-domain, and the metric read from each lm-eval result."""
+    e = config["evaluation"]
+    metrics = " ".join(f"{t}={m}" for t, m in e["metrics"].items())
+    return f"--ood-tasks {' '.join(e['ood_benchmarks'])}" + (f" --metric {metrics}" if metrics else "")
 
 
 def all_outputs():
-    return [
-        "results/report/training.md",
-        "results/diagnose/report.md",
-        "results/report/models.md",
-        "results/report/models.csv",
-        "results/report/models.png",
-    ]
+    reports = [f"{REPORT_DIR}/{name}" for name in ("models.md", "models.csv", "models.png", "training.md")]
+    if sweep.is_sweep(TRAIN):
+        reports.append(f"{REPORT_DIR}/sweep.md")
+    return [*reports, f"{REPORT_DIR}/diagnose/report.md"]

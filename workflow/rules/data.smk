@@ -7,7 +7,6 @@ rule toy_data:
         sft="results/data/sft.jsonl",
         prompts="results/data/train_prompts.jsonl",
     params:
-        study=STUDY,
         w=config["world"],
         seed=config["seed"],
     log:
@@ -15,7 +14,7 @@ rule toy_data:
     shell:
         "python -m opd.toy --out-dir results/data --n-bench {params.w[n_bench]} --n-sft {params.w[n_sft]}"
         " --n-prompts {params.w[n_prompts]} --max-value {params.w[max_value]}"
-        " --ood-fraction {params.w[ood_fraction]} --seed {params.seed} --study {params.study} > {log} 2>&1"
+        " --ood-fraction {params.w[ood_fraction]} --seed {params.seed} --study $OPD_STUDY > {log} 2>&1"
 
 
 rule tokenizer:
@@ -24,10 +23,9 @@ rule tokenizer:
     output:
         "results/tokenizer/tokenizer.json",
     params:
-        study=STUDY,
         vocab=config["world"]["vocab_size"],
     log:
         "results/logs/tokenizer.log",
     shell:
         "python -m opd.tokenizer --corpus {input} --vocab-size {params.vocab}"
-        " --out-dir results/tokenizer --study {params.study} > {log} 2>&1"
+        " --out-dir results/tokenizer --study $OPD_STUDY > {log} 2>&1"

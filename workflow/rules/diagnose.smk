@@ -1,101 +1,104 @@
 # The diagnostic study on the initial students: rollout -> teacher scoring -> signals, release rule,
-# fixed-context gain -> figures and tables.
+# fixed-context gain -> figures and tables (results/report/<study>/diagnose/). Rollouts are per student,
+# scores and fixed-context gains per (teacher, student) pair; all are shared between studies.
 
 
 rule rollout_initial:
     input:
-        model="results/models/{model}/model.safetensors",
+        model=lambda wc: model_file(wc.model),
         prompts=rules.toy_data.output.prompts,
     output:
         "results/diagnose/{model}/rollouts.safetensors",
     params:
         args=rollout_args,
         model_dir=lambda wc: model_dir(wc.model),
-        study=STUDY,
     threads: THREADS
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=RES["diagnose"]["mem_mb"],
+        runtime=RES["diagnose"]["runtime"],
+        gpu=RES["diagnose"]["gpu"],
     log:
         "results/logs/rollout/{model}.log",
     benchmark:
         "results/benchmarks/rollout/{model}.tsv"
     shell:
         "python -m opd.rollout --model-dir {params.model_dir} --prompts {input.prompts} --out {output}"
-        " {params.args} --threads {threads} --name {wildcards.model} --study {params.study} > {log} 2>&1"
+        " {params.args} --threads {threads} --name {wildcards.model} --study $OPD_STUDY > {log} 2>&1"
 
 
 rule score_initial:
     input:
-        rollouts=rules.rollout_initial.output,
-        teacher=f"results/models/{TEACHER}/model.safetensors",
-        student="results/models/{model}/model.safetensors",
+        rollouts="results/diagnose/{student}/rollouts.safetensors",
+        teacher=lambda wc: model_file(wc.teacher),
+        student=lambda wc: model_file(wc.student),
     output:
-        "results/diagnose/{model}/scores.safetensors",
+        "results/diagnose/{teacher}/{student}/scores.safetensors",
     params:
         k=config["diagnose"]["top_k"],
         teacher_dir=lambda wc, input: os.path.dirname(input.teacher),
         student_dir=lambda wc, input: os.path.dirname(input.student),
-        study=STUDY,
     threads: THREADS
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=RES["diagnose"]["mem_mb"],
+        runtime=RES["diagnose"]["runtime"],
+        gpu=RES["diagnose"]["gpu"],
     log:
-        "results/logs/score/{model}.log",
+        "results/logs/score/{teacher}/{student}.log",
     benchmark:
-        "results/benchmarks/score/{model}.tsv"
+        "results/benchmarks/score/{teacher}/{student}.tsv"
     shell:
         "python -m opd.score --rollouts {input.rollouts} --teacher {params.teacher_dir}"
         " --student {params.student_dir} --out {output} --top-k {params.k} --threads {threads}"
-        " --name {wildcards.model} --study {params.study} > {log} 2>&1"
+        " --name {wildcards.teacher}/{wildcards.student} --study $OPD_STUDY > {log} 2>&1"
 
 
 rule fixed_context:
     input:
-        rollouts=rules.rollout_initial.output,
+        rollouts="results/diagnose/{student}/rollouts.safetensors",
         scores=rules.score_initial.output,
-        teacher=f"results/models/{TEACHER}/model.safetensors",
-        student="results/models/{model}/model.safetensors",
+        teacher=lambda wc: model_file(wc.teacher),
+        student=lambda wc: model_file(wc.student),
     output:
-        "results/diagnose/{model}/fixed_context.csv",
+        "results/diagnose/{teacher}/{student}/fixed_context.csv",
     params:
         args=fixed_context_args,
         teacher_dir=lambda wc, input: os.path.dirname(input.teacher),
         student_dir=lambda wc, input: os.path.dirname(input.student),
-        study=STUDY,
     threads: THREADS
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=RES["diagnose"]["mem_mb"],
+        runtime=RES["diagnose"]["runtime"],
+        gpu=RES["diagnose"]["gpu"],
     log:
-        "results/logs/fixed_context/{model}.log",
+        "results/logs/fixed_context/{teacher}/{student}.log",
     benchmark:
-        "results/benchmarks/fixed_context/{model}.tsv"
+        "results/benchmarks/fixed_context/{teacher}/{student}.tsv"
     shell:
         "python -m opd.fixed_context --rollouts {input.rollouts} --scores {input.scores}"
         " --student {params.student_dir} --teacher {params.teacher_dir} --out {output} {params.args}"
-        " --threads {threads} --name {wildcards.model} --study {params.study} > {log} 2>&1"
+        " --threads {threads} --name {wildcards.teacher}/{wildcards.student} --study $OPD_STUDY > {log} 2>&1"
 
 
 rule diagnose:
     input:
-        rollouts=expand("results/diagnose/{model}/rollouts.safetensors", model=STUDENTS),
-        scores=expand("results/diagnose/{model}/scores.safetensors", model=STUDENTS),
-        fixed=expand("results/diagnose/{model}/fixed_context.csv", model=STUDENTS),
-        tokenizer=rules.tokenizer.output,
+        rollouts=[f"results/diagnose/{s}/rollouts.safetensors" for _, s in PAIRS],
+        scores=[f"results/diagnose/{t}/{s}/scores.safetensors" for t, s in PAIRS],
+        fixed=[f"results/diagnose/{t}/{s}/fixed_context.csv" for t, s in PAIRS],
+        tokenizer=model_file(PAIRS[0][0]),
     output:
-        report="results/diagnose/report.md",
-        summary="results/diagnose/summary.csv",
-        fixed="results/diagnose/fixed_context.csv",
-        figures=expand("results/diagnose/{fig}.png", fig=DIAGNOSE_FIGURES),
+        report=f"{REPORT_DIR}/diagnose/report.md",
+        summary=f"{REPORT_DIR}/diagnose/summary.csv",
+        fixed=f"{REPORT_DIR}/diagnose/fixed_context.csv",
+        figures=expand(f"{REPORT_DIR}/diagnose/{{fig}}.png", fig=DIAGNOSE_FIGURES),
     params:
         args=diagnose_args,
-        students=" ".join(STUDENTS),
+        students=" ".join(pair_label(t, s) for t, s in PAIRS),
+        tokenizer_dir=model_dir(PAIRS[0][0]),
+        out_dir=f"{REPORT_DIR}/diagnose",
         study=STUDY,
     log:
-        "results/logs/diagnose.log",
+        f"results/logs/{STUDY}/diagnose.log",
     shell:
         "python -m opd.diagnose --students {params.students} --rollouts {input.rollouts}"
-        " --scores {input.scores} --fixed-context {input.fixed} --tokenizer results/tokenizer"
-        " --out-dir results/diagnose {params.args} --study {params.study} > {log} 2>&1"
+        " --scores {input.scores} --fixed-context {input.fixed} --tokenizer {params.tokenizer_dir}"
+        " --out-dir {params.out_dir} {params.args} --study {params.study} > {log} 2>&1"

@@ -10,14 +10,14 @@ rule lm_eval:
         json="results/eval/{model}/{task}.json",
         samples="results/eval/{model}/{task}.samples.jsonl",
     params:
-        study=STUDY,
         args=eval_args,
         model_dir=lambda wc: model_dir(wc.model),
         tasks_dir=TASKS_DIR,
     threads: THREADS
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=RES["eval"]["mem_mb"],
+        runtime=RES["eval"]["runtime"],
+        gpu=RES["eval"]["gpu"],
     log:
         "results/logs/lm_eval/{model}/{task}.log",
     benchmark:
@@ -25,4 +25,4 @@ rule lm_eval:
     shell:
         "python -m opd.evaluate --model-dir {params.model_dir} --model-name {wildcards.model}"
         " --tasks {wildcards.task} --include-path {params.tasks_dir} --out-dir results/eval/{wildcards.model}"
-        " {params.args} --threads {threads} --study {params.study} > {log} 2>&1"
+        " {params.args} --threads {threads} --study $OPD_STUDY > {log} 2>&1"

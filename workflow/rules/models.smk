@@ -8,14 +8,14 @@ rule sft_model:
     output:
         "results/models/{model}/model.safetensors",
     params:
-        study=STUDY,
         args=sft_args,
         out_dir=lambda wc: model_dir(wc.model),
         seed=config["seed"],
     threads: THREADS
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=RES["model"]["mem_mb"],
+        runtime=RES["model"]["runtime"],
+        gpu=RES["model"]["gpu"],
     log:
         "results/logs/sft/{model}.log",
     benchmark:
@@ -23,4 +23,4 @@ rule sft_model:
     shell:
         "python -m opd.sft --data {input.data} --tokenizer results/tokenizer --out-dir {params.out_dir}"
         " --name {wildcards.model} {params.args} --seed {params.seed} --threads {threads}"
-        " --study {params.study} > {log} 2>&1"
+        " --study $OPD_STUDY > {log} 2>&1"

@@ -1,21 +1,22 @@
-# The study report: model x benchmark table and figure.
+# The study reports (results/report/<study>/): models before training, the training table, the sweep.
 
 
 rule report_models:
     input:
         expand("results/eval/{model}/{task}.json", model=EVAL_MODELS, task=BENCHMARKS),
     output:
-        md="results/report/models.md",
-        csv="results/report/models.csv",
-        png="results/report/models.png",
+        md=f"{REPORT_DIR}/models.md",
+        csv=f"{REPORT_DIR}/models.csv",
+        png=f"{REPORT_DIR}/models.png",
     params:
         study=STUDY,
         models=" ".join(EVAL_MODELS),
         tasks=" ".join(BENCHMARKS),
+        bench_args=bench_args(),
     log:
-        "results/logs/report_models.log",
+        f"results/logs/{STUDY}/report_models.log",
     shell:
-        "python -m opd.report --results-dir results/eval --models {params.models} --tasks {params.tasks}"
+        "python -m opd.report --results-dir results/eval --models {params.models} --tasks {params.tasks} {params.bench_args}"
         " --out-md {output.md} --out-csv {output.csv} --out-png {output.png} --study {params.study} > {log} 2>&1"
 
 
@@ -24,20 +25,34 @@ rule report_training:
         trained=trained_evals(),
         base=expand("results/eval/{model}/{task}.json", model=TRAIN_STUDENTS, task=BENCHMARKS),
     output:
-        md="results/report/training.md",
-        csv="results/report/training.csv",
-        png="results/report/training.png",
+        md=f"{REPORT_DIR}/training.md",
+        csv=f"{REPORT_DIR}/training.csv",
+        png=f"{REPORT_DIR}/training.png",
     params:
-        students=" ".join(TRAIN_STUDENTS),
-        methods=" ".join(TRAIN["methods"]),
-        seeds=" ".join(map(str, TRAIN["seeds"])),
-        tasks=" ".join(BENCHMARKS),
-        k=TRAIN["top_k"],
-        ratio=TRAIN["ratio"],
+        grid=grid_args(),
+        bench_args=bench_args(),
         study=STUDY,
     log:
-        "results/logs/report_training.log",
+        f"results/logs/{STUDY}/report_training.log",
     shell:
-        "python -m opd.report_train --students {params.students} --methods {params.methods}"
-        " --seeds {params.seeds} --tasks {params.tasks} --k {params.k} --ratio {params.ratio}"
-        " --out-md {output.md} --out-csv {output.csv} --out-png {output.png} --study {params.study} > {log} 2>&1"
+        "python -m opd.report_train {params.grid} {params.bench_args} --study {params.study}"
+        " --out-md {output.md} --out-csv {output.csv} --out-png {output.png} > {log} 2>&1"
+
+
+rule report_sweep:
+    input:
+        trained=trained_evals(),
+        base=expand("results/eval/{model}/{task}.json", model=TRAIN_STUDENTS, task=BENCHMARKS),
+    output:
+        md=f"{REPORT_DIR}/sweep.md",
+        csv=f"{REPORT_DIR}/sweep.csv",
+        png=f"{REPORT_DIR}/sweep.png",
+    params:
+        grid=grid_args(),
+        bench_args=bench_args(),
+        study=STUDY,
+    log:
+        f"results/logs/{STUDY}/report_sweep.log",
+    shell:
+        "python -m opd.report_sweep {params.grid} {params.bench_args} --study {params.study}"
+        " --out-md {output.md} --out-csv {output.csv} --out-png {output.png} > {log} 2>&1"

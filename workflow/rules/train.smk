@@ -1,10 +1,10 @@
-# On-policy distillation of every (student, method, K, ratio, seed), and lm-eval of each final student.
+# On-policy distillation of every (teacher, student, method, K, ratio, seed) of the grid (opd.sweep), and lm-eval of each final student.
 
 
 rule train_opd:
     input:
-        student="results/models/{student}/model.safetensors",
-        teacher=f"results/models/{TEACHER}/model.safetensors",
+        student=lambda wc: model_file(wc.student),
+        teacher=lambda wc: model_file(wc.teacher),
         prompts=rules.toy_data.output.prompts,
     output:
         model=f"{TRAIN_DIR}/model/model.safetensors",
@@ -14,12 +14,12 @@ rule train_opd:
         out_dir=lambda wc, output: os.path.dirname(output.metrics),
         student_dir=lambda wc, input: os.path.dirname(input.student),
         teacher_dir=lambda wc, input: os.path.dirname(input.teacher),
-        study=STUDY,
+        name=lambda wc: TRAIN_ID.format(**dict(wc.items())),
     threads: THREADS
     resources:
-        mem_mb=4000,
-        runtime=120,
-        gpu=0,
+        mem_mb=RES["train"]["mem_mb"],
+        runtime=RES["train"]["runtime"],
+        gpu=RES["train"]["gpu"],
     log:
         f"results/logs/train/{TRAIN_ID}.log",
     benchmark:
@@ -28,8 +28,8 @@ rule train_opd:
         "python -m opd.train --student {params.student_dir} --teacher {params.teacher_dir}"
         " --prompts {input.prompts} --out-dir {params.out_dir} --method {wildcards.method}"
         " --top-k {wildcards.k} --ratio {wildcards.ratio} --seed {wildcards.seed} {params.args}"
-        " --threads {threads} --restart-if-flags-changed --name {wildcards.student}/{wildcards.method}/K~{wildcards.k}/ratio~{wildcards.ratio}/seed~{wildcards.seed}"
-        " --study {params.study} > {log} 2>&1"
+        " --threads {threads} --restart-if-flags-changed --name {params.name}"
+        " --study $OPD_STUDY > {log} 2>&1"
 
 
 rule eval_trained:
@@ -44,17 +44,18 @@ rule eval_trained:
         train_dir=lambda wc, input: os.path.dirname(input.metrics),
         tasks=" ".join(BENCHMARKS),
         tasks_dir=TASKS_DIR,
-        study=STUDY,
+        name=lambda wc: TRAIN_ID.format(**dict(wc.items())),
     threads: THREADS
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=RES["eval"]["mem_mb"],
+        runtime=RES["eval"]["runtime"],
+        gpu=RES["eval"]["gpu"],
     log:
         f"results/logs/eval_trained/{TRAIN_ID}.log",
     benchmark:
         f"results/benchmarks/eval_trained/{TRAIN_ID}.tsv"
     shell:
         "python -m opd.evaluate --model-dir {params.train_dir}/model --model-name"
-        " {wildcards.student}/{wildcards.method}/K~{wildcards.k}/ratio~{wildcards.ratio}/seed~{wildcards.seed}"
+        " {params.name}"
         " --tasks {params.tasks} --include-path {params.tasks_dir} --out-dir {params.train_dir}/eval"
-        " --train-dir {params.train_dir} {params.args} --threads {threads} --study {params.study} > {log} 2>&1"
+        " --train-dir {params.train_dir} {params.args} --threads {threads} --study $OPD_STUDY > {log} 2>&1"
