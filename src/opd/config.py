@@ -73,6 +73,26 @@ def _fill_defaults(config: Any, schema: dict) -> None:
             _fill_defaults(value, sub)
 
 
+ARCH_KEYS = ("hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "steps")
+
+
+def _model_checks(config: dict) -> list[str]:
+    """A hub model takes no architecture keys; a miniature model needs all of them."""
+    problems = []
+    for name, m in config.get("models", {}).items():
+        given = [k for k in ARCH_KEYS if k in m]
+        if m.get("hub") and given:
+            problems.append(f"models.{name}: {', '.join(given)} cannot be set for a hub model ({m['hub']})")
+        elif not m.get("hub"):
+            missing = [k for k in ARCH_KEYS if k not in m]
+            if missing:
+                problems.append(f"models.{name}: missing {', '.join(missing)} (or give `hub` to download a model)")
+            elif config.get("data", {}).get("source", "miniature") != "miniature":
+                problems.append(f"models.{name}: a miniature model (no `hub`) is trained on the miniature world's "
+                                f"SFT data and needs data.source 'miniature'")
+    return problems
+
+
 def _pair_checks(config: dict) -> list[str]:
     """Distillation pairs: the one teacher (when no pairs are given) or every named pair, defined and distinct."""
     models, train = config.get("models", {}), config.get("train", {})
@@ -102,7 +122,7 @@ def _pair_checks(config: dict) -> list[str]:
 def _cross_checks(config: dict) -> list[str]:
     """Rules that span keys: the distillation pairs, every named model defined, grids that stay distinct."""
     models, train = config.get("models", {}), config.get("train", {})
-    problems = _pair_checks(config)
+    problems = _model_checks(config) + _pair_checks(config)
     for i, name in enumerate(config.get("evaluation", {}).get("models") or []):
         if name not in models:
             problems.append(f"evaluation.models[{i}]: unknown model {name!r}; defined models: "

@@ -1,6 +1,8 @@
 # Config validation at load, and the small functions that turn config into rule inputs and params.
+import json
 import os
 import re
+import shlex
 
 from snakemake.exceptions import WorkflowError
 
@@ -13,7 +15,7 @@ try:
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
-TASKS_DIR = Path(workflow.basedir) / "workflow" / "tasks"
+TASKS_DIR = Path(workflow.basedir) / config["evaluation"]["tasks_dir"]
 STUDY = config["study"]
 # Jobs read the study name (their MLflow experiment) from the environment, not from params: models, runs
 # and evaluations are shared between studies on the same results/, and a params change would rebuild them.
@@ -26,6 +28,10 @@ BENCHMARKS = config["evaluation"]["benchmarks"]
 EVAL_MODELS = config["evaluation"]["models"] or MODELS
 
 
+DATA = config["data"]
+PROMPTS = "results/data/train_prompts.jsonl"
+MINIATURE_MODELS = [n for n, m in config["models"].items() if not m.get("hub")]
+HUB_MODELS = [n for n, m in config["models"].items() if m.get("hub")]
 TRAIN = config["train"]
 PAIRS = sweep.pairs(config["models"], TRAIN)
 TRAIN_STUDENTS = list(dict.fromkeys(s for _, s in PAIRS))
@@ -59,6 +65,18 @@ def pair_label(teacher, student):
     return sweep.pair_label(teacher, student, PAIRS)
 
 
+def dapo_args(wildcards):
+    """opd.dapo's source flags: a local copy when data.path is set, else the pinned hub dataset."""
+    if DATA["path"]:
+        return f"--source {shlex.quote(DATA['path'])}"
+    return f"--dataset {DATA['dataset']} --revision {DATA['revision']}"
+
+
+def prompt_args():
+    """How rollouts and training render a prompt (opd.prompts): the miniature template or the chat template."""
+    return f"--prompt-format {DATA['prompt_format']} --" + ("" if DATA["enable_thinking"] else "no-") + "enable-thinking"
+
+
 def sft_args(wildcards):
     """Command-line flags of opd.sft for one model, from its config block."""
     m = config["models"][wildcards.model]
@@ -67,16 +85,36 @@ def sft_args(wildcards):
     return flags + (f" --head-dim {m['head_dim']}" if m["head_dim"] else "")
 
 
+def _kv(items):
+    """KEY=VALUE flags, each shell-quoted; booleans as JSON (true/false) so that they parse back as booleans."""
+    return " ".join(shlex.quote(f"{k}={json.dumps(v) if isinstance(v, bool) else v}") for k, v in items.items())
+
+
 def eval_args(wildcards):
+    """opd.evaluate's flags from the evaluation block (shared by the base and the trained models)."""
     e = config["evaluation"]
-    flags = f"--batch-size {e['batch_size']} --max-gen-toks {e['max_gen_toks']}"
-    return flags + (f" --limit {e['limit']}" if e["limit"] else "")
+    flags = f"--backend {e['backend']} --batch-size {e['batch_size']} --max-gen-toks {e['max_gen_toks']}"
+    flags += f" --include-path {TASKS_DIR}" + (f" --limit {e['limit']}" if e["limit"] else "")
+    flags += " --apply-chat-template" * e["apply_chat_template"] + " --online" * (not e["offline"])
+    if e["model_args"]:
+        flags += f" --model-arg {_kv(e['model_args'])}"
+    if e["gen_kwargs"]:
+        flags += f" --gen-kwarg {_kv(e['gen_kwargs'])}"
+    if e["metrics"]:
+        flags += " --metric " + " ".join(shlex.quote(f"{t}={m}") for t, m in e["metrics"].items())
+    return flags
+
+
+def task_inputs(wildcards):
+    """A miniature-world task needs its data file and YAML; lm-eval's built-ins fetch their own data."""
+    tasks = [wildcards.task] if hasattr(wildcards, "task") else BENCHMARKS
+    return {f"data_{t}": f"results/data/{t}.jsonl" for t in tasks if t in WORLD_BENCHMARKS}
 
 
 def rollout_args(wildcards):
     d = config["diagnose"]
     keys = ["n_prompts", "samples", "top_k", "temperature", "top_p", "max_new_tokens", "backend"]
-    return " ".join(f"--{k.replace('_', '-')} {d[k]}" for k in keys) + f" --seed {config['seed']}"
+    return " ".join(f"--{k.replace('_', '-')} {d[k]}" for k in keys) + f" --seed {config['seed']} {prompt_args()}"
 
 
 def fixed_context_args(wildcards):
@@ -94,9 +132,10 @@ def diagnose_args(wildcards):
 
 def train_args(wildcards):
     keys = ["steps", "prompts_per_step", "samples", "max_new_tokens", "temperature", "lr", "clip_eps",
-            "loss", "aggregation", "signal_mode", "checkpoint_every"]
+            "loss", "aggregation", "signal_mode", "checkpoint_every", "rollout_backend", "device", "dtype",
+            "vllm_memory_fraction"]
     r = config["release"]
-    return " ".join(f"--{k.replace('_', '-')} {TRAIN[k]}" for k in keys) + (
+    return " ".join(f"--{k.replace('_', '-')} {TRAIN[k]}" for k in keys) + f" {prompt_args()}" + (
         f" --release-lambda {r['lambda']} --min-segments {r['min_segments']}"
         f" --min-prefix-segments {r['min_prefix_segments']} --sigma2 {r['sigma2']} --margin {r['margin']}")
 

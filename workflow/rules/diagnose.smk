@@ -6,7 +6,7 @@
 rule rollout_initial:
     input:
         model=lambda wc: model_file(wc.model),
-        prompts=rules.toy_data.output.prompts,
+        prompts=PROMPTS,
     output:
         "results/diagnose/{model}/rollouts.safetensors",
     params:

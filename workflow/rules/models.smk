@@ -1,26 +1,50 @@
-# The miniature world's teacher and students: supervised fine-tuning from random weights.
+# The models: the miniature world's are made by supervised fine-tuning from random weights; hub models
+# (the paper study's Qwen3 pairs) are downloaded, safetensors only.
 
 
-rule sft_model:
-    input:
-        data=rules.toy_data.output.sft,
-        tokenizer=rules.tokenizer.output,
+if MINIATURE_MODELS:
+
+    rule sft_model:
+        input:
+            data=rules.toy_data.output.sft,
+            tokenizer=rules.tokenizer.output,
+        output:
+            "results/models/{model}/model.safetensors",
+        wildcard_constraints:
+            model="|".join(MINIATURE_MODELS) or "^$",
+        params:
+            args=sft_args,
+            out_dir=lambda wc: model_dir(wc.model),
+            seed=config["seed"],
+        threads: THREADS
+        resources:
+            mem_mb=RES["model"]["mem_mb"],
+            runtime=RES["model"]["runtime"],
+            gpu=RES["model"]["gpu"],
+        log:
+            "results/logs/sft/{model}.log",
+        benchmark:
+            "results/benchmarks/sft/{model}.tsv"
+        shell:
+            "python -m opd.sft --data {input.data} --tokenizer results/tokenizer --out-dir {params.out_dir}"
+            " --name {wildcards.model} {params.args} --seed {params.seed} --threads {threads}"
+            " --study $OPD_STUDY > {log} 2>&1"
+
+
+rule fetch_model:
     output:
-        "results/models/{model}/model.safetensors",
+        "results/models/{model}/FETCHED.json",
+    wildcard_constraints:
+        model="|".join(HUB_MODELS) or "^$",
     params:
-        args=sft_args,
+        repo=lambda wc: config["models"][wc.model]["hub"],
+        revision=lambda wc: config["models"][wc.model]["revision"],
         out_dir=lambda wc: model_dir(wc.model),
-        seed=config["seed"],
-    threads: THREADS
     resources:
         mem_mb=RES["model"]["mem_mb"],
         runtime=RES["model"]["runtime"],
-        gpu=RES["model"]["gpu"],
     log:
-        "results/logs/sft/{model}.log",
-    benchmark:
-        "results/benchmarks/sft/{model}.tsv"
+        "results/logs/fetch/{model}.log",
     shell:
-        "python -m opd.sft --data {input.data} --tokenizer results/tokenizer --out-dir {params.out_dir}"
-        " --name {wildcards.model} {params.args} --seed {params.seed} --threads {threads}"
-        " --study $OPD_STUDY > {log} 2>&1"
+        "python -m opd.fetch --repo {params.repo} --revision {params.revision} --out-dir {params.out_dir}"
+        " --name {wildcards.model} --study $OPD_STUDY > {log} 2>&1"

@@ -5,7 +5,7 @@ rule train_opd:
     input:
         student=lambda wc: model_file(wc.student),
         teacher=lambda wc: model_file(wc.teacher),
-        prompts=rules.toy_data.output.prompts,
+        prompts=PROMPTS,
     output:
         model=f"{TRAIN_DIR}/model/model.safetensors",
         metrics=f"{TRAIN_DIR}/metrics.json",
@@ -34,16 +34,15 @@ rule train_opd:
 
 rule eval_trained:
     input:
+        unpack(task_inputs),
         model=rules.train_opd.output.model,
         metrics=rules.train_opd.output.metrics,
-        data=expand("results/data/{task}.jsonl", task=BENCHMARKS),
     output:
         expand(f"{TRAIN_DIR}/eval/{{task}}.json", task=BENCHMARKS, allow_missing=True),
     params:
         args=eval_args,
         train_dir=lambda wc, input: os.path.dirname(input.metrics),
         tasks=" ".join(BENCHMARKS),
-        tasks_dir=TASKS_DIR,
         name=lambda wc: TRAIN_ID.format(**dict(wc.items())),
     threads: THREADS
     resources:
@@ -57,5 +56,5 @@ rule eval_trained:
     shell:
         "python -m opd.evaluate --model-dir {params.train_dir}/model --model-name"
         " {params.name}"
-        " --tasks {params.tasks} --include-path {params.tasks_dir} --out-dir {params.train_dir}/eval"
+        " --tasks {params.tasks} --out-dir {params.train_dir}/eval"
         " --train-dir {params.train_dir} {params.args} --threads {threads} --study $OPD_STUDY > {log} 2>&1"
