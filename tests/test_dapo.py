@@ -179,6 +179,9 @@ def test_hub_path_resolves_revision_to_commit(monkeypatch, tmp_path):
     stats, _ = run(None, tmp_path, revision="main")
     assert seen == {"info": (dapo.HUB_ID, "main"), "load": (dapo.HUB_ID, "train", "a" * 40)}
     assert stats["revision"] == "a" * 40 and stats["source"] == f"{dapo.HUB_ID}@{'a' * 40}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    dapo.main(["--dataset", "someone/DAPO-copy", "--revision", "v1", "--out", str(tmp_path / "p.jsonl")])
+    assert seen == {"info": ("someone/DAPO-copy", "v1"), "load": ("someone/DAPO-copy", "train", "a" * 40)}
     assert (stats["rows_read"], stats["unique_prompts"], stats["written"]) == (10, 4, 3)
 
 

@@ -22,6 +22,7 @@ with the Qwen3 model card's maths instruction, which is also the instruction of 
 original user turn verbatim; `plain` gives the bare problem.
 
 Network. Only `load_hub` touches the network (the hub), and only when no `--source` file is given.
+`--dataset` names another hub copy with the same columns (default: the original above).
 """
 
 from __future__ import annotations
@@ -127,15 +128,15 @@ def iter_file(path: Path) -> Iterator[dict]:
         raise DataFileError(f"{path}: unsupported file type {path.suffix!r} (use .parquet or .jsonl)")
 
 
-def load_hub(revision: str) -> tuple[Iterator[dict], str]:
-    """Rows of the hub dataset at `revision`, and the commit it resolved to (the one network path)."""
+def load_hub(dataset: str, revision: str) -> tuple[Iterator[dict], str]:
+    """Rows of hub dataset `dataset` at `revision`, and the commit it resolved to (the one network path)."""
     import datasets
     from huggingface_hub import HfApi
 
     # Resolve a branch or tag to its commit first and load that commit, so the stats record exactly
     # what was read even when `revision` is "main".
-    sha = HfApi().dataset_info(HUB_ID, revision=revision).sha
-    ds = datasets.load_dataset(HUB_ID, split="train", revision=sha)
+    sha = HfApi().dataset_info(dataset, revision=revision).sha
+    ds = datasets.load_dataset(dataset, split="train", revision=sha)
 
     def rows() -> Iterator[dict]:
         for batch in ds.iter(batch_size=10_000):
@@ -197,13 +198,13 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def prepare(source: Path | None, revision: str, out: Path, stats_path: Path, prompt_column: str,
-            answer_column: str, style: str, on_conflict: str) -> dict:
+            answer_column: str, style: str, on_conflict: str, dataset: str = HUB_ID) -> dict:
     """Read, dedupe and write; returns the stats (also written to `stats_path`)."""
     from opd.toy import write_jsonl
 
     if source is None:
-        rows, resolved = load_hub(revision)
-        name = f"{HUB_ID}@{resolved}"
+        rows, resolved = load_hub(dataset, revision)
+        name = f"{dataset}@{resolved}"
     else:
         rows, resolved, name = iter_file(source), None, str(source)
     entries, n = dedupe(rows, name, prompt_column, answer_column)
@@ -219,8 +220,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Deduplicate DAPO-Math-17k into OPD training prompts.")
     parser.add_argument("--source", type=Path, default=None,
                         help="local .parquet or .jsonl copy of the dataset (offline); default: the hub")
+    parser.add_argument("--dataset", default=HUB_ID,
+                        help="hub id of the dataset (a copy with the same columns); ignored with --source")
     parser.add_argument("--revision", default="main",
-                        help=f"hub revision of {HUB_ID} (branch, tag or commit; pin a commit for the study); "
+                        help="hub revision (branch, tag or commit; pin a commit for the study); "
                              "ignored with --source")
     parser.add_argument("--out", type=Path, required=True, help="the train_prompts.jsonl to write")
     parser.add_argument("--stats", type=Path, default=None,
@@ -242,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with tracking.run(args.study, "dapo_prompts", params=vars(args)) as run:
         stats = prepare(args.source, args.revision, args.out, stats_path, args.prompt_column,
-                        args.answer_column, args.prompt_style, args.on_conflict)
+                        args.answer_column, args.prompt_style, args.on_conflict, args.dataset)
         run.log_metrics({k: stats[k] for k in ("rows_read", "unique_prompts", "duplicate_rows",
                                                 "conflicting_prompts", "written")})
         run.log_artifact(stats_path)
