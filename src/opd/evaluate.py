@@ -32,7 +32,8 @@ def parse_kv(items: list[str], flag: str) -> dict:
 
 def run_lm_eval(model_dir: Path, tasks: list[str], include_path: Path, backend: str, batch_size: int | str,
                 max_gen_toks: int, limit: int | None, device: str, model_args: dict | None = None,
-                gen_kwargs: dict | None = None, apply_chat_template: bool = False, offline: bool = True) -> dict:
+                gen_kwargs: dict | None = None, apply_chat_template: bool = False, offline: bool = True,
+                num_fewshot: int | None = None) -> dict:
     """lm-eval's result dict for a model on `tasks` (one process: start-up dominates on small models)."""
     if offline:  # nothing here may reach the hub, so fail fast instead of hanging
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -57,6 +58,7 @@ def run_lm_eval(model_dir: Path, tasks: list[str], include_path: Path, backend: 
         log_samples=True,
         gen_kwargs={**(gen_kwargs or {}), "max_gen_toks": max_gen_toks},
         apply_chat_template=apply_chat_template,
+        num_fewshot=num_fewshot,
         task_manager=manager,
         bootstrap_iters=1000,
     )
@@ -125,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="extra lm-eval model_args, e.g. max_model_len=32768 enable_thinking=true")
     parser.add_argument("--gen-kwarg", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra lm-eval gen_kwargs, e.g. temperature=0.6 top_p=0.95")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's)")
     parser.add_argument("--apply-chat-template", action="store_true", help="prompt through the chat template")
     parser.add_argument("--online", action="store_true",
                         help="allow hub downloads (built-in tasks' datasets); default: HF offline mode")
@@ -151,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         start = time.time()
         result = run_lm_eval(args.model_dir, args.tasks, args.include_path, args.backend, batch,
                              args.max_gen_toks, args.limit, args.device, parse_kv(args.model_arg, "--model-arg"),
-                             parse_kv(args.gen_kwarg, "--gen-kwarg"), args.apply_chat_template, not args.online)
+                             parse_kv(args.gen_kwarg, "--gen-kwarg"), args.apply_chat_template, not args.online,
+                             args.num_fewshot)
         metrics = {}
         for task in args.tasks:
             acc, stderr, n = score(result, task, task_metric.get(task, METRIC))

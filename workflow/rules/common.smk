@@ -20,6 +20,9 @@ STUDY = config["study"]
 # Jobs read the study name (their MLflow experiment) from the environment, not from params: models, runs
 # and evaluations are shared between studies on the same results/, and a params change would rebuild them.
 os.environ["OPD_STUDY"] = STUDY
+# Jobs in the conda envs of envs/ (--sdm conda) import opd from the source tree, not from an install.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(workflow.basedir) / "src"),
+                                                        os.environ.get("PYTHONPATH")]))
 THREADS = config["threads"]
 MODELS = list(config["models"])
 STUDENTS = [n for n, m in config["models"].items() if m["role"] == "student"]
@@ -36,9 +39,13 @@ TRAIN = config["train"]
 PAIRS = sweep.pairs(config["models"], TRAIN)
 TRAIN_STUDENTS = list(dict.fromkeys(s for _, s in PAIRS))
 TRAIN_ID = "{teacher}/{student}/{method}/K~{k}/ratio~{ratio}/seed~{seed}"
-TRAIN_DIR = "results/train/" + TRAIN_ID
+TRAIN_DIR = f"results/train/{TRAIN_ID}"
 REPORT_DIR = f"results/report/{STUDY}"
 RES = config["resources"]
+# Conda env per rule for --sdm conda (paths relative to workflow/rules/): vLLM only where a job runs it.
+ENV_CORE, ENV_VLLM, ENV_EVAL = "../../envs/core.yaml", "../../envs/vllm.yaml", "../../envs/eval.yaml"
+ENV_ROLLOUT = ENV_VLLM if config["diagnose"]["backend"] == "vllm" else ENV_CORE
+ENV_TRAIN = ENV_VLLM if TRAIN["rollout_backend"] == "vllm" else ENV_CORE
 
 
 wildcard_constraints:
@@ -66,10 +73,10 @@ def pair_label(teacher, student):
 
 
 def dapo_args(wildcards):
-    """opd.dapo's source flags: a local copy when data.path is set, else the pinned hub dataset."""
+    """opd.dapo's source flags: a local copy when data.path is set, else the pinned hub revision."""
     if DATA["path"]:
         return f"--source {shlex.quote(DATA['path'])}"
-    return f"--dataset {DATA['dataset']} --revision {DATA['revision']}"
+    return f"--revision {DATA['revision']}"
 
 
 def prompt_args():
@@ -95,6 +102,7 @@ def eval_args(wildcards):
     e = config["evaluation"]
     flags = f"--backend {e['backend']} --batch-size {e['batch_size']} --max-gen-toks {e['max_gen_toks']}"
     flags += f" --include-path {TASKS_DIR}" + (f" --limit {e['limit']}" if e["limit"] else "")
+    flags += f" --num-fewshot {e['num_fewshot']}" if e["num_fewshot"] is not None else ""
     flags += " --apply-chat-template" * e["apply_chat_template"] + " --online" * (not e["offline"])
     if e["model_args"]:
         flags += f" --model-arg {_kv(e['model_args'])}"
@@ -138,6 +146,12 @@ def train_args(wildcards):
     return " ".join(f"--{k.replace('_', '-')} {TRAIN[k]}" for k in keys) + f" {prompt_args()}" + (
         f" --release-lambda {r['lambda']} --min-segments {r['min_segments']}"
         f" --min-prefix-segments {r['min_prefix_segments']} --sigma2 {r['sigma2']} --margin {r['margin']}")
+
+
+def train_launcher():
+    """One process per GPU: torchrun (DDP, opd.distributed) when a training job asks for several GPUs."""
+    gpus = RES["train"]["gpu"]
+    return f"torchrun --standalone --nproc-per-node {gpus}" if gpus > 1 else "python"
 
 
 def trained_evals():

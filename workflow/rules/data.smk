@@ -12,6 +12,8 @@ if DATA["source"] == "miniature":
         params:
             w=config["world"],
             seed=config["seed"],
+        conda:
+            ENV_CORE
         log:
             "results/logs/toy_data.log",
         shell:
@@ -27,6 +29,8 @@ if DATA["source"] == "miniature":
             "results/tokenizer/tokenizer.json",
         params:
             vocab=config["world"]["vocab_size"],
+        conda:
+            ENV_CORE
         log:
             "results/logs/tokenizer.log",
         shell:
@@ -41,6 +45,8 @@ else:
             stats="results/data/train_prompts.stats.json",
         params:
             args=dapo_args,
+        conda:
+            ENV_CORE
         log:
             "results/logs/dapo_data.log",
         shell:

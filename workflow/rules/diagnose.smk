@@ -17,6 +17,8 @@ rule rollout_initial:
         mem_mb=RES["diagnose"]["mem_mb"],
         runtime=RES["diagnose"]["runtime"],
         gpu=RES["diagnose"]["gpu"],
+    conda:
+        ENV_ROLLOUT
     log:
         "results/logs/rollout/{model}.log",
     benchmark:
@@ -42,6 +44,8 @@ rule score_initial:
         mem_mb=RES["diagnose"]["mem_mb"],
         runtime=RES["diagnose"]["runtime"],
         gpu=RES["diagnose"]["gpu"],
+    conda:
+        ENV_CORE
     log:
         "results/logs/score/{teacher}/{student}.log",
     benchmark:
@@ -69,6 +73,8 @@ rule fixed_context:
         mem_mb=RES["diagnose"]["mem_mb"],
         runtime=RES["diagnose"]["runtime"],
         gpu=RES["diagnose"]["gpu"],
+    conda:
+        ENV_CORE
     log:
         "results/logs/fixed_context/{teacher}/{student}.log",
     benchmark:
@@ -93,9 +99,11 @@ rule diagnose:
     params:
         args=diagnose_args,
         students=" ".join(pair_label(t, s) for t, s in PAIRS),
-        tokenizer_dir=model_dir(PAIRS[0][0]),
-        out_dir=f"{REPORT_DIR}/diagnose",
+        tokenizer_dir=lambda wc, input: os.path.dirname(input.tokenizer),
+        out_dir=lambda wc, output: os.path.dirname(output.report),
         study=STUDY,
+    conda:
+        ENV_CORE
     log:
         f"results/logs/{STUDY}/diagnose.log",
     shell:

@@ -16,6 +16,8 @@ rule lm_eval:
         mem_mb=RES["eval"]["mem_mb"],
         runtime=RES["eval"]["runtime"],
         gpu=RES["eval"]["gpu"],
+    conda:
+        ENV_EVAL
     log:
         "results/logs/lm_eval/{model}/{task}.log",
     benchmark:

@@ -21,6 +21,8 @@ if MINIATURE_MODELS:
             mem_mb=RES["model"]["mem_mb"],
             runtime=RES["model"]["runtime"],
             gpu=RES["model"]["gpu"],
+        conda:
+            ENV_CORE
         log:
             "results/logs/sft/{model}.log",
         benchmark:
@@ -43,6 +45,8 @@ rule fetch_model:
     resources:
         mem_mb=RES["model"]["mem_mb"],
         runtime=RES["model"]["runtime"],
+    conda:
+        ENV_CORE
     log:
         "results/logs/fetch/{model}.log",
     shell:

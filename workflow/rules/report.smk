@@ -13,6 +13,8 @@ rule report_models:
         models=" ".join(EVAL_MODELS),
         tasks=" ".join(BENCHMARKS),
         bench_args=bench_args(),
+    conda:
+        ENV_CORE
     log:
         f"results/logs/{STUDY}/report_models.log",
     shell:
@@ -32,6 +34,8 @@ rule report_training:
         grid=grid_args(),
         bench_args=bench_args(),
         study=STUDY,
+    conda:
+        ENV_CORE
     log:
         f"results/logs/{STUDY}/report_training.log",
     shell:
@@ -51,6 +55,8 @@ rule report_sweep:
         grid=grid_args(),
         bench_args=bench_args(),
         study=STUDY,
+    conda:
+        ENV_CORE
     log:
         f"results/logs/{STUDY}/report_sweep.log",
     shell:

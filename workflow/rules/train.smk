@@ -15,17 +15,20 @@ rule train_opd:
         student_dir=lambda wc, input: os.path.dirname(input.student),
         teacher_dir=lambda wc, input: os.path.dirname(input.teacher),
         name=lambda wc: TRAIN_ID.format(**dict(wc.items())),
+        launcher=train_launcher(),
     threads: THREADS
     resources:
         mem_mb=RES["train"]["mem_mb"],
         runtime=RES["train"]["runtime"],
         gpu=RES["train"]["gpu"],
+    conda:
+        ENV_TRAIN
     log:
         f"results/logs/train/{TRAIN_ID}.log",
     benchmark:
         f"results/benchmarks/train/{TRAIN_ID}.tsv"
     shell:
-        "python -m opd.train --student {params.student_dir} --teacher {params.teacher_dir}"
+        "{params.launcher} -m opd.train --student {params.student_dir} --teacher {params.teacher_dir}"
         " --prompts {input.prompts} --out-dir {params.out_dir} --method {wildcards.method}"
         " --top-k {wildcards.k} --ratio {wildcards.ratio} --seed {wildcards.seed} {params.args}"
         " --threads {threads} --restart-if-flags-changed --name {params.name}"
@@ -49,6 +52,8 @@ rule eval_trained:
         mem_mb=RES["eval"]["mem_mb"],
         runtime=RES["eval"]["runtime"],
         gpu=RES["eval"]["gpu"],
+    conda:
+        ENV_EVAL
     log:
         f"results/logs/eval_trained/{TRAIN_ID}.log",
     benchmark:
