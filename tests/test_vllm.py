@@ -49,3 +49,100 @@ def test_vllm_matches_hf_greedy(tiny_world, tmp_path, repo):
     off = s["offsets_B1"].tolist()
     responses = {tuple(s["tokens_N"][off[i]:off[i + 1]].tolist()) for i in range(6)}
     assert len(responses) > 1
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (vLLM's engine-core process under the worker), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(stat))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not VLLM_PYTHON, reason="needs OPD_VLLM_PYTHON (run `make test-vllm`)")
+def test_weights_pushed_into_a_live_engine_give_hf_rollouts_of_the_updated_model(tiny_world, tmp_path, monkeypatch):
+    """One engine: greedy rollouts, a weight push, greedy rollouts of the new weights == generate_hf on them;
+    seeded sampling; an error inside the block shuts the worker and its engine process down."""
+    from transformers import AutoModelForCausalLM
+
+    from opd.engine import VllmEngine
+    from opd.rollout import generate_hf
+
+    monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
+    tok, K, max_new = tiny_world["tokenizer"], 4, 16
+    prompts = [tok(f"Question: Start with {i}. Add 3. What is the result?\nAnswer:")["input_ids"] for i in range(6)]
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_world["teacher"])).eval()
+    work = tmp_path / "engine"
+    with pytest.raises(RuntimeError, match="unknown command 'nope'"):
+        with VllmEngine(VLLM_PYTHON, tiny_world["teacher"], work, dtype="float32", max_model_len=64, max_logprobs=K,
+                        memory_fraction=0.1, device=torch.device("cpu")) as eng:
+            before = eng.generate(prompts, K, 0.0, 1.0, max_new, seed=0)
+            with torch.no_grad():
+                gen = torch.Generator().manual_seed(0)
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=gen))
+            eng.push_weights(model)
+            assert (work / "weights" / "model.safetensors").is_file()
+            v = eng.generate(prompts, K, 0.0, 1.0, max_new, seed=0)
+            same = [eng.generate([prompts[0]] * 4, K, 1.0, 1.0, max_new, seed=11) for _ in range(2)]
+            worker, engine_procs = eng.proc, _descendants(eng.proc.pid)
+            eng._call(cmd="nope")
+    assert worker.poll() is not None and engine_procs and not any(map(_alive, engine_procs))
+    assert not work.exists()  # weights and rollouts files deleted with the worker
+
+    h = generate_hf(model, tok, prompts, K, 0.0, 1.0, max_new, seed=0, batch_size=6)
+    first = lambda r: r["s_logprob_N"][r["offsets_B1"][:-1]]  # noqa: E731 (log p of each first response token)
+    assert (first(before) - first(v)).abs().max() > 1e-2  # the push changed the engine's distribution
+    assert torch.equal(v["offsets_B1"], h["offsets_B1"])
+    assert torch.equal(v["tokens_N"].long(), h["tokens_N"].long())
+    assert torch.equal(v["s_topk_ids_NK"].long(), h["s_topk_ids_NK"].long())
+    assert torch.allclose(v["s_logprob_N"], h["s_logprob_N"], atol=2e-3)
+    assert torch.allclose(v["s_topk_logprobs_NK"], h["s_topk_logprobs_NK"], atol=2e-3)
+    # per-request seeds from the step seed: the same call replays, copies of one prompt still differ
+    assert all(torch.equal(same[0][k], same[1][k]) for k in same[0])
+    off = same[0]["offsets_B1"].tolist()
+    assert len({tuple(same[0]["tokens_N"][off[i]:off[i + 1]].tolist()) for i in range(4)}) > 1
+
+
+@pytest.mark.skipif(not VLLM_PYTHON, reason="needs OPD_VLLM_PYTHON (run `make test-vllm`)")
+def test_training_with_vllm_rollouts_pushes_weights_every_step(tiny_world, tmp_path, monkeypatch):
+    from opd import engine, train
+
+    monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    pushes, real = [], engine.VllmEngine.push_weights
+
+    def spy(self, model):
+        pushes.append(self.proc)
+        return real(self, model)
+
+    monkeypatch.setattr(engine.VllmEngine, "push_weights", spy)
+    out = tmp_path / "out"
+    final = train.main(["--student", str(tiny_world["student"]), "--teacher", str(tiny_world["teacher"]),
+                        "--prompts", str(tiny_world["prompts"]), "--out-dir", str(out), "--method", "ta_opd",
+                        "--ratio", "0.3", "--steps", "2", "--top-k", "4", "--prompts-per-step", "2", "--samples", "2",
+                        "--max-new-tokens", "12", "--lr", "1e-3", "--study", "test_vllm", "--rollout-backend", "vllm",
+                        "--vllm-python", VLLM_PYTHON, "--vllm-memory-fraction", "0.1"])
+    assert final["step"] == 2 and all(isinstance(v, (int, float)) for v in final.values())
+    assert json.loads((out / "metrics.json").read_text()) == final
+    assert len(pushes) == 2  # before step 1 (the start weights) and after step 1's update
+    assert pushes[0].poll() is not None  # the worker is gone after training
+    assert not (out / "rollout_weights").exists()

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from opd import store
+from opd.prompts import add_args as add_prompt_args, encode_prompt
 
 KIND, VERSION = "opd-rollouts", 1
 TENSORS = ("offsets_B1", "tokens_N", "s_logprob_N", "s_topk_ids_NK", "s_topk_logprobs_NK",
@@ -99,17 +100,21 @@ def generate_hf(model, tokenizer, prompts: list[list[int]], K: int, temperature:
         P = max(map(len, chunk))
         input_ids_BP = torch.tensor([[pad] * (P - len(p)) + p for p in chunk])  # left padding
         attn_BP = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in chunk])
-        out = model.generate(input_ids=input_ids_BP, attention_mask=attn_BP, generation_config=config)
+        out = model.generate(input_ids=input_ids_BP.to(model.device), attention_mask=attn_BP.to(model.device),
+                             generation_config=config)
         seq_BT = out.sequences[:, P:]
-        # Raw logits (before temperature/top-p) = the student's own distribution p_S.
+        # Raw logits (before temperature/top-p) = the student's own distribution p_S. The [B, T, V]
+        # reductions run where the model is; only the per-token results come back to the CPU.
         logp_BTV = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)
         top_BTK = logp_BTV.topk(K, dim=-1)
+        logprob_BT = logp_BTV.gather(-1, seq_BT[..., None])[..., 0].cpu()
+        seq_BT, top_ids_BTK, top_lps_BTK = seq_BT.cpu(), top_BTK.indices.cpu(), top_BTK.values.cpu()
         for b in range(len(chunk)):
             n = _cut_at_eos(seq_BT[b], eos)
             responses.append(seq_BT[b, :n].tolist())
-            logprobs.append(logp_BTV[b, :n].gather(-1, seq_BT[b, :n, None])[:, 0])
-            topk_ids.append(top_BTK.indices[b, :n])
-            topk_lps.append(top_BTK.values[b, :n])
+            logprobs.append(logprob_BT[b, :n])
+            topk_ids.append(top_ids_BTK[b, :n])
+            topk_lps.append(top_lps_BTK[b, :n])
     return _pack(prompts, responses, logprobs, topk_ids, topk_lps)
 
 
@@ -129,6 +134,11 @@ def generate_vllm(model_dir: Path, prompts: list[list[int]], K: int, temperature
     params = SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                             max_tokens=max_new_tokens, logprobs=K)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return vllm_outputs_to_tensors(prompts, outs, K)
+
+
+def vllm_outputs_to_tensors(prompts: list[list[int]], outs, K: int) -> dict[str, Tensor]:
+    """vLLM `RequestOutput`s (in prompt order, `logprobs=K`) as the tensors `generate_hf` returns."""
     responses, logprobs, topk_ids, topk_lps = [], [], [], []
     for out in outs:
         comp = out.outputs[0]
@@ -188,6 +198,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--name", default="student", help="model name for tracking")
     p.add_argument("--study", default="miniature", help="MLflow experiment name")
+    add_prompt_args(p)  # the same flags as opd.train: diagnostic and training rollouts see one prompt text
     return p.parse_args(argv)
 
 
@@ -196,20 +207,21 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from opd import tracking
-    from opd.toy import PROMPT_TEMPLATE, is_correct
+    from opd.toy import is_correct
 
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(str(args.model_dir))
     records = [r for r in load_prompts(args.prompts, args.n_prompts) for _ in range(args.samples)]
     ids = [f"{r['id']}#{i % args.samples}" for i, r in enumerate(records)]
-    prompts = [tokenizer(PROMPT_TEMPLATE.format(question=r["question"]))["input_ids"] for r in records]
+    prompt_ids = [encode_prompt(tokenizer, r["question"], args.prompt_format, args.enable_thinking)
+                  for r in records]
     sampling = (args.top_k, args.temperature, args.top_p, args.max_new_tokens, args.seed)
     with tracking.run(args.study, f"rollout[{args.name}]", params=vars(args), tags={"model": args.name}) as run:
         if args.backend == "vllm":
-            tensors = generate_vllm(args.model_dir, prompts, *sampling)
+            tensors = generate_vllm(args.model_dir, prompt_ids, *sampling)
         else:
             model = AutoModelForCausalLM.from_pretrained(str(args.model_dir)).eval()
-            tensors = generate_hf(model, tokenizer, prompts, *sampling, batch_size=args.batch_size)
+            tensors = generate_hf(model, tokenizer, prompt_ids, *sampling, batch_size=args.batch_size)
         texts = [tokenizer.decode(r, skip_special_tokens=True)
                  for _, r in Rollouts(ids, tensors).sequences()]
         correct = [is_correct(t, r["answer"]) for t, r in zip(texts, records)]

@@ -78,22 +78,27 @@ def entropy(logp_NV: Tensor) -> Tensor:
 
 @torch.no_grad()
 def score_batch(teacher, prompts, responses, s_topk_ids_NK: Tensor, K: int, student=None) -> dict[str, Tensor]:
-    """Per-token teacher (and optionally student) quantities for one batch of rollouts."""
-    logp_NV = torch.log_softmax(response_logits(teacher, prompts, responses).float(), dim=-1).cpu()
-    tokens_N = torch.tensor([t for r in responses for t in r])
+    """Per-token teacher (and optionally student) quantities for one batch of rollouts.
+
+    The [N, V] log-softmax and its reductions run on the models' device; only the [N] and [N, K]
+    results come back to the CPU (a GPU would otherwise ship N·V floats per batch).
+    """
+    logp_NV = torch.log_softmax(response_logits(teacher, prompts, responses).float(), dim=-1)
+    dev = logp_NV.device
+    tokens_N = torch.tensor([t for r in responses for t in r], device=dev)
     top = logp_NV.topk(K, dim=-1)
     out = {
         "t_logprob_N": logp_NV.gather(-1, tokens_N[:, None])[:, 0],
-        "t_on_s_logprobs_NK": logp_NV.gather(-1, s_topk_ids_NK.long()),
+        "t_on_s_logprobs_NK": logp_NV.gather(-1, s_topk_ids_NK.long().to(dev)),
         "t_topk_ids_NK": top.indices.to(torch.int32),
         "t_topk_logprobs_NK": top.values,
         "t_entropy_N": entropy(logp_NV),
     }
     if student is not None:
-        s_logp_NV = torch.log_softmax(response_logits(student, prompts, responses).float(), dim=-1).cpu()
-        out["s_on_t_logprobs_NK"] = s_logp_NV.gather(-1, top.indices)
+        s_logp_NV = torch.log_softmax(response_logits(student, prompts, responses).float(), dim=-1)
+        out["s_on_t_logprobs_NK"] = s_logp_NV.gather(-1, top.indices.to(s_logp_NV.device))
         out["s_entropy_N"] = entropy(s_logp_NV)
-    return out
+    return {k: v.cpu() for k, v in out.items()}
 
 
 def score_rollouts(teacher, rollouts: Rollouts, K: int, batch_size: int, student=None) -> dict[str, Tensor]:

@@ -9,6 +9,8 @@ rollout's release point); `release+ta_opd` (ta_opd at budget ρ among pre-releas
 Checkpoints OUT/checkpoints/step_{t:06d}/ (model.pt, trainer.pt, state.json) are written to a hidden
 temporary directory and renamed: a directory under its final name is always complete.
 Under `torchrun --nproc_per_node=N -m opd.train`: data-parallel DDP training, see `opd.distributed`.
+Device and precision (`--device`, `--dtype`): `opd.accel`; rollouts from a persistent vLLM engine
+(`--rollout-backend vllm`): `opd.engine`; prompt text (`--prompt-format`): `opd.prompts`.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import dataclasses
 import json
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from opd import distributed
+from opd import accel, distributed, engine
 from opd.checkpoint import (_set_rng_states, changed_flags, complete_checkpoints,  # noqa: F401 (re-exported)
                             load_latest_checkpoint, save_checkpoint)
 from opd.io import read_jsonl
@@ -34,7 +37,8 @@ from opd.rollout import Rollouts, generate_hf
 from opd.score import check_tokenizers, response_logits, score_rollouts
 from opd.select import SELECTORS, select_mask
 from opd.signals import BatchSignals, batch_signals, release_indices
-from opd.toy import PROMPT_TEMPLATE, is_correct
+from opd.prompts import add_args as add_prompt_args, encode_prompt
+from opd.toy import is_correct
 
 RELEASE_METHODS = ("release", "release+ta_opd")
 METHODS = SELECTORS + RELEASE_METHODS
@@ -55,6 +59,9 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     dist: distributed.Context = distributed.Context()
     ddp: Any = None  # the DDP-wrapped `distributed.MaskedLogits(student)` when world > 1
+    device: torch.device = torch.device("cpu")
+    engine: Any = None  # an `opd.engine.VllmEngine` with --rollout-backend vllm, while training runs
+    rollout_weights_stale: bool = True  # the engine still has weights older than the student's
 
 
 @dataclasses.dataclass
@@ -83,6 +90,8 @@ def check_args(args: argparse.Namespace, world: int = 1) -> None:
     for name in ("steps", "prompts_per_step", "samples", "max_new_tokens", "checkpoint_every", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 < args.vllm_memory_fraction <= 1.0:
+        raise ValueError(f"--vllm-memory-fraction must be in (0, 1], got {args.vllm_memory_fraction}")
     distributed.check_share(args.prompts_per_step, world)
     rule_params(args)
 
@@ -110,14 +119,17 @@ def setup(args: argparse.Namespace, ctx: distributed.Context = distributed.Conte
     tokenizer = AutoTokenizer.from_pretrained(str(args.student))
     check_tokenizers(tokenizer, AutoTokenizer.from_pretrained(str(args.teacher)), str(args.student), str(args.teacher))
     torch.set_num_threads(args.threads)
-    student = AutoModelForCausalLM.from_pretrained(str(args.student))
-    teacher = AutoModelForCausalLM.from_pretrained(str(args.teacher)).eval().requires_grad_(False)
+    device = accel.resolve_device(args.device)
+    # fp32 master weights for the student whatever --dtype says (see opd.accel); a bf16 teacher with bf16.
+    student = AutoModelForCausalLM.from_pretrained(str(args.student), dtype=torch.float32).to(device)
+    teacher = AutoModelForCausalLM.from_pretrained(str(args.teacher), dtype=accel.teacher_dtype(args.dtype))
+    teacher = teacher.to(device).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
-    prompt_ids = [tokenizer(PROMPT_TEMPLATE.format(question=r["question"]))["input_ids"] for r in records]
+    prompt_ids = [encode_prompt(tokenizer, r["question"], args.prompt_format, args.enable_thinking) for r in records]
     ddp = distributed.wrap(student) if ctx.world > 1 else None
-    return Trainer(args, student, teacher, tokenizer, records, prompt_ids, optimizer, scheduler, ctx, ddp)
+    return Trainer(args, student, teacher, tokenizer, records, prompt_ids, optimizer, scheduler, ctx, ddp, device)
 
 
 def sample(tr: Trainer, t: int) -> tuple[Rollouts, list[dict]]:
@@ -128,10 +140,17 @@ def sample(tr: Trainer, t: int) -> tuple[Rollouts, list[dict]]:
     picked = distributed.share(tr.dist, drawn)  # the same draw on every rank: rank r keeps its share
     index = [i for i in picked for _ in range(args.samples)]
     ids = [f"{tr.records[i]['id']}#{j % args.samples}" for j, i in enumerate(index)]
-    tr.student.eval()
-    tensors = generate_hf(tr.student, tr.tokenizer, [tr.prompt_ids[i] for i in index], args.top_k,
-                          args.temperature, args.top_p, args.max_new_tokens,
-                          seed=args.seed * STEP_SEED + t + tr.dist.rank * distributed.RANK_SEED, batch_size=args.batch_size)
+    prompts, seed = [tr.prompt_ids[i] for i in index], args.seed * STEP_SEED + t + tr.dist.rank * distributed.RANK_SEED
+    if tr.engine is not None:  # vLLM: bring the engine up to the current weights first
+        if tr.rollout_weights_stale:
+            tr.engine.push_weights(tr.student)
+            tr.rollout_weights_stale = False
+        tensors = tr.engine.generate(prompts, args.top_k, args.temperature, args.top_p, args.max_new_tokens, seed)
+    else:
+        tr.student.eval()
+        with accel.autocast(tr.device, args.dtype):
+            tensors = generate_hf(tr.student, tr.tokenizer, prompts, args.top_k, args.temperature, args.top_p,
+                                  args.max_new_tokens, seed=seed, batch_size=args.batch_size)
     return Rollouts(ids, tensors), [tr.records[i] for i in index]
 
 
@@ -176,10 +195,11 @@ def update_step(tr: Trainer, rollouts: Rollouts, scores: dict[str, Tensor], mask
     scale = distributed.loss_scale(tr.dist, mask_BT, args.aggregation, f"step {step}: the {args.method!r} mask")
     prompts, responses, keep_N, seq_index_M = supervised_batch(seqs, mask_BT)
     tr.student.train()
-    if tr.ddp is None:
-        logits_MV = response_logits(tr.student, prompts, responses, keep_N)
-    else:  # through DDP's forward: backward then averages the gradients over ranks
-        logits_MV = tr.ddp(prompts, responses, keep_N)
+    with accel.autocast(tr.device, args.dtype):  # the forward only: backward follows autocast's dtypes
+        if tr.ddp is None:
+            logits_MV = response_logits(tr.student, prompts, responses, keep_N)
+        else:  # through DDP's forward: backward then averages the gradients over ranks
+            logits_MV = tr.ddp(prompts, responses, keep_N)
     if not bool(torch.isfinite(logits_MV).all()):
         raise FloatingPointError(f"non-finite student logits at step {step}")
     dev = logits_MV.device
@@ -202,6 +222,7 @@ def update_step(tr: Trainer, rollouts: Rollouts, scores: dict[str, Tensor], mask
         raise FloatingPointError(f"non-finite gradient norm at step {step}")
     tr.optimizer.step()
     tr.scheduler.step()
+    tr.rollout_weights_stale = True
     return loss.item()
 
 
@@ -226,8 +247,9 @@ def run_step(tr: Trainer, t: int) -> StepResult:
     """Training step t: rollouts from the current student, teacher scores, mask, one update."""
     args, start = tr.args, time.perf_counter()
     rollouts, records = sample(tr, t)
-    scores = score_rollouts(tr.teacher, rollouts, args.top_k, args.batch_size,
-                            student=tr.student if args.signal_mode == "exact" else None)
+    with accel.autocast(tr.device, args.dtype):
+        scores = score_rollouts(tr.teacher, rollouts, args.top_k, args.batch_size,
+                                student=tr.student if args.signal_mode == "exact" else None)
     sig = batch_signals(rollouts.tensors, scores, args.signal_mode, args.margin)
     mask_BT, release_B = build_mask(args.method, rollouts, sig, tr.tokenizer, args.ratio, rule_params(args),
                                     seed=args.seed * STEP_SEED + t + tr.dist.rank * distributed.RANK_SEED)
@@ -264,8 +286,10 @@ def train_loop(tr: Trainer, run, start: int, metrics: dict) -> dict:
         run.log_metrics(metrics, step=t)  # on ranks other than 0, a NoRun
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['reverse_kl_all']:.3f}")
         if t % args.checkpoint_every == 0 or t == args.steps:
-            if ctx.main:
-                save_checkpoint(args.out_dir, t, tr, run.run_id, metrics)
+            if ctx.main:  # CPU copies of the states: the checkpoint loads on a machine without a GPU
+                view = types.SimpleNamespace(args=args, student=accel.CpuStateView(tr.student),
+                                             optimizer=accel.CpuStateView(tr.optimizer), scheduler=tr.scheduler)
+                save_checkpoint(args.out_dir, t, view, run.run_id, metrics)
             distributed.barrier(ctx)  # no rank runs ahead of (or exits before) a complete checkpoint
     return metrics
 
@@ -306,6 +330,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--threads", type=int, default=1, help="torch CPU threads")
     a("--study", default="miniature", help="MLflow experiment name")
     a("--name", default="student", help="run name for tracking (e.g. the student scale and method)")
+    accel.add_args(p)
+    add_prompt_args(p)
+    engine.add_args(p)
     return p.parse_args(argv)
 
 
@@ -314,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
     from opd.sft import save
 
     args = parse_args(argv)
-    with distributed.session() as ctx:  # a process group under torchrun (WORLD_SIZE > 1); else one rank
+    with accel.session(args.device) as (ctx, _):  # a process group under torchrun (WORLD_SIZE > 1); else one rank
         tr = setup(args, ctx)
         ckpt = load_latest_checkpoint(args.out_dir)  # every rank reads the same files
         if ckpt is not None and args.restart_if_flags_changed and changed_flags(args, ckpt):
@@ -328,7 +355,8 @@ def main(argv: list[str] | None = None) -> dict:
         distributed.check_same_step(ctx, start, args.out_dir)
         with distributed.main_only(ctx, lambda: tracking.run(
                 args.study, f"train[{args.name}]", params=None if ckpt else vars(args),
-                tags={"model": args.name, "method": args.method}, run_id=ckpt["run_id"] if ckpt else None)) as run:
+                tags={"model": args.name, "method": args.method}, run_id=ckpt["run_id"] if ckpt else None)) as run, \
+                engine.for_trainer(tr):  # a no-op for --rollout-backend hf
             metrics = train_loop(tr, run, start, metrics)
             final = {"step": args.steps, **metrics}
             if ctx.main:
