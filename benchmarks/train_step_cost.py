@@ -17,7 +17,6 @@ import json
 import subprocess
 import sys
 import time
-import types
 
 
 def rss_mb() -> float:
@@ -30,7 +29,7 @@ def build(args):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from opd.rollout import Rollouts
-    from opd.train import Trainer
+    from opd.train import Trainer, parse_args
 
     torch.manual_seed(0)
     cfg = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
@@ -49,8 +48,10 @@ def build(args):
     mask_BT[:, 0] = True  # at least one position per sequence, as the selectors guarantee
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    targs = types.SimpleNamespace(method="bench", clip_eps=0.2, aggregation="token_mean")
-    tr = Trainer(targs, model, None, None, [], [], opt, sched)
+    # The trainer's own flag defaults (loss, dtype, clip range...), so this cannot drift from opd.train.
+    targs = parse_args(["--student", "-", "--teacher", "-", "--prompts", "-", "--out-dir", "-", "--method", "full",
+                        "--dtype", args.dtype, "--device", "cuda" if args.device.startswith("cuda") else "cpu"])
+    tr = Trainer(targs, model, None, None, [], [], opt, sched, device=torch.device(args.device))
     return tr, rollouts, scores, mask_BT
 
 

@@ -20,7 +20,8 @@ import torch
 KEEP_CHECKPOINTS = 2
 CHECKPOINT_RE = re.compile(r"step_\d{6}")
 # May change on resumption: they do not change what is computed (study only names the MLflow experiment).
-RESUME_EXEMPT = ("threads", "out_dir", "checkpoint_every", "restart_if_flags_changed", "study")
+RESUME_EXEMPT = ("threads", "out_dir", "checkpoint_every", "restart_if_flags_changed", "study", "vllm_python",
+                 "vllm_memory_fraction")
 
 
 def _rng_states() -> dict:
@@ -85,8 +86,8 @@ def load_latest_checkpoint(out_dir: Path) -> dict | None:
         return None
     path = done[-1]
     state = json.loads((path / "state.json").read_text())
-    return {**state, "path": path, "model": torch.load(path / "model.pt", weights_only=True),
-            "trainer": torch.load(path / "trainer.pt", weights_only=True)}
+    return {**state, "path": path, "model": torch.load(path / "model.pt", weights_only=True, map_location="cpu"),
+            "trainer": torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")}
 
 
 def changed_flags(args: argparse.Namespace, ckpt: dict) -> list[str]:

@@ -1,7 +1,7 @@
 """Data-parallel OPD under torchrun: torch's DistributedDataParallel over a thin student wrapper.
 
-`torchrun --nproc_per_node=N -m opd.train ...` starts N ranks (gloo: the loop keeps its models on the
-CPU). Each holds the full student and teacher, draws the same global prompts for step t and keeps its
+`torchrun --nproc_per_node=N -m opd.train ...` starts N ranks (gloo on CPU; on GPUs each rank uses
+cuda:LOCAL_RANK and gradients go through nccl, see opd.accel). Each holds the full student and teacher, draws the same global prompts for step t and keeps its
 own disjoint share: prompts [r·P/N, (r+1)·P/N) of the draw (P = --prompts-per-step, divisible by N).
 Rollouts, teacher scores and masks stay local: rank r samples with seed + t + r·RANK_SEED and the
 random selector uses its step seed + r·RANK_SEED (rank 0 = the single-process run), and selectors
