@@ -86,7 +86,9 @@ def plot(tables: dict, base: dict, ks, ratios, path: Path) -> None:
             im = ax.imshow(grid, cmap="RdBu", vmin=base[label][col] - span, vmax=base[label][col] + span)
             for i, row in enumerate(grid):
                 for j, v in enumerate(row):
-                    ax.text(j, i, "—" if math.isnan(v) else f"{v:.1f}", ha="center", va="center", fontsize=7)
+                    dark = not math.isnan(v) and abs(v - base[label][col]) > 0.6 * span  # white on deep colours
+                    ax.text(j, i, "—" if math.isnan(v) else f"{v:.1f}", ha="center", va="center", fontsize=7,
+                            color="white" if dark else "black")
             ax.set_xticks(range(len(cols)), ["all" if c == "1" else c for c in cols], fontsize=7)
             ax.set_yticks(range(len(ks)), [str(k) for k in ks], fontsize=7)
             ax.set_xlabel("ratio ρ", fontsize=7)
