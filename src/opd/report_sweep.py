@@ -102,10 +102,7 @@ def plot(tables: dict, base: dict, ks, ratios, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="K x ratio tables and heatmaps of an OPD sweep.")
-    add_grid_args(p)
-    p.add_argument("--out-md", type=Path, required=True, help="Markdown report")
-    p.add_argument("--out-csv", type=Path, required=True, help="CSV (long format)")
-    p.add_argument("--out-png", type=Path, required=True, help="heatmaps")
+    add_grid_args(p, figure="heatmaps")
     args = p.parse_args(argv)
     from opd import tracking
 

@@ -107,8 +107,11 @@ def plot(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def add_grid_args(p: argparse.ArgumentParser) -> None:
-    """Flags that name the training grid and the benchmarks (shared with opd.report_sweep)."""
+def add_grid_args(p: argparse.ArgumentParser, figure: str = "figure") -> None:
+    """Flags that name the training grid, the benchmarks and the outputs (shared with opd.report_sweep)."""
+    p.add_argument("--out-md", type=Path, required=True, help="Markdown report")
+    p.add_argument("--out-csv", type=Path, required=True, help="CSV (long format)")
+    p.add_argument("--out-png", type=Path, required=True, help=figure)
     p.add_argument("--pairs", nargs="+", required=True, metavar="TEACHER:STUDENT", help="distillation pairs")
     p.add_argument("--methods", nargs="+", required=True, help="methods, in row order")
     p.add_argument("--top-k", nargs="+", type=int, required=True, help="K values of the grid")
@@ -135,9 +138,6 @@ def grid_runs(args: argparse.Namespace) -> list[Run]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Tabulate OPD results per student: method x benchmark.")
     add_grid_args(p)
-    p.add_argument("--out-md", type=Path, required=True, help="Markdown report")
-    p.add_argument("--out-csv", type=Path, required=True, help="CSV (long format)")
-    p.add_argument("--out-png", type=Path, required=True, help="figure")
     args = p.parse_args(argv)
     from opd import tracking
 
