@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 
-.PHONY: study sweep test test-vllm lint clean-results
+.PHONY: study sweep test test-vllm test-slurm lint clean-results
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -42,6 +42,17 @@ $(VLLM_STAMP):
 test-vllm: $(STAMP) $(VLLM_STAMP)
 	OPD_VLLM_PYTHON="$(abspath $(VLLM_VENV))/bin/python" PATH="$(abspath $(VENV))/bin:$$PATH" \
 		python -m pytest -q -m vllm tests/test_vllm.py
+
+# The SLURM profile against a real one-node cluster on this machine (root): start it, run the tests, stop it.
+SLURM_STAMP := $(VENV)/.slurm-plugin-stamp
+$(SLURM_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[slurm]"
+	touch $(SLURM_STAMP)
+
+test-slurm: $(SLURM_STAMP)
+	tests/slurm/start_cluster.sh
+	OPD_SLURM_TEST=1 PATH="$(abspath $(VENV))/bin:$$PATH" python -m pytest -q -m slurm tests/test_slurm.py; \
+		rc=$$?; tests/slurm/stop_cluster.sh; exit $$rc
 
 lint: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" snakemake --lint --cores 1
