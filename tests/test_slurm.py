@@ -296,3 +296,16 @@ def test_preempted_training_is_requeued_and_resumes(tmp_path, profile, cluster, 
     start, total = map(int, re.search(r"opd\[full\]:[^|]*\|[^|]*\|\s*(\d+)/(\d+)", train_log).groups())
     assert total == STEPS and 0 < start < STEPS and start % EVERY == 0, train_log[:2000]
     assert yaml.safe_load((run_dir / "metrics.json").read_text())["step"] == STEPS
+
+
+def test_gpu_request_the_partition_cannot_meet_is_reported(tmp_path, profile):
+    """A rule asking for more GPUs than any node of its partition has: SLURM refuses it at submission
+    (there is no job, so no job log), and snakemake names the rule with SLURM's own message."""
+    proc = _snakemake(tmp_path, "--profile", str(profile), "--retries", "0",
+                      snakefile=REPO / "tests/slurm/gpu.smk", timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "Error in rule needs_gpus:" in log
+    assert "Requested node configuration is not available" in log  # sbatch's error, passed on verbatim
+    assert "-p cpu" in log and "--gpus=4" in log
+    assert not (tmp_path / "needs_gpus.done").exists()
