@@ -3,7 +3,7 @@
 Each seed runs the real trainer (`python -m opd.train`, every flag after `--` passed through), then decodes
 the six miniature benchmarks greedily with the trained student and checks answers with the world's own
 checker (`opd.toy.is_correct`): the same numbers lm-eval reports for these tasks, in seconds instead of a
-minute. Prints one row per seed and the mean ± sd. This is how docs/training.md ("Recipe") was measured.
+minute. Prints one row per seed and the mean ± sd. docs/training.md ("Recipe") was measured this way.
 
     .venv/bin/python benchmarks/recipe_probe.py --student student_l --seeds 0 1 2 -- \\
         --method full --steps 40 --prompts-per-step 64 --samples 1 --loss topk_forward_kl --lr 1e-4
