@@ -90,3 +90,33 @@ def test_torchrun_two_ranks_train_one_model_and_log_one_run(tiny_world, tmp_path
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_id == ckpt["run_id"]
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2]
+
+
+def _nan_on_rank_one(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: only rank 1 has a problem; both must raise, neither may hang."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    ctx = distributed.Context(rank, 2)
+    try:
+        distributed.raise_if_any(ctx, None, "at step 1")  # nobody has a problem: nobody raises
+        distributed.raise_if_any(ctx, "non-finite student logits" if rank == 1 else None, "at step 2")
+        result = "no error"
+    except FloatingPointError as err:
+        result = str(err)
+    finally:
+        dist.destroy_process_group()
+    with open(f"{out}/rank{rank}.txt", "w") as fh:
+        fh.write(result)
+
+
+def test_a_problem_on_one_rank_stops_every_rank(tmp_path):
+    """Non-finite values on one rank stop all ranks at the same step (one alone would hang the others)."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_nan_on_rank_one, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn",
+                       join=True)
+    assert (tmp_path / "rank1.txt").read_text() == "non-finite student logits at step 2 (1 of 2 ranks)"
+    assert (tmp_path / "rank0.txt").read_text() == "non-finite values on another rank at step 2 (1 of 2 ranks)"
+    with pytest.raises(FloatingPointError, match="^non-finite OPD loss at step 3$"):  # one process: no collective
+        distributed.raise_if_any(distributed.Context(), "non-finite OPD loss", "at step 3")

@@ -74,6 +74,24 @@ def session():
         shutdown()
 
 
+def raise_if_any(ctx: Context, problem: str | None, where: str) -> None:
+    """FloatingPointError on every rank when any rank has a `problem` (e.g. non-finite logits).
+
+    One rank raising alone would leave the others blocked in their next collective (DDP's gradient
+    all-reduce) until the backend's timeout: on a cluster, a hung job instead of a failed one. So the
+    ranks agree first (one small all-reduce per step) and then all stop, naming the step.
+    """
+    if ctx.world == 1:
+        if problem:
+            raise FloatingPointError(f"{problem} {where}")
+        return
+    flag = torch.tensor([float(problem is not None)])
+    dist.all_reduce(flag)
+    if flag.item() > 0:
+        raise FloatingPointError(f"{problem or 'non-finite values on another rank'} {where} "
+                                 f"({int(flag.item())} of {ctx.world} ranks)")
+
+
 def check_share(prompts_per_step: int, world: int) -> None:
     if prompts_per_step % world:
         raise ValueError(f"--prompts-per-step {prompts_per_step} is not divisible by the {world} ranks "

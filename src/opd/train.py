@@ -200,8 +200,6 @@ def update_step(tr: Trainer, rollouts: Rollouts, scores: dict[str, Tensor], mask
             logits_MV = response_logits(tr.student, prompts, responses, keep_N)
         else:  # through DDP's forward: backward then averages the gradients over ranks
             logits_MV = tr.ddp(prompts, responses, keep_N)
-    if not bool(torch.isfinite(logits_MV).all()):
-        raise FloatingPointError(f"non-finite student logits at step {step}")
     dev = logits_MV.device
     tokens_M = rollouts.tensors["tokens_N"].long()[mask_N].to(dev)
     s_logp_MV = torch.log_softmax(logits_MV.float(), -1)
@@ -213,8 +211,9 @@ def update_step(tr: Trainer, rollouts: Rollouts, scores: dict[str, Tensor], mask
     else:
         loss_M = distribution_loss(args.loss, s_logp_MV, rollouts.tensors, scores, mask_N)
         loss = aggregate(loss_M, torch.ones_like(tokens_M, dtype=torch.bool), seq_index_M.to(dev), args.aggregation) * scale
-    if not bool(torch.isfinite(loss)):
-        raise FloatingPointError(f"non-finite OPD loss ({loss.item()}) at step {step}")
+    problem = ("non-finite student logits" if not bool(torch.isfinite(logits_MV).all()) else
+               f"non-finite OPD loss ({loss.item()})" if not bool(torch.isfinite(loss)) else None)
+    distributed.raise_if_any(tr.dist, problem, f"at step {step}")  # every rank stops, none hangs
     tr.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(tr.student.parameters(), 1.0)
