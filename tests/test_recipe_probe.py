@@ -1,21 +1,16 @@
 """benchmarks/recipe_probe.py: greedy accuracy with the world's checker, and a 1-step run through the trainer."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("recipe_probe", REPO / "benchmarks" / "recipe_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("recipe_probe")
 
 
 @pytest.fixture(scope="module")

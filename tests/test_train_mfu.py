@@ -1,20 +1,15 @@
 """benchmarks/train_mfu.py: the FLOPs formula by hand, and a tiny CPU run of the real OPD update."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("train_mfu", REPO / "benchmarks" / "train_mfu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_mfu")
 
 
 def test_flops_formula_by_hand(bench):
