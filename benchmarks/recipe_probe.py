@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-TASKS = ("arith1", "arith2", "arith3", "arith4", "arith5", "reverse")
+from opd.toy import BENCHMARKS as TASKS, IN_DOMAIN
 
 
 def greedy_accuracy(model_dir: Path, data_dir: Path, max_new_tokens: int = 160) -> dict[str, float]:
@@ -45,7 +45,7 @@ def greedy_accuracy(model_dir: Path, data_dir: Path, max_new_tokens: int = 160) 
                        generate_hf(model, tok, prompts, 2, 0.0, 1.0, max_new_tokens, seed=0, batch_size=100))
         texts = [tok.decode(resp, skip_special_tokens=True) for _, resp in out.sequences()]
         acc[task] = 100.0 * sum(is_correct(t, r["answer"]) for t, r in zip(texts, recs)) / len(recs)
-    acc["in_domain"] = statistics.mean(acc[t] for t in TASKS if t.startswith("arith"))
+    acc["in_domain"] = statistics.mean(acc[t] for t in IN_DOMAIN)
     return acc
 
 
