@@ -12,8 +12,21 @@ if not workflow.overwrite_configfiles:
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/data.smk"
+# The world's own data rules (config world.name): miniature problems + tokenizer, or DAPO-Math prompts.
+include: f"workflow/rules/worlds/{WORLD.name}.smk"
 include: "workflow/rules/models.smk"
+
+wildcard_constraints:
+    model="|".join(MODELS),
+    task="|".join(BENCHMARKS),
+    teacher="|".join(MODELS),
+    student="|".join(MODELS),
+    method="|".join(re.escape(m) for m in TRAIN["methods"]),
+    k=r"\d+",
+    ratio=r"[0-9.e-]+",
+    seed=r"\d+",
+
+
 include: "workflow/rules/diagnose.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/train.smk"

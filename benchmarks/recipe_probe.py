@@ -1,8 +1,8 @@
 """Probe an OPD recipe on the miniature world: train one student over several seeds, print greedy accuracy.
 
-Each seed runs the real trainer (`python -m opd.train`, every flag after `--` passed through), then decodes
+Each seed runs the real trainer (`python -m opd.engines.train`, every flag after `--` passed through), then decodes
 the six miniature benchmarks greedily with the trained student and checks answers with the world's own
-checker (`opd.toy.is_correct`): the same numbers lm-eval reports for these tasks, in seconds instead of a
+checker (`opd.worlds.get("miniature").is_correct`): the same numbers lm-eval reports for these tasks, in seconds instead of a
 minute. Prints one row per seed and the mean ± sd. docs/training.md ("Recipe") was measured this way.
 
     .venv/bin/python benchmarks/recipe_probe.py --student student_l --seeds 0 1 2 -- \\
@@ -22,7 +22,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from opd.toy import BENCHMARKS as TASKS, IN_DOMAIN
+from opd import worlds
+
+WORLD = worlds.get("miniature")
 
 
 def greedy_accuracy(model_dir: Path, data_dir: Path, max_new_tokens: int = 160) -> dict[str, float]:
@@ -30,22 +32,20 @@ def greedy_accuracy(model_dir: Path, data_dir: Path, max_new_tokens: int = 160) 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from opd.io import read_jsonl
-    from opd.prompts import encode_prompt
-    from opd.rollout import Rollouts, generate_hf
-    from opd.toy import is_correct
+    from opd.infra.io import read_jsonl
+    from opd.engines.rollout import Rollouts, generate_hf
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     acc = {}
-    for task in TASKS:
+    for task in WORLD.benchmarks:
         recs = read_jsonl(data_dir / f"{task}.jsonl", required=("question", "answer"))
-        prompts = [encode_prompt(tok, r["question"], "plain", True) for r in recs]
+        prompts = [WORLD.encode_prompt(tok, r["question"], "plain", True) for r in recs]
         out = Rollouts([str(i) for i in range(len(recs))],
                        generate_hf(model, tok, prompts, 2, 0.0, 1.0, max_new_tokens, seed=0, batch_size=100))
         texts = [tok.decode(resp, skip_special_tokens=True) for _, resp in out.sequences()]
-        acc[task] = 100.0 * sum(is_correct(t, r["answer"]) for t, r in zip(texts, recs)) / len(recs)
-    acc["in_domain"] = statistics.mean(acc[t] for t in IN_DOMAIN)
+        acc[task] = 100.0 * sum(WORLD.is_correct(t, r["answer"]) for t, r in zip(texts, recs)) / len(recs)
+    acc["in_domain"] = statistics.mean(acc[t] for t in WORLD.in_domain)
     return acc
 
 
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for seed in args.seeds:
         out = args.out_root / args.name / f"seed~{seed}"
-        cmd = [sys.executable, "-m", "opd.train", "--student", str(args.models / args.student),
-               "--teacher", str(args.models / args.teacher), "--prompts", str(args.data / "train_prompts.jsonl"),
+        cmd = [sys.executable, "-m", "opd.engines.train", "--student", str(args.models / args.student),
+               "--teacher", str(args.models / args.teacher), "--world", "miniature", "--prompts", str(args.data / "train_prompts.jsonl"),
                "--out-dir", str(out), "--seed", str(seed), "--study", "probe", "--name", f"{args.name}-{seed}",
                "--restart-if-flags-changed", *train_flags]
         out.parent.mkdir(parents=True, exist_ok=True)

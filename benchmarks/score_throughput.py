@@ -17,7 +17,7 @@ import torch
 
 
 def synthetic_rollouts(vocab: int, n_seq: int, prompt_len: int, resp_len: int, K: int, seed: int):
-    from opd.rollout import Rollouts
+    from opd.engines.rollout import Rollouts
 
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(resp_len // 2, resp_len + 1, (n_seq,), generator=g)
@@ -46,7 +46,7 @@ def main() -> None:
     args = p.parse_args()
     from transformers import AutoModelForCausalLM
 
-    from opd.score import save_scores, score_rollouts
+    from opd.engines.score import save_scores, score_rollouts
 
     torch.set_num_threads(args.threads)
     teacher = AutoModelForCausalLM.from_pretrained(str(args.teacher)).eval()

@@ -1,9 +1,9 @@
 """Throughput and MFU of the OPD update (`opd.train.update_step`) on a Qwen3-0.6B-shaped model.
 
 The step is the trainer's own: the student's logits at the supervised positions only
-(`opd.score.response_logits` with keep_N), the PPO-clip OPD loss of `opd.loss` (`--loss`), gradient
+(`opd.score.response_logits` with keep_N), the PPO-clip OPD loss of `opd.math.loss` (`--loss`), gradient
 clipping, AdamW and the scheduler, under the trainer's precision policy (`--dtype bfloat16`: fp32
-master weights + bf16 autocast, see `opd.accel`). Weights and rollouts are random: throughput does not
+master weights + bf16 autocast, see `opd.engines.accel`). Weights and rollouts are random: throughput does not
 depend on their values. Sequences are `--seq` tokens long, `--prompt-len` of them prompt; `--keep` is
 the supervised fraction of the response positions (1.0 = the `full` method).
 
@@ -45,7 +45,7 @@ def build_model(shape: dict, device: torch.device):
                       head_dim=shape["head_dim"], intermediate_size=shape["intermediate"], tie_word_embeddings=True,
                       max_position_embeddings=40960, pad_token_id=0)
     torch.manual_seed(0)
-    return Qwen3ForCausalLM(cfg).to(device)  # fp32 master weights, as opd.train keeps them
+    return Qwen3ForCausalLM(cfg).to(device)  # fp32 master weights, as opd.engines.train keeps them
 
 
 def non_embedding_params(model) -> int:
@@ -62,16 +62,17 @@ def step_flops(n_params: int, shape: dict, batch: int, seq: int, supervised: int
 
 def build_trainer(args, shape: dict, device: torch.device):
     """A `opd.train.Trainer` around the random model, and a random rollout batch with its mask."""
-    from opd import train
-    from opd.rollout import Rollouts
+    from opd import worlds
+    from opd.engines import train
+    from opd.engines.rollout import Rollouts
 
-    targs = train.parse_args(["--student", "-", "--teacher", "-", "--prompts", "-", "--out-dir", "-",
+    targs = train.parse_args(["--student", "-", "--teacher", "-", "--world", "miniature", "--prompts", "-", "--out-dir", "-",
                               "--method", "full", "--dtype", args.dtype, "--loss", args.loss,
                               "--device", device.type])
     model = build_model(shape, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    tr = train.Trainer(targs, model, None, None, [], [], opt, sched, device=device)
+    tr = train.Trainer(targs, worlds.get("miniature"), model, None, None, [], [], opt, sched, device=device)
     B, P, T = args.batch, args.prompt_len, args.seq - args.prompt_len
     N, K, V = B * T, targs.top_k, shape["vocab"]
     g = torch.Generator().manual_seed(0)
@@ -90,8 +91,8 @@ def build_trainer(args, shape: dict, device: torch.device):
 
 
 def measure(args) -> dict:
-    from opd import accel
-    from opd.train import update_step
+    from opd.engines import accel
+    from opd.engines.train import update_step
 
     device = accel.resolve_device(args.device)
     torch.set_num_threads(args.threads)

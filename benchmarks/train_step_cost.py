@@ -28,8 +28,8 @@ def build(args):
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from opd.rollout import Rollouts
-    from opd.train import Trainer, parse_args
+    from opd.engines.rollout import Rollouts
+    from opd.engines.train import Trainer, parse_args
 
     torch.manual_seed(0)
     cfg = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
@@ -49,7 +49,7 @@ def build(args):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     # The trainer's own flag defaults (loss, dtype, clip range...), so this cannot drift from opd.train.
-    targs = parse_args(["--student", "-", "--teacher", "-", "--prompts", "-", "--out-dir", "-", "--method", "full",
+    targs = parse_args(["--student", "-", "--teacher", "-", "--world", "miniature", "--prompts", "-", "--out-dir", "-", "--method", "full",
                         "--dtype", args.dtype, "--device", "cuda" if args.device.startswith("cuda") else "cpu"])
     tr = Trainer(targs, model, None, None, [], [], opt, sched, device=torch.device(args.device))
     return tr, rollouts, scores, mask_BT
@@ -58,7 +58,7 @@ def build(args):
 def run_variant(args) -> dict:
     import torch
 
-    from opd.train import update_step
+    from opd.engines.train import update_step
 
     torch.set_num_threads(args.threads)
     tr, rollouts, scores, mask_BT = build(args)

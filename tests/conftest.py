@@ -31,9 +31,10 @@ def tiny_world(tmp_path_factory):
 
     head_dim 32: the smallest head width vLLM's CPU attention supports (tests/test_vllm.py).
     """
-    from opd import toy
-    from opd.sft import build_model
-    from opd.tokenizer import train_tokenizer
+    from opd.worlds.miniature import generator as toy
+    from opd.worlds.miniature.sft import build_model
+    from opd.infra.io import write_jsonl
+    from opd.worlds.miniature.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("tiny_world")
     recs = [r for t in toy.BENCHMARKS for r in toy.generate(t, 30, seed=0, split="sft", distinct=False)]
@@ -45,5 +46,5 @@ def tiny_world(tmp_path_factory):
         model.save_pretrained(str(dirs[name]))
         tok.save_pretrained(str(dirs[name]))
     prompts = root / "prompts.jsonl"
-    toy.write_jsonl(prompts, toy.generate("arith2", 6, seed=0, split="prompts"))
+    write_jsonl(prompts, toy.generate("arith2", 6, seed=0, split="prompts"))
     return {"tokenizer": tok, "prompts": prompts, **dirs}

@@ -5,7 +5,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from opd.config import ConfigError, validate_config
+from opd import worlds
+from opd.infra.config import ConfigError
+from opd.infra.config import validate_config as _validate
+
+
+def validate_config(cfg: dict) -> dict:
+    """The Snakefile's validation: the schema, then the world's checks."""
+    return _validate(cfg, checks=[worlds.config_problems])
 
 
 @pytest.fixture
@@ -71,7 +78,7 @@ def test_out_of_range_named_with_bounds(cfg):
 def test_unknown_benchmark_lists_allowed(cfg):
     cfg["evaluation"]["benchmarks"] = ["arith1", "math500", "reverse"]
     msg = _error(cfg)
-    assert "evaluation.benchmarks[1]: 'math500' is not allowed" in msg
+    assert "evaluation.benchmarks[1]: 'math500' is not a task of world 'miniature'; allowed values" in msg
     assert "'arith5'" in msg and "'reverse'" in msg
 
 
@@ -166,7 +173,6 @@ def test_ood_benchmarks_must_be_benchmarks(cfg):
 
 
 def test_partial_resources_keep_defaults(cfg):
-    from opd.config import validate_config
 
     cfg["resources"] = {"train": {"gpu": 1}}
     out = validate_config(cfg)

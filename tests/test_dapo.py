@@ -1,4 +1,4 @@
-"""opd.dapo on small hand-built files: dedupe counts, normalisation, conflicts, errors (all offline)."""
+"""opd.worlds.paper.dapo on small hand-built files: dedupe counts, normalisation, conflicts, errors (all offline)."""
 
 import json
 import subprocess
@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from opd import dapo
-from opd.io import DataFileError, read_jsonl
+from opd.worlds.paper import dapo
+from opd.infra.io import DataFileError, read_jsonl
 
 PREFIX = ("Solve the following math problem step by step. The last line of your response should be of the "
           "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n")
@@ -197,6 +197,6 @@ def test_main_writes_prompts_and_stats(parquet, tmp_path, monkeypatch, capsys):
 
 
 def test_import_downloads_nothing(repo):
-    code = "import sys, opd.dapo; print(any(m in sys.modules for m in ('datasets', 'huggingface_hub')))"
+    code = "import sys, opd.worlds.paper.dapo; print(any(m in sys.modules for m in ('datasets', 'huggingface_hub')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
     assert out.stdout.strip() == "False"

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from opd.diagnose import markdown, position_profile
-from opd.fixed_context import gains
+from opd.studies.diagnose import markdown, position_profile
+from opd.studies.fixed_context import gains
 
 
 def test_position_profile_by_hand():

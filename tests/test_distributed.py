@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from opd import distributed, train
+from opd.engines import distributed
+from opd.engines import train
 
 SMALL = ["--top-k", "4", "--prompts-per-step", "2", "--samples", "2", "--max-new-tokens", "12",
          "--threads", "1", "--lr", "1e-3", "--study", "test_distributed"]
@@ -18,7 +19,7 @@ SMALL = ["--top-k", "4", "--prompts-per-step", "2", "--samples", "2", "--max-new
 
 def _argv(world, out, *extra) -> list[str]:
     return ["--student", str(world["student"]), "--teacher", str(world["teacher"]),
-            "--prompts", str(world["prompts"]), "--out-dir", str(out), *SMALL, *extra]
+            "--world", "miniature", "--prompts", str(world["prompts"]), "--out-dir", str(out), *SMALL, *extra]
 
 
 def _free_port() -> int:
@@ -44,7 +45,7 @@ def test_ranks_take_disjoint_shares_of_the_same_draw_and_sample_with_their_own_s
     whole = train.sample(tr, t=3)[0]
     parts = [train.sample(train.dataclasses.replace(tr, dist=distributed.Context(r, 2)), t=3)[0] for r in range(2)]
     assert parts[0].ids + parts[1].ids == whole.ids and not set(parts[0].ids) & set(parts[1].ids)
-    base = 5 * train.STEP_SEED + 3
+    base = 5 * distributed.STEP_SEED + 3
     assert seeds == [base, base, base + distributed.RANK_SEED]  # rank 0 samples as one process does
     # rank 0's rollouts are those of the single process on its share
     assert torch.equal(parts[0].tensors["tokens_N"], train.sample(
@@ -63,7 +64,7 @@ def test_torchrun_two_ranks_train_one_model_and_log_one_run(tiny_world, tmp_path
     env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", OPD_DEBUG_CHECKSUM_DIR=str(sums),
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "opd.train",
+           f"--master_port={_free_port()}", "-m", "opd.engines.train",
            *_argv(tiny_world, out, "--method", "ta_opd", "--ratio", "0.3", "--steps", "2", "--name", "ddp")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -71,7 +72,7 @@ def test_torchrun_two_ranks_train_one_model_and_log_one_run(tiny_world, tmp_path
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step"] == 2 and all(isinstance(v, (int, float)) for v in metrics.values())
     assert (out / "model" / "model.safetensors").is_file()
-    assert [p.name for p in train.complete_checkpoints(out / "checkpoints")] == ["step_000002"]
+    assert [p.name for p in checkpoint.complete_checkpoints(out / "checkpoints")] == ["step_000002"]
     assert proc.stdout.count('"step": 2') == 1  # only rank 0 prints the final metrics
 
     rank0, rank1 = (json.loads((sums / f"rank{r}.json").read_text()) for r in range(2))

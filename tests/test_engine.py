@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opd import engine, vllm_worker
+from opd.engines import vllm_engine as engine
+from opd.engines import vllm_worker
 
 
 def test_request_seeds_are_a_pure_function_of_step_seed_and_index():
@@ -62,7 +63,7 @@ def test_an_engine_that_cannot_start_raises_and_leaves_no_process(tiny_world, tm
 
 
 def test_training_with_an_engine_that_cannot_start_fails_and_cleans_up(tiny_world, tmp_path, monkeypatch):
-    from opd import train
+    from opd.engines import train
 
     if __import__("importlib.util").util.find_spec("vllm") is not None:
         pytest.skip("vllm is importable here")
@@ -70,7 +71,7 @@ def test_training_with_an_engine_that_cannot_start_fails_and_cleans_up(tiny_worl
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="the vLLM worker failed"):
         train.main(["--student", str(tiny_world["student"]), "--teacher", str(tiny_world["teacher"]),
-                    "--prompts", str(tiny_world["prompts"]), "--out-dir", str(out), "--method", "full",
+                    "--world", "miniature", "--prompts", str(tiny_world["prompts"]), "--out-dir", str(out), "--method", "full",
                     "--steps", "1", "--prompts-per-step", "2", "--study", "test_engine",
                     "--rollout-backend", "vllm", "--vllm-python", sys.executable])
     assert not (out / "rollout_weights").exists() and not (out / "metrics.json").exists()

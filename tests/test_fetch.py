@@ -1,10 +1,10 @@
-"""opd.fetch: the manifest of a downloaded model, and a clear error when the hub is out of reach."""
+"""opd.infra.fetch: the manifest of a downloaded model, and a clear error when the hub is out of reach."""
 
 import json
 
 import pytest
 
-from opd import fetch
+from opd.infra import fetch
 
 
 def test_manifest_lists_files_and_needs_safetensors(tmp_path):

@@ -1,6 +1,6 @@
 import pytest
 
-from opd.io import DataFileError, read_jsonl
+from opd.infra.io import DataFileError, read_jsonl
 
 
 def test_missing_file_named(tmp_path):

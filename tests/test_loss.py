@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from opd.loss import aggregate, forward_kl_full, opd_loss, ppo_clip_terms, reverse_kl_advantage
+from opd.math.loss import aggregate, forward_kl_full, opd_loss, ppo_clip_terms, reverse_kl_advantage
 
 
 def test_identical_models_give_zero_loss_and_zero_gradient():
@@ -58,7 +58,7 @@ def _two_token_case():
 
 
 def test_topk_reverse_kl_by_hand():
-    from opd.loss import topk_reverse_kl
+    from opd.math.loss import topk_reverse_kl
 
     s_logp, ids, t_lp = _two_token_case()
     # renormalised on {0, 1}: p̄_S = (2/3, 1/3), p̄_T = (1/4, 3/4)
@@ -68,7 +68,7 @@ def test_topk_reverse_kl_by_hand():
 
 
 def test_topk_forward_kl_and_jsd_by_hand():
-    from opd.loss import topk_forward_kl, topk_jsd
+    from opd.math.loss import topk_forward_kl, topk_jsd
 
     s_logp, ids, t_lp = _two_token_case()
     s, t = (2 / 3, 1 / 3), (0.25, 0.75)
@@ -82,7 +82,7 @@ def test_topk_forward_kl_and_jsd_by_hand():
 
 
 def test_distribution_losses_have_gradients_only_through_the_student():
-    from opd.loss import topk_reverse_kl
+    from opd.math.loss import topk_reverse_kl
 
     logits = torch.zeros(1, 3, requires_grad=True)
     _, ids, t_lp = _two_token_case()

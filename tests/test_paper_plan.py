@@ -9,12 +9,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from opd.config import validate_config
+from opd import worlds
+from opd.infra.config import validate_config as _validate
+
+
+def validate_config(cfg: dict) -> dict:
+    return _validate(cfg, checks=[worlds.config_problems])
 
 
 def test_paper_config_is_valid(repo: Path):
     cfg = validate_config(yaml.safe_load((repo / "config/paper.yaml").read_text()))
-    assert cfg["data"]["source"] == "dapo_math" and all(m["hub"] for m in cfg["models"].values())
+    assert cfg["world"]["name"] == "paper" and all(m["hub"] for m in cfg["models"].values())
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from opd import dapo
+from opd.worlds.paper import checker, dapo
 
 # The checker needs math-verify (pinned in envs/eval.yaml); only the tests that score answers need it.
 needs_math_verify = pytest.mark.skipif(importlib.util.find_spec("math_verify") is None,
@@ -144,10 +144,10 @@ def test_process_results_hand_worked(utils, response, reference, expected):
 
 
 def test_extraction_helpers(utils):
-    assert utils.last_boxed("a \\boxed{\\frac{a}{b}^{2}} b") == "\\frac{a}{b}^{2}"
-    assert utils.last_boxed("no box here") is None
-    assert utils.final_response("plain") == "plain"
-    assert utils.final_response("<think>a</think>b</think>c") == "c"
-    assert utils.final_response("<think>a") is None
-    assert utils.strip_dollars(" $$x$$ ") == "x"
+    assert checker.last_boxed("a \\boxed{\\frac{a}{b}^{2}} b") == "\\frac{a}{b}^{2}"
+    assert checker.last_boxed("no box here") is None
+    assert checker.final_response("plain") == "plain"
+    assert checker.final_response("<think>a</think>b</think>c") == "c"
+    assert checker.final_response("<think>a") is None
+    assert checker.strip_dollars(" $$x$$ ") == "x"
     assert (utils.format_number(3.0), utils.format_number(2.5), utils.format_number(" 7 ")) == ("3", "2.5", "7")

@@ -16,7 +16,7 @@ def probe():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_world):
     """The six benchmarks (3 problems each) and training prompts, models laid out as `results/models`."""
-    from opd import toy
+    from opd.worlds.miniature import generator as toy
 
     root = tmp_path_factory.mktemp("probe_world")
     toy.build_world(root / "data", n_bench=3, n_sft=10, n_prompts=8, seed=0, ood_fraction=0.2)
@@ -27,14 +27,14 @@ def world(tmp_path_factory, tiny_world):
 
 
 def test_greedy_accuracy_checks_answers_with_the_world(probe, world, monkeypatch):
-    from opd import rollout
+    from opd.engines import rollout
 
     data = world / "data"
-    answers = {t: [json.loads(line)["answer"] for line in (data / f"{t}.jsonl").open()] for t in probe.TASKS}
+    answers = {t: [json.loads(line)["answer"] for line in (data / f"{t}.jsonl").open()] for t in probe.WORLD.benchmarks}
 
     def scripted(model, tok, prompts, K, temperature, top_p, max_new_tokens, seed, batch_size):
         # the right answer to the first two problems of each task, a wrong one to the third
-        task = probe.TASKS[scripted.calls]  # greedy_accuracy decodes the tasks in this order
+        task = probe.WORLD.benchmarks[scripted.calls]  # greedy_accuracy decodes the tasks in this order
         scripted.calls += 1
         texts = [f" The answer is {a}." for a in answers[task][:2]] + [" The answer is 999."]
         responses = [tok(t)["input_ids"] for t in texts]
@@ -49,7 +49,7 @@ def test_greedy_accuracy_checks_answers_with_the_world(probe, world, monkeypatch
     scripted.calls = 0
     monkeypatch.setattr(rollout, "generate_hf", scripted)
     acc = probe.greedy_accuracy(world / "models" / "student", data)
-    assert acc == pytest.approx({**{t: 200 / 3 for t in probe.TASKS}, "in_domain": 200 / 3})
+    assert acc == pytest.approx({**{t: 200 / 3 for t in probe.WORLD.benchmarks}, "in_domain": 200 / 3})
 
 
 def test_one_step_run_through_the_trainer(probe, world, capsys):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from opd.release import (
+from opd.math.release import (
     find_release,
     release_mask,
     release_token_index,
@@ -103,7 +103,8 @@ def test_flat_upward_and_short_series_give_none():
     assert find_release([]) is None and find_release([1.0]) is None
     assert find_release([1.0, 0.0]) is None  # residual sigma^2 needs n > 2
     # with a known sigma^2 = .01: gain .5 > 2 * .01 * ln 2 = .0139 -> release at 1
-    assert find_release([1.0, 0.0], sigma2=0.01) == 1
+    assert find_release([1.0, 0.0], sigma2=0.01) is None  # fewer than min_segments = 3
+    assert find_release([1.0, 0.0], sigma2=0.01, min_segments=2) == 1
     assert find_release([2.0, 2.0, 0.0], min_segments=4) is None
 
 

@@ -2,12 +2,12 @@ import json
 
 import pytest
 
-from opd.report import build_table, read_score, to_markdown
+from opd.studies.report import build_table, read_score, to_markdown
 
 
 def test_table_by_hand():
     scores = {"teacher": {"arith1": 1.0, "arith2": 0.5, "reverse": 0.25}}
-    (row,) = build_table(scores, ["arith1", "arith2", "reverse"])
+    (row,) = build_table(scores, ["arith1", "arith2", "reverse"], ["reverse"])
     assert row["in_domain_avg"] == pytest.approx(75.0)
     assert row["ood"] == pytest.approx(25.0)
     md = to_markdown([row], ["model", "arith1", "in_domain_avg", "ood"])

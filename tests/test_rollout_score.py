@@ -2,11 +2,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from opd import store
-from opd.rollout import Rollouts, generate_hf, main as rollout_main, token_char_offsets
-from opd.score import (TokenizerMismatch, check_tokenizers, load_scores, main as score_main,
+from opd.infra import store
+from opd.engines.rollout import Rollouts, generate_hf, main as rollout_main, token_char_offsets
+from opd.engines.score import (TokenizerMismatch, check_tokenizers, load_scores, main as score_main,
                        response_logits, score_rollouts)
-from opd.signals import batch_signals
+from opd.engines.signals import batch_signals
 
 K = 4
 
@@ -44,7 +44,7 @@ def test_sampled_logprobs_match_a_teacher_forced_pass(tiny_world, student):
 
 
 def test_responses_stop_after_eos():
-    from opd.rollout import _cut_at_eos
+    from opd.engines.rollout import _cut_at_eos
 
     assert _cut_at_eos(torch.tensor([5, 6, 0, 0, 7]), eos_id=0) == 3  # EOS kept as a supervised token
     assert _cut_at_eos(torch.tensor([5, 6]), eos_id=0) == 2
@@ -62,7 +62,7 @@ def test_char_offsets_tile_the_text(tiny_world):
 @pytest.fixture(scope="module")
 def files(tiny_world, tmp_path_factory):
     d = tmp_path_factory.mktemp("rs")
-    rollout_main(["--model-dir", str(tiny_world["student"]), "--prompts", str(tiny_world["prompts"]),
+    rollout_main(["--model-dir", str(tiny_world["student"]), "--world", "miniature", "--prompts", str(tiny_world["prompts"]),
                   "--out", str(d / "r.safetensors"), "--n-prompts", "3", "--samples", "2", "--top-k", str(K),
                   "--max-new-tokens", "20"])
     score_main(["--rollouts", str(d / "r.safetensors"), "--teacher", str(tiny_world["teacher"]),
@@ -106,8 +106,8 @@ def test_scores_of_other_rollouts_are_refused(tiny_world, files, tmp_path):
 
 
 def test_tokenizer_mismatch_is_refused(tiny_world):
-    from opd import toy
-    from opd.tokenizer import train_tokenizer
+    from opd.worlds.miniature import generator as toy
+    from opd.worlds.miniature.tokenizer import train_tokenizer
 
     tok = tiny_world["tokenizer"]
     other = train_tokenizer([p + t for p, t in toy.iter_problems(toy.generate("reverse", 40, 1, "x"))], 300)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from opd.select import SELECTORS, ScoreOptions, Signals, budget_size, select_mask, selector_score
+from opd.math.select import SELECTORS, ScoreOptions, Signals, budget_size, select_mask, selector_score
 
 T_, F_ = True, False
 MINMAX = ScoreOptions(q=0.0, eps=0.0)  # Norm = (z - min) / (max - min): easy to do by hand

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from opd.sft import build_model, collate, lr_at
+from opd.worlds.miniature.sft import build_model, collate, lr_at
 
 
 def test_collate_masks_prompt_and_padding():

@@ -243,7 +243,7 @@ def _wait(what: str, cond, timeout: float, proc: subprocess.Popen, out: Path):
 
 def test_preempted_training_is_requeued_and_resumes(tmp_path, profile, cluster, slurm_smoke):
     """A training job through the profile is preempted by a job of a higher-priority partition; SLURM
-    requeues it (the profile submits with --requeue), the same job id runs again, and opd.train resumes
+    requeues it (the profile submits with --requeue), the same job id runs again, and opd.engines.train resumes
     from its latest checkpoint. Snakemake waits through it and finishes with success."""
     smoke_dir, _ = slurm_smoke
     for part in ("results/data", "results/tokenizer", "results/models"):  # upstream outputs, mtimes kept

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from opd import store
+from opd.infra import store
 
 
 def _batch():

@@ -1,12 +1,13 @@
-"""The training grid (opd.sweep) and the sweep report (opd.report_sweep), with numbers worked out by hand."""
+"""The training grid (opd.studies.sweep) and the sweep report (opd.studies.report_sweep), with numbers worked out by hand."""
 
 import json
 
 import pytest
 
-from opd import report_sweep, sweep
-from opd.report import parse_metrics
-from opd.report_train import collect
+from opd.studies import report_sweep
+from opd.studies import sweep
+from opd.studies.report import parse_metrics
+from opd.studies.report_train import collect
 
 MODELS = {"t": {"role": "teacher"}, "a": {"role": "student"}, "b": {"role": "student"}}
 
@@ -17,8 +18,8 @@ def test_grid_counts_and_paths():
     runs = sweep.runs(MODELS, train)
     # full: 2 K x 1 (no ratio) x 2 seeds = 4; ta_opd: 2 K x 3 ratios x 2 seeds = 12
     assert len(runs) == 16
-    assert runs[0].path == "results/train/t/a/full/K~8/ratio~1/seed~0"
-    assert runs[-1].path == "results/train/t/a/ta_opd/K~16/ratio~0.3/seed~1"
+    assert runs[0].path == "train/t/a/full/K~8/ratio~1/seed~0"
+    assert runs[-1].path == "train/t/a/ta_opd/K~16/ratio~0.3/seed~1"
     assert sweep.is_sweep(train)
     assert not sweep.is_sweep({**train, "top_k": [8], "ratio": [0.1]})
 
@@ -48,7 +49,7 @@ def test_sweep_table_by_hand(tmp_path):
     values = {("0.1", 0): (0.4, 1.0), ("0.1", 1): (0.6, 1.0), ("0.3", 0): (0.2, 0.5), ("0.3", 1): (0.2, 0.7)}
     for r in runs:
         ind, ood = values[(r.ratio, r.seed)]
-        _result(tmp_path, r.path + "/eval", {"arith1": ind, "reverse": ood})
+        _result(tmp_path, "results/" + r.path + "/eval", {"arith1": ind, "reverse": ood})
     _result(tmp_path, "results/eval/a", {"arith1": 0.3, "reverse": 0.9})
     results = tmp_path / "results"
     points = report_sweep.collect_runs(runs, ["arith1", "reverse"], ["reverse"], {}, results)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from opd.teachability import (
+from opd.math.teachability import (
     compatibility,
     full_entropy,
     local_disagreement,

@@ -1,7 +1,7 @@
 import random
 
-from opd import toy
-from opd.tokenizer import EOS, train_tokenizer
+from opd.worlds.miniature import generator as toy
+from opd.worlds.miniature.tokenizer import EOS, train_tokenizer
 
 
 def _corpus():

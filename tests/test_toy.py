@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from opd import toy
+from opd.worlds.miniature import generator as toy
 
 
 def test_same_seed_same_problems_other_seed_others():
@@ -73,7 +73,7 @@ def test_answer_checker():
 
 def test_benchmarks_disjoint_from_training_sets(tmp_path):
     toy.build_world(tmp_path, 40, 400, 100, seed=0, ood_fraction=0.2)
-    from opd.io import read_jsonl
+    from opd.infra.io import read_jsonl
 
     bench = {r["question"] for t in toy.BENCHMARKS for r in read_jsonl(tmp_path / f"{t}.jsonl")}
     sft = {r["question"] for r in read_jsonl(tmp_path / "sft.jsonl")}

@@ -2,7 +2,7 @@ import multiprocessing as mp
 
 import pytest
 
-from opd import tracking
+from opd.infra import tracking
 
 N_METRICS, N_STEPS = 40, 5
 

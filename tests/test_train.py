@@ -12,9 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opd import train
-from opd.rollout import Rollouts, token_char_offsets
-from opd.signals import BatchSignals
+from opd.engines import train
+from opd.engines.rollout import Rollouts, token_char_offsets
+from opd.engines import checkpoint
+from opd.engines.signals import BatchSignals
+from opd.math.release import ReleaseRule
 
 SMALL = ["--top-k", "4", "--prompts-per-step", "2", "--samples", "2", "--max-new-tokens", "12",
          "--threads", "1", "--lr", "1e-3", "--study", "test_train"]
@@ -22,7 +24,7 @@ SMALL = ["--top-k", "4", "--prompts-per-step", "2", "--samples", "2", "--max-new
 
 def argv(world, out, *extra) -> list[str]:
     return ["--student", str(world["student"]), "--teacher", str(world["teacher"]),
-            "--prompts", str(world["prompts"]), "--out-dir", str(out), *SMALL, *extra]
+            "--world", "miniature", "--prompts", str(world["prompts"]), "--out-dir", str(out), *SMALL, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +93,7 @@ def _planted_release_batch(tok):
 
 def test_release_methods_supervise_nothing_after_the_release_point(tiny_world):
     rollouts, sig, release = _planted_release_batch(tiny_world["tokenizer"])
-    rule = {"lam": 2.0, "min_segments": 3, "min_prefix_segments": 1, "sigma2": "residual"}
+    rule = ReleaseRule(lam=2.0, min_segments=3, min_prefix_segments=1, sigma2="residual")
     pre, rel = train.build_mask("release", rollouts, sig, tiny_world["tokenizer"], 0.5, rule, seed=0)
     assert rel == [release, release]
     assert torch.equal(pre, sig.valid_BT & (torch.arange(sig.valid_BT.shape[1]) < release))
@@ -112,7 +114,7 @@ def test_update_computes_logits_only_at_supervised_positions(trainer, monkeypatc
 
     monkeypatch.setattr(train, "response_logits", spy)
     out = train.run_step(with_flags(trainer, method="ta_opd", ratio=0.2, aggregation=aggregation), t=2)
-    (keep, lengths), = seen  # teacher scoring goes through opd.score, not this name
+    (keep, lengths), = seen  # teacher scoring goes through opd.engines.score, not this name
     assert keep.dtype == torch.bool and int(keep.sum()) == int(out.mask_BT.sum())
     # every sequence is cut right after its last supervised token
     expected = [int(row.nonzero()[-1, 0]) + 1 for row in out.mask_BT if row.any()]
@@ -155,7 +157,7 @@ def test_kill_and_resume_replays_exactly(tiny_world, tmp_path, mlflow_uri, monke
     assert metrics_a == metrics_b and metrics_a["step"] == 4
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
-    assert [p.name for p in train.complete_checkpoints(ckpts)] == ["step_000003", "step_000004"]
+    assert [p.name for p in checkpoint.complete_checkpoints(ckpts)] == ["step_000003", "step_000004"]
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_000003", "step_000004"]
 
     from mlflow.tracking import MlflowClient
@@ -191,11 +193,11 @@ def _kill_when_complete(cmd: list[str], checkpoint, timeout: float = 300.0) -> N
 
 @pytest.mark.slow
 def test_sigkilled_process_resumes_and_replays_exactly(tiny_world, tmp_path, mlflow_uri):
-    """A real kill: `python -m opd.train` gets SIGKILL once step 2 is checkpointed, then runs again."""
+    """A real kill: `python -m opd.engines.train` gets SIGKILL once step 2 is checkpointed, then runs again."""
     common = ("--method", "ta_opd", "--ratio", "0.3", "--steps", "4", "--checkpoint-every", "1", "--seed", "3",
               "--warmup-steps", "3", "--max-new-tokens", "160")  # longer responses: slower steps after the kill
     train.main(argv(tiny_world, tmp_path / "A", *common, "--name", "killA"))
-    cmd = [sys.executable, "-m", "opd.train", *argv(tiny_world, tmp_path / "B", *common, "--name", "killB")]
+    cmd = [sys.executable, "-m", "opd.engines.train", *argv(tiny_world, tmp_path / "B", *common, "--name", "killB")]
     _kill_when_complete(cmd, tmp_path / "B" / "checkpoints" / "step_000002")
     assert not (tmp_path / "B" / "metrics.json").exists() and not (tmp_path / "B" / "model").exists()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -231,7 +233,7 @@ def test_bad_flags_fail_before_any_step(tiny_world, tmp_path, extra, match):
 
 
 def test_teacher_with_another_tokenizer_fails_before_any_step(tiny_world, tmp_path):
-    from opd.score import TokenizerMismatch
+    from opd.engines.score import TokenizerMismatch
 
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_world["teacher"], teacher)
@@ -257,7 +259,7 @@ def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tiny_world, tmp_p
     out = tmp_path / "out"
     with pytest.raises(FloatingPointError, match="at step 2"):
         train.main(argv(tiny_world, out, "--method", "full", "--steps", "3", "--checkpoint-every", "1"))
-    assert [p.name for p in train.complete_checkpoints(out / "checkpoints")] == ["step_000001"]
+    assert [p.name for p in checkpoint.complete_checkpoints(out / "checkpoints")] == ["step_000001"]
     assert train.load_latest_checkpoint(out)["step"] == 1
     assert not (out / "model").exists() and not (out / "metrics.json").exists()
 
@@ -266,7 +268,7 @@ def test_changed_flags_restart_afresh_only_when_asked(tiny_world, tmp_path):
     """A rerun with other flags is refused, unless --restart-if-flags-changed: then the old checkpoints are
     renamed aside (nothing deleted) and training starts from step 0."""
     base = ["--student", str(tiny_world["student"]), "--teacher", str(tiny_world["teacher"]),
-            "--prompts", str(tiny_world["prompts"]), "--out-dir", str(tmp_path), "--method", "full",
+            "--world", "miniature", "--prompts", str(tiny_world["prompts"]), "--out-dir", str(tmp_path), "--method", "full",
             "--steps", "1", "--prompts-per-step", "2", "--samples", "1", "--max-new-tokens", "8",
             "--top-k", "4", "--checkpoint-every", "1"]
     train.main(base)
@@ -293,7 +295,7 @@ def test_unknown_loss_is_refused(tiny_world, tmp_path):
 
 
 def test_device_flags_resolve_and_cuda_without_a_gpu_is_refused(tiny_world, tmp_path):
-    from opd import accel
+    from opd.engines import accel
 
     assert accel.resolve_device("cpu") == torch.device("cpu")
     expected = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")

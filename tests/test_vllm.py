@@ -20,7 +20,7 @@ def test_vllm_matches_hf_greedy(tiny_world, tmp_path, repo):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from opd.rollout import generate_hf
+    from opd.engines.rollout import generate_hf
 
     tok, K, max_new = tiny_world["tokenizer"], 4, 16
     prompts = [tok(f"Question: Start with {i}. Add 3. What is the result?\nAnswer:")["input_ids"] for i in range(6)]
@@ -83,8 +83,8 @@ def test_weights_pushed_into_a_live_engine_give_hf_rollouts_of_the_updated_model
     seeded sampling; an error inside the block shuts the worker and its engine process down."""
     from transformers import AutoModelForCausalLM
 
-    from opd.engine import VllmEngine
-    from opd.rollout import generate_hf
+    from opd.engines.vllm_engine import VllmEngine
+    from opd.engines.rollout import generate_hf
 
     monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
     tok, K, max_new = tiny_world["tokenizer"], 4, 16
@@ -124,7 +124,8 @@ def test_weights_pushed_into_a_live_engine_give_hf_rollouts_of_the_updated_model
 
 @pytest.mark.skipif(not VLLM_PYTHON, reason="needs OPD_VLLM_PYTHON (run `make test-vllm`)")
 def test_training_with_vllm_rollouts_pushes_weights_every_step(tiny_world, tmp_path, monkeypatch):
-    from opd import engine, train
+    from opd.engines import vllm_engine as engine
+    from opd.engines import train
 
     monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
@@ -137,7 +138,7 @@ def test_training_with_vllm_rollouts_pushes_weights_every_step(tiny_world, tmp_p
     monkeypatch.setattr(engine.VllmEngine, "push_weights", spy)
     out = tmp_path / "out"
     final = train.main(["--student", str(tiny_world["student"]), "--teacher", str(tiny_world["teacher"]),
-                        "--prompts", str(tiny_world["prompts"]), "--out-dir", str(out), "--method", "ta_opd",
+                        "--world", "miniature", "--prompts", str(tiny_world["prompts"]), "--out-dir", str(out), "--method", "ta_opd",
                         "--ratio", "0.3", "--steps", "2", "--top-k", "4", "--prompts-per-step", "2", "--samples", "2",
                         "--max-new-tokens", "12", "--lr", "1e-3", "--study", "test_vllm", "--rollout-backend", "vllm",
                         "--vllm-python", VLLM_PYTHON, "--vllm-memory-fraction", "0.1"])

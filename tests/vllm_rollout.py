@@ -11,7 +11,7 @@ from pathlib import Path
 def main() -> None:
     from safetensors.torch import save_file
 
-    from opd.rollout import generate_vllm
+    from opd.engines.rollout import generate_vllm
 
     model_dir, prompts_json, k, max_new, out = sys.argv[1:6]
     temperature = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0

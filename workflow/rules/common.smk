@@ -6,23 +6,34 @@ import shlex
 
 from snakemake.exceptions import WorkflowError
 
-from opd import sweep
-from opd.config import ConfigError, validate_config
-from opd.toy import BENCHMARKS as WORLD_BENCHMARKS
+from opd import worlds
+from opd.infra.config import ConfigError, validate_config
+from opd.studies import sweep
 
 try:
-    validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
+    validate_config(config, checks=[worlds.config_problems])
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
+WORLD = worlds.get(config["world"]["name"])
+RESULTS = config["results_dir"].rstrip("/")
 TASKS_DIR = Path(workflow.basedir) / config["evaluation"]["tasks_dir"]
 STUDY = config["study"]
+SRC_DIR = Path(workflow.basedir) / "src"
+
+
+# Every job's shell starts with these exports (no os.environ is touched while the Snakefile is parsed).
 # Jobs read the study name (their MLflow experiment) from the environment, not from params: models, runs
-# and evaluations are shared between studies on the same results/, and a params change would rebuild them.
-os.environ["OPD_STUDY"] = STUDY
-# Jobs in the conda envs of envs/ (--sdm conda) import opd from the source tree, not from an install.
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(workflow.basedir) / "src"),
-                                                        os.environ.get("PYTHONPATH")]))
+# and evaluations are shared between studies on the same results root, and a params change would rebuild
+# them. Jobs in the conda envs of envs/ (--sdm conda) import opd from the source tree, not from an install.
+shell.prefix(f"export OPD_STUDY={shlex.quote(STUDY)} PYTHONPATH={shlex.quote(str(SRC_DIR))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+
+
+def res(path):
+    """A path under the results root (config results_dir); wildcards in `path` stay wildcards."""
+    return f"{RESULTS}/{path}"
+
+
 THREADS = config["threads"]
 MODELS = list(config["models"])
 STUDENTS = [n for n, m in config["models"].items() if m["role"] == "student"]
@@ -32,35 +43,24 @@ EVAL_MODELS = config["evaluation"]["models"] or MODELS
 
 
 DATA = config["data"]
-PROMPTS = "results/data/train_prompts.jsonl"
+PROMPTS = res("data/train_prompts.jsonl")
 MINIATURE_MODELS = [n for n, m in config["models"].items() if not m.get("hub")]
 HUB_MODELS = [n for n, m in config["models"].items() if m.get("hub")]
 TRAIN = config["train"]
 PAIRS = sweep.pairs(config["models"], TRAIN)
 TRAIN_STUDENTS = list(dict.fromkeys(s for _, s in PAIRS))
 TRAIN_ID = "{teacher}/{student}/{method}/K~{k}/ratio~{ratio}/seed~{seed}"
-TRAIN_DIR = f"results/train/{TRAIN_ID}"
-REPORT_DIR = f"results/report/{STUDY}"
+TRAIN_DIR = f"{RESULTS}/train/{TRAIN_ID}"
+REPORT_DIR = f"{RESULTS}/report/{STUDY}"
 RES = config["resources"]
-# Conda env per rule for --sdm conda (paths relative to workflow/rules/): vLLM only where a job runs it.
+# Conda env of each rule for --sdm conda (paths relative to workflow/rules/); vLLM only where a job runs it.
 ENV_CORE, ENV_VLLM, ENV_EVAL = "../../envs/core.yaml", "../../envs/vllm.yaml", "../../envs/eval.yaml"
 ENV_ROLLOUT = ENV_VLLM if config["diagnose"]["backend"] == "vllm" else ENV_CORE
 ENV_TRAIN = ENV_VLLM if TRAIN["rollout_backend"] == "vllm" else ENV_CORE
 
 
-wildcard_constraints:
-    model="|".join(MODELS),
-    task="|".join(BENCHMARKS),
-    teacher="|".join(MODELS),
-    student="|".join(MODELS),
-    method="|".join(re.escape(m) for m in TRAIN["methods"]),
-    k=r"\d+",
-    ratio=r"[0-9.e-]+",
-    seed=r"\d+",
-
-
 def model_dir(model):
-    return f"results/models/{model}"
+    return f"{RESULTS}/models/{model}"
 
 
 def model_file(model):
@@ -73,19 +73,27 @@ def pair_label(teacher, student):
 
 
 def dapo_args(wildcards):
-    """opd.dapo's source flags: a local copy when data.path is set, else the pinned hub revision."""
+    """opd.worlds.paper.dapo's source flags: a local copy when data.path is set, else the pinned hub revision."""
     if DATA["path"]:
         return f"--source {shlex.quote(DATA['path'])}"
     return f"--revision {DATA['revision']}"
 
 
 def prompt_args():
-    """How rollouts and training render a prompt (opd.prompts): the miniature template or the chat template."""
-    return f"--prompt-format {DATA['prompt_format']} --" + ("" if DATA["enable_thinking"] else "no-") + "enable-thinking"
+    """The world, and how rollouts and training render a prompt: its plain template or the chat template."""
+    thinking = "--enable-thinking" if DATA["enable_thinking"] else "--no-enable-thinking"
+    return f"--world {WORLD.name} --prompt-format {DATA['prompt_format']} {thinking}"
+
+
+def release_args():
+    """The release rule's flags (opd.engines.signals.add_release_args), shared by diagnose and training."""
+    r = config["release"]
+    return (f"--margin {r['margin']} --release-lambda {r['lambda']} --min-segments {r['min_segments']}"
+            f" --min-prefix-segments {r['min_prefix_segments']} --sigma2 {r['sigma2']}")
 
 
 def sft_args(wildcards):
-    """Command-line flags of opd.sft for one model, from its config block."""
+    """Command-line flags of opd.worlds.miniature.sft for one model, from its config block."""
     m = config["models"][wildcards.model]
     keys = ["hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "steps", "batch_size", "lr"]
     flags = " ".join(f"--{k.replace('_', '-')} {m[k]}" for k in keys)
@@ -98,7 +106,7 @@ def _kv(items):
 
 
 def eval_args(wildcards):
-    """opd.evaluate's flags from the evaluation block (shared by the base and the trained models)."""
+    """opd.studies.evaluate's flags from the evaluation block (shared by the base and the trained models)."""
     e = config["evaluation"]
     flags = f"--backend {e['backend']} --batch-size {e['batch_size']} --max-gen-toks {e['max_gen_toks']}"
     flags += f" --include-path {TASKS_DIR}" + (f" --limit {e['limit']}" if e["limit"] else "")
@@ -116,7 +124,7 @@ def eval_args(wildcards):
 def task_inputs(wildcards):
     """A miniature-world task needs its data file and YAML; lm-eval's built-ins fetch their own data."""
     tasks = [wildcards.task] if hasattr(wildcards, "task") else BENCHMARKS
-    return {f"data_{t}": f"results/data/{t}.jsonl" for t in tasks if t in WORLD_BENCHMARKS}
+    return {f"data_{t}": res(f"data/{t}.jsonl") for t in tasks if t in WORLD.local_tasks}
 
 
 def rollout_args(wildcards):
@@ -132,37 +140,32 @@ def fixed_context_args(wildcards):
 
 
 def diagnose_args(wildcards):
-    d, r = config["diagnose"], config["release"]
-    return (f"--bins {d['bins']} --mode {d['signal_mode']} --margin {r['margin']}"
-            f" --release-lambda {r['lambda']} --min-segments {r['min_segments']}"
-            f" --min-prefix-segments {r['min_prefix_segments']} --sigma2 {r['sigma2']}")
+    d = config["diagnose"]
+    return f"--bins {d['bins']} --mode {d['signal_mode']} {release_args()}"
 
 
 def train_args(wildcards):
     keys = ["steps", "prompts_per_step", "samples", "max_new_tokens", "temperature", "lr", "clip_eps",
             "loss", "aggregation", "signal_mode", "checkpoint_every", "rollout_backend", "device", "dtype",
             "vllm_memory_fraction"]
-    r = config["release"]
-    return " ".join(f"--{k.replace('_', '-')} {TRAIN[k]}" for k in keys) + f" {prompt_args()}" + (
-        f" --release-lambda {r['lambda']} --min-segments {r['min_segments']}"
-        f" --min-prefix-segments {r['min_prefix_segments']} --sigma2 {r['sigma2']} --margin {r['margin']}")
+    return " ".join(f"--{k.replace('_', '-')} {TRAIN[k]}" for k in keys) + f" {prompt_args()} {release_args()}"
 
 
 def train_launcher():
-    """One process per GPU: torchrun (DDP, opd.distributed) when a training job asks for several GPUs."""
+    """One process per GPU: torchrun (DDP, opd.engines.distributed) when a training job asks for several GPUs."""
     gpus = RES["train"]["gpu"]
     return f"torchrun --standalone --nproc-per-node {gpus}" if gpus > 1 else "python"
 
 
 def trained_evals():
-    return [f"{run.path}/eval/{t}.json" for run in sweep.runs(config["models"], TRAIN) for t in BENCHMARKS]
+    return [res(f"{run.path}/eval/{t}.json") for run in sweep.runs(config["models"], TRAIN) for t in BENCHMARKS]
 
 
 def grid_args():
-    """The flags that tell opd.report_train / opd.report_sweep which runs make the grid."""
+    """The flags that tell opd.studies.report_train / opd.studies.report_sweep which runs make the grid."""
     return (f"--pairs {' '.join(f'{t}:{s}' for t, s in PAIRS)} --methods {' '.join(TRAIN['methods'])}"
             f" --top-k {' '.join(map(str, TRAIN['top_k']))} --ratios {' '.join(map(str, TRAIN['ratio']))}"
-            f" --seeds {' '.join(map(str, TRAIN['seeds']))} --tasks {' '.join(BENCHMARKS)}")
+            f" --seeds {' '.join(map(str, TRAIN['seeds']))} --tasks {' '.join(BENCHMARKS)} --results {RESULTS}")
 
 
 def bench_args():

@@ -8,7 +8,7 @@ rule rollout_initial:
         model=lambda wc: model_file(wc.model),
         prompts=PROMPTS,
     output:
-        "results/diagnose/{model}/rollouts.safetensors",
+        res("diagnose/{model}/rollouts.safetensors"),
     params:
         args=rollout_args,
         model_dir=lambda wc: model_dir(wc.model),
@@ -20,21 +20,21 @@ rule rollout_initial:
     conda:
         ENV_ROLLOUT
     log:
-        "results/logs/rollout/{model}.log",
+        res("logs/rollout/{model}.log"),
     benchmark:
-        "results/benchmarks/rollout/{model}.tsv"
+        res("benchmarks/rollout/{model}.tsv")
     shell:
-        "python -m opd.rollout --model-dir {params.model_dir} --prompts {input.prompts} --out {output}"
+        "python -m opd.engines.rollout --model-dir {params.model_dir} --prompts {input.prompts} --out {output}"
         " {params.args} --threads {threads} --name {wildcards.model} --study $OPD_STUDY > {log} 2>&1"
 
 
 rule score_initial:
     input:
-        rollouts="results/diagnose/{student}/rollouts.safetensors",
+        rollouts=res("diagnose/{student}/rollouts.safetensors"),
         teacher=lambda wc: model_file(wc.teacher),
         student=lambda wc: model_file(wc.student),
     output:
-        "results/diagnose/{teacher}/{student}/scores.safetensors",
+        res("diagnose/{teacher}/{student}/scores.safetensors"),
     params:
         k=config["diagnose"]["top_k"],
         teacher_dir=lambda wc, input: os.path.dirname(input.teacher),
@@ -47,23 +47,23 @@ rule score_initial:
     conda:
         ENV_CORE
     log:
-        "results/logs/score/{teacher}/{student}.log",
+        res("logs/score/{teacher}/{student}.log"),
     benchmark:
-        "results/benchmarks/score/{teacher}/{student}.tsv"
+        res("benchmarks/score/{teacher}/{student}.tsv")
     shell:
-        "python -m opd.score --rollouts {input.rollouts} --teacher {params.teacher_dir}"
+        "python -m opd.engines.score --rollouts {input.rollouts} --teacher {params.teacher_dir}"
         " --student {params.student_dir} --out {output} --top-k {params.k} --threads {threads}"
         " --name {wildcards.teacher}/{wildcards.student} --study $OPD_STUDY > {log} 2>&1"
 
 
 rule fixed_context:
     input:
-        rollouts="results/diagnose/{student}/rollouts.safetensors",
+        rollouts=res("diagnose/{student}/rollouts.safetensors"),
         scores=rules.score_initial.output,
         teacher=lambda wc: model_file(wc.teacher),
         student=lambda wc: model_file(wc.student),
     output:
-        "results/diagnose/{teacher}/{student}/fixed_context.csv",
+        res("diagnose/{teacher}/{student}/fixed_context.csv"),
     params:
         args=fixed_context_args,
         teacher_dir=lambda wc, input: os.path.dirname(input.teacher),
@@ -76,20 +76,20 @@ rule fixed_context:
     conda:
         ENV_CORE
     log:
-        "results/logs/fixed_context/{teacher}/{student}.log",
+        res("logs/fixed_context/{teacher}/{student}.log"),
     benchmark:
-        "results/benchmarks/fixed_context/{teacher}/{student}.tsv"
+        res("benchmarks/fixed_context/{teacher}/{student}.tsv")
     shell:
-        "python -m opd.fixed_context --rollouts {input.rollouts} --scores {input.scores}"
+        "python -m opd.studies.fixed_context --rollouts {input.rollouts} --scores {input.scores}"
         " --student {params.student_dir} --teacher {params.teacher_dir} --out {output} {params.args}"
         " --threads {threads} --name {wildcards.teacher}/{wildcards.student} --study $OPD_STUDY > {log} 2>&1"
 
 
 rule diagnose:
     input:
-        rollouts=[f"results/diagnose/{s}/rollouts.safetensors" for _, s in PAIRS],
-        scores=[f"results/diagnose/{t}/{s}/scores.safetensors" for t, s in PAIRS],
-        fixed=[f"results/diagnose/{t}/{s}/fixed_context.csv" for t, s in PAIRS],
+        rollouts=[f"{RESULTS}/diagnose/{s}/rollouts.safetensors" for _, s in PAIRS],
+        scores=[f"{RESULTS}/diagnose/{t}/{s}/scores.safetensors" for t, s in PAIRS],
+        fixed=[f"{RESULTS}/diagnose/{t}/{s}/fixed_context.csv" for t, s in PAIRS],
         tokenizer=model_file(PAIRS[0][0]),
     output:
         report=f"{REPORT_DIR}/diagnose/report.md",
@@ -105,8 +105,8 @@ rule diagnose:
     conda:
         ENV_CORE
     log:
-        f"results/logs/{STUDY}/diagnose.log",
+        f"{RESULTS}/logs/{STUDY}/diagnose.log",
     shell:
-        "python -m opd.diagnose --students {params.students} --rollouts {input.rollouts}"
+        "python -m opd.studies.diagnose --students {params.students} --rollouts {input.rollouts}"
         " --scores {input.scores} --fixed-context {input.fixed} --tokenizer {params.tokenizer_dir}"
         " --out-dir {params.out_dir} {params.args} --study {params.study} > {log} 2>&1"

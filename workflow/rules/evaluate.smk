@@ -6,11 +6,12 @@ rule lm_eval:
         unpack(task_inputs),
         model=lambda wc: model_file(wc.model),
     output:
-        json="results/eval/{model}/{task}.json",
-        samples="results/eval/{model}/{task}.samples.jsonl",
+        json=res("eval/{model}/{task}.json"),
+        samples=res("eval/{model}/{task}.samples.jsonl"),
     params:
         args=eval_args,
         model_dir=lambda wc: model_dir(wc.model),
+        out_dir=lambda wc, output: os.path.dirname(output.json),
     threads: THREADS
     resources:
         mem_mb=RES["eval"]["mem_mb"],
@@ -19,10 +20,10 @@ rule lm_eval:
     conda:
         ENV_EVAL
     log:
-        "results/logs/lm_eval/{model}/{task}.log",
+        res("logs/lm_eval/{model}/{task}.log"),
     benchmark:
-        "results/benchmarks/lm_eval/{model}/{task}.tsv"
+        res("benchmarks/lm_eval/{model}/{task}.tsv")
     shell:
-        "python -m opd.evaluate --model-dir {params.model_dir} --model-name {wildcards.model}"
-        " --tasks {wildcards.task} --out-dir results/eval/{wildcards.model}"
+        "python -m opd.studies.evaluate --model-dir {params.model_dir} --model-name {wildcards.model}"
+        " --tasks {wildcards.task} --out-dir {params.out_dir}"
         " {params.args} --threads {threads} --study $OPD_STUDY > {log} 2>&1"

@@ -9,12 +9,13 @@ if MINIATURE_MODELS:
             data=rules.toy_data.output.sft,
             tokenizer=rules.tokenizer.output,
         output:
-            "results/models/{model}/model.safetensors",
+            res("models/{model}/model.safetensors"),
         wildcard_constraints:
             model="|".join(MINIATURE_MODELS) or "^$",
         params:
             args=sft_args,
             out_dir=lambda wc: model_dir(wc.model),
+            tokenizer_dir=lambda wc, input: os.path.dirname(input.tokenizer),
             seed=config["seed"],
         threads: THREADS
         resources:
@@ -24,18 +25,18 @@ if MINIATURE_MODELS:
         conda:
             ENV_CORE
         log:
-            "results/logs/sft/{model}.log",
+            res("logs/sft/{model}.log"),
         benchmark:
-            "results/benchmarks/sft/{model}.tsv"
+            res("benchmarks/sft/{model}.tsv")
         shell:
-            "python -m opd.sft --data {input.data} --tokenizer results/tokenizer --out-dir {params.out_dir}"
+            "python -m opd.worlds.miniature.sft --data {input.data} --tokenizer {params.tokenizer_dir} --out-dir {params.out_dir}"
             " --name {wildcards.model} {params.args} --seed {params.seed} --threads {threads}"
             " --study $OPD_STUDY > {log} 2>&1"
 
 
 rule fetch_model:
     output:
-        "results/models/{model}/FETCHED.json",
+        res("models/{model}/FETCHED.json"),
     wildcard_constraints:
         model="|".join(HUB_MODELS) or "^$",
     params:
@@ -48,7 +49,7 @@ rule fetch_model:
     conda:
         ENV_CORE
     log:
-        "results/logs/fetch/{model}.log",
+        res("logs/fetch/{model}.log"),
     shell:
-        "python -m opd.fetch --repo {params.repo} --revision {params.revision} --out-dir {params.out_dir}"
+        "python -m opd.infra.fetch --repo {params.repo} --revision {params.revision} --out-dir {params.out_dir}"
         " --name {wildcards.model} --study $OPD_STUDY > {log} 2>&1"

@@ -3,29 +3,30 @@
 
 rule report_models:
     input:
-        expand("results/eval/{model}/{task}.json", model=EVAL_MODELS, task=BENCHMARKS),
+        expand(res("eval/{model}/{task}.json"), model=EVAL_MODELS, task=BENCHMARKS),
     output:
         md=f"{REPORT_DIR}/models.md",
         csv=f"{REPORT_DIR}/models.csv",
         png=f"{REPORT_DIR}/models.png",
     params:
         study=STUDY,
+        results_dir=lambda wc, input: os.path.dirname(os.path.dirname(input[0])),  # <results>/eval
         models=" ".join(EVAL_MODELS),
         tasks=" ".join(BENCHMARKS),
         bench_args=bench_args(),
     conda:
         ENV_CORE
     log:
-        f"results/logs/{STUDY}/report_models.log",
+        f"{RESULTS}/logs/{STUDY}/report_models.log",
     shell:
-        "python -m opd.report --results-dir results/eval --models {params.models} --tasks {params.tasks} {params.bench_args}"
+        "python -m opd.studies.report --results-dir {params.results_dir} --models {params.models} --tasks {params.tasks} {params.bench_args}"
         " --out-md {output.md} --out-csv {output.csv} --out-png {output.png} --study {params.study} > {log} 2>&1"
 
 
 rule report_training:
     input:
         trained=trained_evals(),
-        base=expand("results/eval/{model}/{task}.json", model=TRAIN_STUDENTS, task=BENCHMARKS),
+        base=expand(res("eval/{model}/{task}.json"), model=TRAIN_STUDENTS, task=BENCHMARKS),
     output:
         md=f"{REPORT_DIR}/training.md",
         csv=f"{REPORT_DIR}/training.csv",
@@ -37,16 +38,16 @@ rule report_training:
     conda:
         ENV_CORE
     log:
-        f"results/logs/{STUDY}/report_training.log",
+        f"{RESULTS}/logs/{STUDY}/report_training.log",
     shell:
-        "python -m opd.report_train {params.grid} {params.bench_args} --study {params.study}"
+        "python -m opd.studies.report_train {params.grid} {params.bench_args} --study {params.study}"
         " --out-md {output.md} --out-csv {output.csv} --out-png {output.png} > {log} 2>&1"
 
 
 rule report_sweep:
     input:
         trained=trained_evals(),
-        base=expand("results/eval/{model}/{task}.json", model=TRAIN_STUDENTS, task=BENCHMARKS),
+        base=expand(res("eval/{model}/{task}.json"), model=TRAIN_STUDENTS, task=BENCHMARKS),
     output:
         md=f"{REPORT_DIR}/sweep.md",
         csv=f"{REPORT_DIR}/sweep.csv",
@@ -58,7 +59,7 @@ rule report_sweep:
     conda:
         ENV_CORE
     log:
-        f"results/logs/{STUDY}/report_sweep.log",
+        f"{RESULTS}/logs/{STUDY}/report_sweep.log",
     shell:
-        "python -m opd.report_sweep {params.grid} {params.bench_args} --study {params.study}"
+        "python -m opd.studies.report_sweep {params.grid} {params.bench_args} --study {params.study}"
         " --out-md {output.md} --out-csv {output.csv} --out-png {output.png} > {log} 2>&1"

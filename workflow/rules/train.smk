@@ -1,4 +1,4 @@
-# On-policy distillation of every (teacher, student, method, K, ratio, seed) of the grid (opd.sweep), and lm-eval of each final student.
+# On-policy distillation of every (teacher, student, method, K, ratio, seed) of the grid (opd.studies.sweep), and lm-eval of each final student.
 
 
 rule train_opd:
@@ -24,11 +24,11 @@ rule train_opd:
     conda:
         ENV_TRAIN
     log:
-        f"results/logs/train/{TRAIN_ID}.log",
+        f"{RESULTS}/logs/train/{TRAIN_ID}.log",
     benchmark:
-        f"results/benchmarks/train/{TRAIN_ID}.tsv"
+        f"{RESULTS}/benchmarks/train/{TRAIN_ID}.tsv"
     shell:
-        "{params.launcher} -m opd.train --student {params.student_dir} --teacher {params.teacher_dir}"
+        "{params.launcher} -m opd.engines.train --student {params.student_dir} --teacher {params.teacher_dir}"
         " --prompts {input.prompts} --out-dir {params.out_dir} --method {wildcards.method}"
         " --top-k {wildcards.k} --ratio {wildcards.ratio} --seed {wildcards.seed} {params.args}"
         " --threads {threads} --restart-if-flags-changed --name {params.name}"
@@ -55,11 +55,11 @@ rule eval_trained:
     conda:
         ENV_EVAL
     log:
-        f"results/logs/eval_trained/{TRAIN_ID}.log",
+        f"{RESULTS}/logs/eval_trained/{TRAIN_ID}.log",
     benchmark:
-        f"results/benchmarks/eval_trained/{TRAIN_ID}.tsv"
+        f"{RESULTS}/benchmarks/eval_trained/{TRAIN_ID}.tsv"
     shell:
-        "python -m opd.evaluate --model-dir {params.train_dir}/model --model-name"
+        "python -m opd.studies.evaluate --model-dir {params.train_dir}/model --model-name"
         " {params.name}"
         " --tasks {params.tasks} --out-dir {params.train_dir}/eval"
         " --train-dir {params.train_dir} {params.args} --threads {threads} --study $OPD_STUDY > {log} 2>&1"

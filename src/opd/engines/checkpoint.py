@@ -1,0 +1,97 @@
+"""Training checkpoints: atomic writes, the newest complete one found again, RNG states that replay.
+
+OUT/checkpoints/step_{t:06d}/ holds model.pt, trainer.pt (optimizer, scheduler, RNG states as tensors and
+lists, so `torch.load(weights_only=True)` reads them) and state.json (step, MLflow run id, metrics, flags),
+written last: only a directory with state.json counts as complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+KEEP_CHECKPOINTS = 2
+CHECKPOINT_RE = re.compile(r"step_\d{6}")
+# May change on resumption: they do not change what is computed (study only names the MLflow experiment).
+RESUME_EXEMPT = ("threads", "out_dir", "checkpoint_every", "restart_if_flags_changed", "study", "vllm_python",
+                 "vllm_memory_fraction")
+
+
+def _rng_states() -> dict:
+    """torch, python and numpy RNG states as tensors/lists, so `torch.load(weights_only=True)` reads them."""
+    version, py_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": [version, list(py_state), gauss],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
+
+
+def restore_rng_states(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    version, py_state, gauss = rng["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def _discard(path: Path) -> None:
+    """Rename, then delete: a half-deleted checkpoint never sits under a name that looks complete."""
+    trash = path.with_name(f".trash_{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    path.rename(trash)
+    shutil.rmtree(trash)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint directories with their state.json (written last), oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if CHECKPOINT_RE.fullmatch(p.name) and (p / "state.json").is_file())
+
+
+def _resume_flags(args: argparse.Namespace) -> dict:
+    return {k: str(v) for k, v in vars(args).items() if k not in RESUME_EXEMPT}
+
+
+def save_checkpoint(out_dir: Path, step: int, args: argparse.Namespace, model_state: dict, optimizer_state: dict,
+                    scheduler_state: dict, run_id: str, metrics: dict, keep: int = KEEP_CHECKPOINTS) -> Path:
+    """OUT/checkpoints/step_{step:06d}, written atomically; only the newest `keep` are kept.
+
+    The states are CPU copies (a checkpoint loads on a machine without a GPU); `args` are the run's
+    flags, stored so that a resume with other flags is refused (`changed_flags`).
+    """
+    root = out_dir / "checkpoints"
+    final, tmp = root / f"step_{step:06d}", root / f".tmp_step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(model_state, tmp / "model.pt")
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": _rng_states()}, tmp / "trainer.pt")
+    state = {"step": step, "run_id": run_id, "metrics": metrics, "flags": _resume_flags(args)}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    if final.exists():  # an incomplete leftover (no state.json) or an older copy of this very step
+        _discard(final)
+    tmp.rename(final)
+    for old in complete_checkpoints(root)[:-keep]:
+        _discard(old)
+    return final
+
+
+def load_latest_checkpoint(out_dir: Path) -> dict | None:
+    """The newest complete checkpoint: its state.json plus `model` and `trainer` state dicts; None if none."""
+    done = complete_checkpoints(out_dir / "checkpoints")
+    if not done:
+        return None
+    path = done[-1]
+    state = json.loads((path / "state.json").read_text())
+    return {**state, "path": path, "model": torch.load(path / "model.pt", weights_only=True, map_location="cpu"),
+            "trainer": torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")}
+
+
+def changed_flags(args: argparse.Namespace, ckpt: dict) -> list[str]:
+    return sorted(k for k, v in _resume_flags(args).items() if ckpt["flags"].get(k) != v)

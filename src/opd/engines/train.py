@@ -1,0 +1,361 @@
+"""On-policy distillation in process: sample from the current student, score with the teacher, mask, update.
+
+Step t (1-based) depends only on (--seed, t) and the student's weights and optimizer state (prompts drawn
+and sampling both seeded with seed·1_000_003 + t, so different seeds never share a stream): a resumed run
+replays an uninterrupted one exactly.
+Steps call the functions the standalone stages call, so training and the diagnostic study see the same
+numbers. Methods: `full`; another selector of `opd.math.select` at budget ρ; `release` (tokens before each
+rollout's release point); `release+ta_opd` (ta_opd at budget ρ among pre-release tokens only).
+Checkpoints OUT/checkpoints/step_{t:06d}/ (model.pt, trainer.pt, state.json) are written to a hidden
+temporary directory and renamed: a directory under its final name is always complete.
+Under `torchrun --nproc_per_node=N -m opd.engines.train`: data-parallel DDP training, see `opd.engines.distributed`.
+Device and precision (`--device`, `--dtype`): `opd.engines.accel`; rollouts from a persistent vLLM engine
+(`--rollout-backend vllm`): `opd.engines.vllm_engine`; prompt text (`--prompt-format`): `opd.worlds.prompts`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from opd import worlds
+from opd.engines import accel, distributed
+from opd.engines import vllm_engine as engine
+from opd.engines.checkpoint import changed_flags, load_latest_checkpoint, restore_rng_states, save_checkpoint
+from opd.engines.forward import response_logits
+from opd.engines.rollout import Rollouts, generate_hf
+from opd.engines.score import check_tokenizers, score_rollouts
+from opd.engines.signals import BatchSignals, add_release_args, batch_signals, release_indices, release_rule
+from opd.infra.io import read_jsonl, save_model_dir, write_json
+from opd.math.loss import AGGREGATIONS, DISTRIBUTION_LOSSES, aggregate, distribution_loss, opd_loss
+from opd.math.release import ReleaseRule, release_mask
+from opd.math.select import SELECTORS, select_mask
+
+RELEASE_METHODS = ("release", "release+ta_opd")
+METHODS = SELECTORS + RELEASE_METHODS
+SIGNAL_MODES = ("exact", "topk")
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything a step needs; the student, optimizer and scheduler change in place."""
+    args: argparse.Namespace
+    world: worlds.World  # prompt template and answer checker of the study's data
+    student: Any
+    teacher: Any
+    tokenizer: Any
+    records: list[dict]
+    prompt_ids: list[list[int]]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    dist: distributed.Context = distributed.Context()
+    ddp: Any = None  # the DDP-wrapped `distributed.MaskedLogits(student)` when world > 1
+    device: torch.device = torch.device("cpu")
+    engine: Any = None  # an `opd.engine.VllmEngine` with --rollout-backend vllm, while training runs
+    rollout_weights_stale: bool = True  # the engine still has weights older than the student's
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one step produced (the tests look at the mask and the release points)."""
+    metrics: dict[str, float]
+    rollouts: Rollouts
+    signals: BatchSignals
+    mask_BT: Tensor
+    release_B: list[int | None]
+
+
+def check_args(args: argparse.Namespace, world: int = 1) -> None:
+    """Refuse flags that would fail (or silently mean something else) only after the first step."""
+    if args.method not in METHODS:
+        raise ValueError(f"unknown method {args.method!r}; allowed: {', '.join(METHODS)}")
+    if not 0.0 < args.ratio <= 1.0:
+        raise ValueError(f"--ratio must be in (0, 1], got {args.ratio}")
+    if args.top_k < 2:
+        raise ValueError(f"--top-k must be >= 2 (the teacher margin compares two candidates), got {args.top_k}")
+    for flag, allowed in (("aggregation", AGGREGATIONS), ("signal_mode", SIGNAL_MODES),
+                          ("loss", ("pg", *DISTRIBUTION_LOSSES))):
+        if getattr(args, flag) not in allowed:
+            raise ValueError(f"unknown --{flag.replace('_', '-')} {getattr(args, flag)!r}; "
+                             f"allowed: {', '.join(allowed)}")
+    for name in ("steps", "prompts_per_step", "samples", "max_new_tokens", "checkpoint_every", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 < args.vllm_memory_fraction <= 1.0:
+        raise ValueError(f"--vllm-memory-fraction must be in (0, 1], got {args.vllm_memory_fraction}")
+    distributed.check_share(args.prompts_per_step, world)
+    release_rule(args)
+
+
+def setup(args: argparse.Namespace, world: worlds.World | None = None,
+          ctx: distributed.Context = distributed.Context()) -> Trainer:
+    """Check flags, prompts and tokenizers (before anything is written), then load models and optimizer.
+
+    `world` (default: the one `--world` names) renders the prompts and checks the answers.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_args(args, ctx.world)
+    world = world or worlds.get(args.world)
+    records = read_jsonl(args.prompts, required=("id", "question", "answer"))
+    worlds.check_answers(world, records, args.prompts)
+    if args.prompts_per_step > len(records):
+        raise ValueError(f"--prompts-per-step {args.prompts_per_step} > {len(records)} prompts in {args.prompts}")
+    tokenizer = AutoTokenizer.from_pretrained(str(args.student))
+    check_tokenizers(tokenizer, AutoTokenizer.from_pretrained(str(args.teacher)), str(args.student), str(args.teacher))
+    torch.set_num_threads(args.threads)
+    device = accel.resolve_device(args.device)
+    # fp32 master weights for the student whatever --dtype says (see opd.engines.accel); a bf16 teacher with bf16.
+    student = AutoModelForCausalLM.from_pretrained(str(args.student), dtype=torch.float32).to(device)
+    teacher = AutoModelForCausalLM.from_pretrained(str(args.teacher), dtype=accel.teacher_dtype(args.dtype))
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+    prompt_ids = [world.encode_prompt(tokenizer, r["question"], args.prompt_format, args.enable_thinking)
+                  for r in records]
+    ddp = distributed.wrap(student) if ctx.world > 1 else None
+    return Trainer(args, world, student, teacher, tokenizer, records, prompt_ids, optimizer, scheduler, ctx, ddp,
+                   device)
+
+
+def sample(tr: Trainer, t: int) -> tuple[Rollouts, list[dict]]:
+    """`samples` responses to each of `prompts_per_step` prompts, from the current student."""
+    args = tr.args
+    gen = torch.Generator().manual_seed(distributed.step_seed(args.seed, t))
+    drawn = torch.randperm(len(tr.records), generator=gen)[: args.prompts_per_step].tolist()
+    picked = distributed.share(tr.dist, drawn)  # the same draw on every rank: rank r keeps its share
+    index = [i for i in picked for _ in range(args.samples)]
+    ids = [f"{tr.records[i]['id']}#{j % args.samples}" for j, i in enumerate(index)]
+    prompts, seed = [tr.prompt_ids[i] for i in index], distributed.step_seed(args.seed, t, tr.dist.rank)
+    if tr.engine is not None:  # vLLM: bring the engine up to the current weights first
+        if tr.rollout_weights_stale:
+            tr.engine.push_weights(tr.student)
+            tr.rollout_weights_stale = False
+        tensors = tr.engine.generate(prompts, args.top_k, args.temperature, args.top_p, args.max_new_tokens, seed)
+    else:
+        tr.student.eval()
+        with accel.autocast(tr.device, args.dtype):
+            tensors = generate_hf(tr.student, tr.tokenizer, prompts, args.top_k, args.temperature, args.top_p,
+                                  args.max_new_tokens, seed=seed, batch_size=args.batch_size)
+    return Rollouts(ids, tensors), [tr.records[i] for i in index]
+
+
+def build_mask(method: str, rollouts: Rollouts, sig: BatchSignals, tokenizer, ratio: float, rule: ReleaseRule,
+               seed: int) -> tuple[Tensor, list[int | None]]:
+    """(mask_BT ⊆ valid_BT of the supervised positions, release index per rollout)."""
+    if method not in RELEASE_METHODS:
+        return select_mask(method, sig.for_selection(), ratio, seed=seed), [None] * len(rollouts.ids)
+    release_B = release_indices(rollouts, sig, tokenizer, rule)
+    pre_BT = release_mask(sig.valid_BT, release_B)
+    if method == "release":
+        return pre_BT, release_B
+    # The released suffix is out of the batch for selection: Norm() quantiles and n = ⌈ρ·N⌉ count
+    # pre-release positions only.
+    pre_signals = dataclasses.replace(sig.for_selection(), valid_BT=pre_BT)
+    return select_mask("ta_opd", pre_signals, ratio, seed=seed), release_B
+
+
+def supervised_batch(seqs: list[tuple[list[int], list[int]]], mask_BT: Tensor):
+    """(prompts, responses cut after their last supervised token, keep_N on them, sequence of each kept token).
+
+    A released suffix then costs no forward pass, and a sequence with nothing supervised none at all.
+    """
+    prompts, responses, keeps, seq_index = [], [], [], []
+    for b, (prompt, response) in enumerate(seqs):
+        m_T = mask_BT[b, : len(response)]
+        hits = m_T.nonzero()
+        if len(hits) == 0:
+            continue
+        cut = int(hits[-1, 0]) + 1
+        prompts.append(prompt)
+        responses.append(response[:cut])
+        keeps.append(m_T[:cut])
+        seq_index += [b] * int(m_T.sum())
+    return prompts, responses, torch.cat(keeps), torch.tensor(seq_index, dtype=torch.long)
+
+
+def update_step(tr: Trainer, rollouts: Rollouts, scores: dict[str, Tensor], mask_BT: Tensor, step: int) -> float:
+    """One optimizer step on the OPD loss of the masked positions; FloatingPointError on NaN/Inf."""
+    args, seqs = tr.args, rollouts.sequences()
+    mask_N = torch.cat([mask_BT[b, : len(r)] for b, (_, r) in enumerate(seqs)])
+    scale = distributed.loss_scale(tr.dist, mask_BT, args.aggregation, f"step {step}: the {args.method!r} mask")
+    prompts, responses, keep_N, seq_index_M = supervised_batch(seqs, mask_BT)
+    tr.student.train()
+    with accel.autocast(tr.device, args.dtype):  # the forward only: backward follows autocast's dtypes
+        if tr.ddp is None:
+            logits_MV = response_logits(tr.student, prompts, responses, keep_N)
+        else:  # through DDP's forward: backward then averages the gradients over ranks
+            logits_MV = tr.ddp(prompts, responses, keep_N)
+    dev = logits_MV.device
+    tokens_M = rollouts.tensors["tokens_N"].long()[mask_N].to(dev)
+    s_logp_MV = torch.log_softmax(logits_MV.float(), -1)
+    if args.loss == "pg":  # the papers' objective
+        new_logprob_M = s_logp_MV.gather(-1, tokens_M[:, None])[:, 0]
+        old_logprob_M, t_logprob_M = (x[mask_N].to(dev) for x in (rollouts.tensors["s_logprob_N"], scores["t_logprob_N"]))
+        loss = opd_loss(new_logprob_M, old_logprob_M, t_logprob_M, torch.ones_like(tokens_M, dtype=torch.bool),
+                        args.clip_eps, args.aggregation, seq_index_M.to(dev)) * scale
+    else:
+        loss_M = distribution_loss(args.loss, s_logp_MV, rollouts.tensors, scores, mask_N)
+        loss = aggregate(loss_M, torch.ones_like(tokens_M, dtype=torch.bool), seq_index_M.to(dev), args.aggregation) * scale
+    problem = ("non-finite student logits" if not bool(torch.isfinite(logits_MV).all()) else
+               f"non-finite OPD loss ({loss.item()})" if not bool(torch.isfinite(loss)) else None)
+    distributed.raise_if_any(tr.dist, problem, f"at step {step}")  # every rank stops, none hangs
+    tr.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(tr.student.parameters(), 1.0)
+    if not bool(torch.isfinite(grad_norm)):
+        raise FloatingPointError(f"non-finite gradient norm at step {step}")
+    tr.optimizer.step()
+    tr.scheduler.step()
+    tr.rollout_weights_stale = True
+    return loss.item()
+
+
+def step_metrics(tr: Trainer, rollouts: Rollouts, scores: dict[str, Tensor], records: list[dict],
+                 mask_N: Tensor, release_B: list[int | None]) -> dict[str, float]:
+    """The per-step metrics that do not depend on the update (all NaN-free)."""
+    reverse_kl_N = rollouts.tensors["s_logprob_N"] - scores["t_logprob_N"]
+    seqs = rollouts.sequences()
+    released = [idx / len(r) for idx, (_, r) in zip(release_B, seqs) if idx is not None]
+    texts = [tr.tokenizer.decode(r, skip_special_tokens=True) for _, r in seqs]
+    correct = [tr.world.is_correct(text, rec["answer"]) for text, rec in zip(texts, records)]
+    return {
+        "reverse_kl_all": float(reverse_kl_N.mean()),
+        "reverse_kl_supervised": float(reverse_kl_N[mask_N].mean()) if bool(mask_N.any()) else 0.0,
+        "frac_supervised": float(mask_N.float().mean()),
+        "mean_release_position": sum(released) / len(released) if released else 1.0,
+        "train_accuracy": sum(correct) / len(correct),
+    }
+
+
+def run_step(tr: Trainer, t: int) -> StepResult:
+    """Training step t: rollouts from the current student, teacher scores, mask, one update."""
+    args, start = tr.args, time.perf_counter()
+    rollouts, records = sample(tr, t)
+    with accel.autocast(tr.device, args.dtype):
+        scores = score_rollouts(tr.teacher, rollouts, args.top_k, args.batch_size,
+                                student=tr.student if args.signal_mode == "exact" else None)
+    sig = batch_signals(rollouts.tensors, scores, args.signal_mode, args.margin)
+    mask_BT, release_B = build_mask(args.method, rollouts, sig, tr.tokenizer, args.ratio, release_rule(args),
+                                    seed=distributed.step_seed(args.seed, t, tr.dist.rank))
+    lr = tr.optimizer.param_groups[0]["lr"]
+    loss = update_step(tr, rollouts, scores, mask_BT, t)
+    metrics = {"loss": loss, **step_metrics(tr, rollouts, scores, records, mask_BT[sig.valid_BT], release_B),
+               "lr": lr, "tokens_per_second": int(sig.valid_BT.sum()) / (time.perf_counter() - start)}
+    return StepResult(distributed.reduce_metrics(tr.dist, metrics), rollouts, sig, mask_BT, release_B)
+
+
+def restore(tr: Trainer, ckpt: dict) -> None:
+    """Put a checkpoint's weights, optimizer, scheduler and RNG states back; refuse other flags."""
+    changed = changed_flags(tr.args, ckpt)
+    if changed:
+        raise ValueError(f"{ckpt['path']} was written with other flags ({', '.join(changed)}): "
+                         f"use another --out-dir or the same flags")
+    if ckpt["step"] > tr.args.steps:
+        raise ValueError(f"{ckpt['path']} is past --steps {tr.args.steps}")
+    tr.student.load_state_dict(ckpt["model"])
+    tr.optimizer.load_state_dict(ckpt["trainer"]["optimizer"])
+    tr.scheduler.load_state_dict(ckpt["trainer"]["scheduler"])
+    restore_rng_states(ckpt["trainer"]["rng"])
+
+
+def train_loop(tr: Trainer, run, start: int, metrics: dict) -> dict:
+    """Steps start+1 .. --steps, logging each to MLflow and checkpointing; returns the last metrics."""
+    from tqdm import tqdm
+
+    args, ctx = tr.args, tr.dist
+    bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, file=sys.stderr,
+               desc=f"opd[{args.method}]", mininterval=2, disable=not ctx.main)
+    for t in bar:
+        metrics = run_step(tr, t).metrics
+        run.log_metrics(metrics, step=t)  # on ranks other than 0, a NoRun
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['reverse_kl_all']:.3f}")
+        if t % args.checkpoint_every == 0 or t == args.steps:
+            if ctx.main:  # CPU copies of the states: the checkpoint loads on a machine without a GPU
+                save_checkpoint(args.out_dir, t, args, accel.cpu_state(tr.student), accel.cpu_state(tr.optimizer),
+                                tr.scheduler.state_dict(), run.run_id, metrics)
+            distributed.barrier(ctx)  # no rank runs ahead of (or exits before) a complete checkpoint
+    return metrics
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="On-policy distillation of a student by a teacher (in process).")
+    a = p.add_argument
+    a("--student", type=Path, required=True, help="initial student: Hugging Face model directory")
+    a("--teacher", type=Path, required=True, help="teacher: Hugging Face model directory (same tokenizer)")
+    a("--prompts", type=Path, required=True, help="training prompts, JSONL of {id, question, answer}")
+    a("--out-dir", type=Path, required=True, help="checkpoints/, model/ and metrics.json go here")
+    a("--method", required=True, help=f"which tokens get the loss: {', '.join(METHODS)}")
+    a("--top-k", type=int, default=16, help="K: student/teacher top-K kept per token (>= 2)")
+    a("--ratio", type=float, default=0.1, help="selection budget ρ in (0, 1] (selectors, release+ta_opd)")
+    a("--steps", type=int, default=100, help="optimizer steps")
+    a("--prompts-per-step", type=int, default=8, help="prompts drawn per step")
+    a("--samples", type=int, default=4, help="responses sampled per prompt")
+    a("--max-new-tokens", type=int, default=160, help="longest response")
+    a("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    a("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    a("--lr", type=float, default=1e-4, help="AdamW learning rate after warm-up")
+    a("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: steps // 20, at least 1)")
+    a("--clip-eps", type=float, default=0.2, help="PPO clip range ε")
+    a("--aggregation", default="token_mean", help=f"loss aggregation: {' or '.join(AGGREGATIONS)}")
+    a("--loss", default="pg", help=f"pg (the papers: PPO-clip on the sampled-token reverse KL) or "
+      f"{', '.join(DISTRIBUTION_LOSSES)} (on the stored top-K)")
+    a("--signal-mode", default="exact", help="teachability signals: exact (paper) or topk (official code)")
+    a("--checkpoint-every", type=int, default=50, help="steps between checkpoints (and one at the end)")
+    a("--batch-size", type=int, default=64, help="sequences per generate() call and per teacher forward")
+    a("--seed", type=int, default=0, help="seed of prompt draws, sampling and the random selector")
+    a("--restart-if-flags-changed", action="store_true",
+      help="start afresh (old checkpoints renamed aside) instead of refusing checkpoints made with other flags")
+    a("--threads", type=int, default=1, help="torch CPU threads")
+    a("--study", default="miniature", help="MLflow experiment name")
+    a("--name", default="student", help="run name for tracking (e.g. the student scale and method)")
+    accel.add_args(p)
+    add_release_args(p)
+    worlds.add_args(p)
+    engine.add_args(p)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from opd.infra import tracking
+
+    args = parse_args(argv)
+    world = worlds.get(args.world)
+    with accel.session(args.device) as (ctx, _):  # a process group under torchrun (WORLD_SIZE > 1); else one rank
+        tr = setup(args, world, ctx)
+        ckpt = load_latest_checkpoint(args.out_dir)  # every rank reads the same files
+        if ckpt is not None and args.restart_if_flags_changed and changed_flags(args, ckpt):
+            if ctx.main:  # a rerun with new settings (e.g. Snakemake after a config change): keep, set aside
+                (args.out_dir / "checkpoints").rename(args.out_dir / f"checkpoints.replaced-{time.time():.0f}")
+            distributed.barrier(ctx)
+            ckpt = None
+        if ckpt is not None:
+            restore(tr, ckpt)
+        start, metrics = (ckpt["step"], ckpt["metrics"]) if ckpt else (0, {})
+        distributed.check_same_step(ctx, start, args.out_dir)
+        with distributed.main_only(ctx, lambda: tracking.run(
+                args.study, f"train[{args.name}]", params=None if ckpt else vars(args),
+                tags={"model": args.name, "method": args.method}, run_id=ckpt["run_id"] if ckpt else None)) as run, \
+                engine.for_trainer(tr):  # a no-op for --rollout-backend hf
+            metrics = train_loop(tr, run, start, metrics)
+            final = {"step": args.steps, **metrics}
+            if ctx.main:
+                save_model_dir(tr.student, tr.tokenizer, args.out_dir / "model")
+                write_json(args.out_dir / "metrics.json", final)
+        distributed.finish(ctx, tr.student)
+    if ctx.main:
+        print(json.dumps(final))
+    return final
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Small I/O helpers that fail with an error naming the file."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator
+
+
+class DataFileError(ValueError):
+    """A data file that is missing or malformed; the message names the file and the line."""
+
+
+def read_jsonl(path: Path | str, required: tuple[str, ...] = ()) -> list[dict]:
+    """Records of a JSONL file; each must be a JSON object holding the `required` keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(f"data file not found: {path}")
+    records = []
+    with path.open() as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFileError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(rec, dict):
+                raise DataFileError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            missing = [k for k in required if k not in rec]
+            if missing:
+                raise DataFileError(f"{path}:{lineno}: missing key(s) {', '.join(missing)}")
+            records.append(rec)
+    if not records:
+        raise DataFileError(f"data file is empty: {path}")
+    return records
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """A temporary sibling of `path` to write to; moved onto `path` only if the block succeeds.
+
+    The one atomic writer of the package: a killed job leaves either the old file or the new one,
+    never half a file (os.replace is atomic on one filesystem, hence the sibling).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path | str, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path | str, obj, indent: int | None = 1) -> None:
+    write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def write_jsonl(path: Path | str, records: Iterable[dict]) -> None:
+    with atomic_path(path) as tmp, tmp.open("w") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec) + "\n")
+
+
+def write_rows_csv(path: Path | str, rows: list[dict]) -> None:
+    """A CSV with one row per dict, columns in the first dict's key order."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def save_model_dir(model, tokenizer, out_dir: Path) -> None:
+    """A Hugging Face model directory, written to a sibling and swapped in, so a killed job leaves no
+    half-written model: the old directory is renamed aside before the new one moves in, so at every
+    instant either the old or the new model is complete on disk."""
+    tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)

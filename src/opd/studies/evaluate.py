@@ -1,0 +1,175 @@
+"""Evaluate one model on one task with lm-eval (`hf` backend here, `vllm` on GPU machines).
+
+Runs offline: the task YAMLs under workflow/tasks read local JSONL files, and the model is a local
+Hugging Face directory. Writes lm-eval's results JSON (config, versions, metrics) and the per-problem
+samples next to it, and logs the score to MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from opd.infra.io import write_text
+from opd.infra.lmeval_results import METRIC
+
+
+
+def parse_kv(items: list[str], flag: str) -> dict:
+    """`key=value` flags into a dict; values parsed as JSON where they can be (numbers, true/false)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def run_lm_eval(model_dir: Path, tasks: list[str], include_path: Path, backend: str, batch_size: int | str,
+                max_gen_toks: int, limit: int | None, device: str, model_args: dict | None = None,
+                gen_kwargs: dict | None = None, apply_chat_template: bool = False, offline: bool = True,
+                num_fewshot: int | None = None) -> dict:
+    """lm-eval's result dict for a model on `tasks` (one process: start-up dominates on small models)."""
+    if offline:  # nothing here may reach the hub, so fail fast instead of hanging
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    args = {"pretrained": str(model_dir), "dtype": "float32"}
+    if backend == "vllm":
+        args.update({"gpu_memory_utilization": 0.8, "enforce_eager": True})
+    args.update(model_args or {})
+    # Our task YAMLs first; lm-eval's built-ins (MATH-500, AIME, GPQA, IFEval) stay visible beside them.
+    manager = TaskManager(include_path=str(include_path), include_defaults=any(
+        not (include_path / f"{t}.yaml").is_file() for t in tasks))
+    result = lm_eval.simple_evaluate(
+        model=backend,
+        model_args=args,
+        tasks=list(tasks),
+        batch_size=batch_size,
+        device=device,
+        limit=limit,
+        log_samples=True,
+        gen_kwargs={**(gen_kwargs or {}), "max_gen_toks": max_gen_toks},
+        apply_chat_template=apply_chat_template,
+        num_fewshot=num_fewshot,
+        task_manager=manager,
+        bootstrap_iters=1000,
+    )
+    if result is None:
+        raise RuntimeError(f"lm-eval returned no result for tasks {tasks}")
+    return result
+
+
+def score(result: dict, task: str, metric: str = METRIC) -> tuple[float, float, int]:
+    """(`metric`, its standard error, number of problems) of `task` in an lm-eval result."""
+    metrics = result["results"][task]
+    if metric not in metrics:
+        raise KeyError(f"task {task!r} reports no metric {metric!r}; it reports: "
+                       f"{', '.join(k for k in metrics if not k.endswith('stderr') and ',' in k)}")
+    name, _, filt = metric.partition(",")
+    stderr = metrics.get(f"{name}_stderr,{filt}", float("nan"))
+    n = result.get("n-samples", {}).get(task, {}).get("effective", len(result.get("samples", {}).get(task, [])))
+    return float(metrics[metric]), float(stderr) if stderr != "N/A" else float("nan"), int(n)
+
+
+def task_view(result: dict, task: str) -> dict:
+    """The part of a multi-task lm-eval result that concerns `task` (same layout as a one-task run)."""
+    view = {k: v for k, v in result.items() if k != "samples"}
+    for key in ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples"):
+        if isinstance(result.get(key), dict):
+            view[key] = {t: v for t, v in result[key].items() if t == task}
+    return view
+
+
+def write_outputs(result: dict, task: str, out_dir: Path, metric: str = METRIC) -> Path:
+    """<out_dir>/<task>.json (lm-eval's result) and <task>.samples.jsonl (every response); returns the JSON."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = metric.partition(",")[0]
+    with (out_dir / f"{task}.samples.jsonl").open("w") as fh:
+        for s in result.get("samples", {}).get(task, []):
+            fh.write(json.dumps({"doc_id": s["doc_id"], "target": s["target"],
+                                 "response": s["resps"][0][0], "filtered": s["filtered_resps"][0],
+                                 name: s.get(name)}, default=str) + "\n")
+    out = out_dir / f"{task}.json"
+    write_text(out, json.dumps(task_view(result, task), indent=2, default=str))
+    return out
+
+
+def training_run_id(train_dir: Path) -> str:
+    """The MLflow run of an OPD training directory (from its latest complete checkpoint)."""
+    states = sorted(train_dir.glob("checkpoints/step_*/state.json"))  # checkpoints.replaced-* are old runs
+    if not states:
+        raise FileNotFoundError(f"{train_dir}: no complete checkpoint with a state.json")
+    return json.loads(states[-1].read_text())["run_id"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Evaluate a model on lm-eval tasks.")
+    parser.add_argument("--model-dir", type=Path, required=True, help="Hugging Face model directory")
+    parser.add_argument("--model-name", required=True, help="name of the model in the study")
+    parser.add_argument("--tasks", nargs="+", required=True, help="lm-eval task names (YAMLs under --include-path)")
+    parser.add_argument("--include-path", type=Path, required=True,
+                        help="directory of our task YAMLs (lm-eval's built-in tasks are found too)")
+    parser.add_argument("--out-dir", type=Path, required=True, help="writes <task>.json and <task>.samples.jsonl")
+    parser.add_argument("--train-dir", type=Path, default=None,
+                        help="OPD training directory: also log the scores to its MLflow run")
+    parser.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="lm-eval model backend")
+    parser.add_argument("--batch-size", default="64", help="generation batch size (an int, or auto)")
+    parser.add_argument("--model-arg", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra lm-eval model_args, e.g. max_model_len=32768 enable_thinking=true")
+    parser.add_argument("--gen-kwarg", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra lm-eval gen_kwargs, e.g. temperature=0.6 top_p=0.95")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's)")
+    parser.add_argument("--apply-chat-template", action="store_true", help="prompt through the chat template")
+    parser.add_argument("--online", action="store_true",
+                        help="allow hub downloads (built-in tasks' datasets); default: HF offline mode")
+    parser.add_argument("--metric", nargs="*", default=[], metavar="TASK=METRIC",
+                        help=f"lm-eval metric key per task where it is not {METRIC!r}")
+    parser.add_argument("--max-gen-toks", type=int, default=160, help="longest response in tokens")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    parser.add_argument("--device", default="cpu", help="torch device for the hf backend")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--study", default="miniature", help="MLflow experiment name")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from opd.infra import tracking
+
+    torch.set_num_threads(args.threads)
+    if not (args.model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no Hugging Face model in {args.model_dir} (config.json missing)")
+    name = f"lm_eval[{args.model_name},{args.tasks[0]}]" if len(args.tasks) == 1 else f"lm_eval[{args.model_name}]"
+    task_metric = {t: m for t, m in (i.partition("=")[::2] for i in args.metric)}
+    batch = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
+    with tracking.run(args.study, name, params=vars(args), tags={"model": args.model_name}) as run:
+        start = time.time()
+        result = run_lm_eval(args.model_dir, args.tasks, args.include_path, args.backend, batch,
+                             args.max_gen_toks, args.limit, args.device, parse_kv(args.model_arg, "--model-arg"),
+                             parse_kv(args.gen_kwarg, "--gen-kwarg"), args.apply_chat_template, not args.online,
+                             args.num_fewshot)
+        metrics = {}
+        for task in args.tasks:
+            acc, stderr, n = score(result, task, task_metric.get(task, METRIC))
+            prefix = "" if len(args.tasks) == 1 else f"{task}."
+            metrics.update({f"{prefix}accuracy": acc, f"{prefix}accuracy_stderr": stderr, f"{prefix}n": n})
+            run.log_artifact(write_outputs(result, task, args.out_dir, task_metric.get(task, METRIC)))
+        run.log_metrics({**metrics, "seconds": time.time() - start})
+    if args.train_dir is not None:  # the scores of a trained student belong with its training run too
+        tracking.log_to_run(training_run_id(args.train_dir),
+                            {f"eval.{t}.accuracy": score(result, t, task_metric.get(t, METRIC))[0]
+                             for t in args.tasks})
+    print(json.dumps({"model": args.model_name, **metrics}))
+
+
+if __name__ == "__main__":
+    main()
