@@ -15,7 +15,7 @@ if MINIATURE_MODELS:
         params:
             args=sft_args,
             out_dir=lambda wc: model_dir(wc.model),
-            tokenizer_dir=lambda wc, input: os.path.dirname(input.tokenizer),
+            tokenizer_dir=lambda wc, input: os.path.dirname(input.tokenizer[0]),
             seed=config["seed"],
         threads: THREADS
         resources:
