@@ -54,8 +54,10 @@ test-slurm: $(SLURM_STAMP)
 	OPD_SLURM_TEST=1 PATH="$(abspath $(VENV))/bin:$$PATH" python -m pytest -q -m slurm tests/test_slurm.py; \
 		rc=$$?; tests/slurm/stop_cluster.sh; exit $$rc
 
+# Snakemake's linter (no warnings allowed) and snakefmt (pinned in the test extra) on every workflow file.
 lint: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" snakemake --lint --cores 1
+	PATH="$(abspath $(VENV))/bin:$$PATH" snakemake --lint --cores 1 | tee /dev/stderr | grep -q "Congratulations"
+	PATH="$(abspath $(VENV))/bin:$$PATH" snakefmt --check Snakefile workflow/rules
 
 clean-results:
 	rm -rf results/data results/tokenizer results/models results/eval results/report results/logs results/benchmarks results/diagnose results/train

@@ -4,6 +4,10 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
+# `snakemake --report <results>/report.html`: the tables and figures marked report() in the rules.
+report: "workflow/report/workflow.rst"
+
+
 # The default study, unless config files are named on the command line: then only those are read (in
 # order, later ones overriding), so a full config such as config/paper.yaml is never mixed with the miniature one.
 if not workflow.overwrite_configfiles:

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 pytestmark = pytest.mark.slow
+RESULTS = "out"  # a results root that is not called results/, in a working directory elsewhere (--directory)
 
 
 def _snakemake(python, repo: Path, workdir: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -24,20 +25,21 @@ def _snakemake(python, repo: Path, workdir: Path, *extra: str) -> subprocess.Com
 def smoke(tmp_path_factory):
     repo = Path(__file__).resolve().parents[1]
     workdir = tmp_path_factory.mktemp("smoke")
-    proc = _snakemake(sys.executable, repo, workdir)
+    proc = _snakemake(sys.executable, repo, workdir, "--config", f"results_dir={RESULTS}")
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not (workdir / "results").exists()  # every output, log and the MLflow store went under RESULTS
     return workdir, yaml.safe_load((repo / "tests/config/smoke.yaml").read_text())
 
 
 def test_report_has_every_model_and_benchmark(smoke):
     workdir, cfg = smoke
-    with open(workdir / "results/report/smoke/models.csv") as fh:
+    with open(workdir / RESULTS / "report/smoke/models.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["model"] for r in rows] == list(cfg["models"])
     assert list(rows[0]) == ["model", *cfg["evaluation"]["benchmarks"], "in_domain_avg", "ood"]
     for row in rows:
         assert 0.0 <= float(row["in_domain_avg"]) <= 100.0
-    assert (workdir / "results/report/smoke/models.png").stat().st_size > 1000
+    assert (workdir / RESULTS / "report/smoke/models.png").stat().st_size > 1000
 
 
 def test_models_load_and_lm_eval_results_are_real(smoke):
@@ -45,13 +47,13 @@ def test_models_load_and_lm_eval_results_are_real(smoke):
 
     workdir, cfg = smoke
     for model in cfg["models"]:
-        path = workdir / "results/models" / model
+        path = workdir / RESULTS / "models" / model
         AutoModelForCausalLM.from_pretrained(str(path))
         AutoTokenizer.from_pretrained(str(path))
         for task in cfg["evaluation"]["benchmarks"]:
-            result = json.loads((workdir / f"results/eval/{model}/{task}.json").read_text())
+            result = json.loads((workdir / RESULTS / f"eval/{model}/{task}.json").read_text())
             samples = [json.loads(line) for line in
-                       (workdir / f"results/eval/{model}/{task}.samples.jsonl").read_text().splitlines()]
+                       (workdir / RESULTS / f"eval/{model}/{task}.samples.jsonl").read_text().splitlines()]
             assert len(samples) == cfg["world"]["n_bench"]
             # the reported score is the mean of the per-problem scores we kept
             mean = sum(s["exact_match"] for s in samples) / len(samples)
@@ -62,7 +64,7 @@ def test_one_finished_mlflow_run_per_job(smoke):
     from mlflow.tracking import MlflowClient
 
     workdir, cfg = smoke
-    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/results/mlflow.db")
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/{RESULTS}/mlflow.db")
     exp = client.get_experiment_by_name(cfg["study"])
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     students = [m for m, spec in cfg["models"].items() if spec["role"] == "student"]
@@ -88,9 +90,24 @@ def test_one_finished_mlflow_run_per_job(smoke):
 
 def test_second_run_has_nothing_to_do(smoke):
     workdir, _ = smoke
-    proc = _snakemake(sys.executable, Path(__file__).resolve().parents[1], workdir, "-n")
+    proc = _snakemake(sys.executable, Path(__file__).resolve().parents[1], workdir, "-n",
+                      "--config", f"results_dir={RESULTS}")
     assert proc.returncode == 0
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_snakemake_report_gathers_tables_and_figures(smoke):
+    """`snakemake --report` makes one self-contained page with every report() output, by category."""
+    workdir, _ = smoke
+    page = workdir / RESULTS / "report.html"
+    proc = _snakemake(sys.executable, Path(__file__).resolve().parents[1], workdir, "--report", str(page),
+                      "--config", f"results_dir={RESULTS}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    html = page.read_text()
+    assert len(html) > 100_000  # the figures are embedded (base64), not linked
+    for name in ("Models", "Diagnostics", "Training", "Sweep", "models.png", "training.png", "sweep.png",
+                 "margin_reverse_kl.png", "release_points.png", "fixed_context.csv", "smoke"):
+        assert name in html, name
 
 
 def _train_runs(cfg) -> list[str]:
@@ -102,30 +119,30 @@ def _train_runs(cfg) -> list[str]:
 
 def test_training_report(smoke):
     workdir, cfg = smoke
-    md = (workdir / "results/report/smoke/training.md").read_text()
+    md = (workdir / RESULTS / "report/smoke/training.md").read_text()
     for row in ["base", "full K=4", "release+ta_opd K=4 ρ=0.1", "release+ta_opd K=4 ρ=0.3"]:
         assert f"| {row} |" in md
     for run in _train_runs(cfg):
-        metrics = json.loads((workdir / "results/train" / run / "metrics.json").read_text())
+        metrics = json.loads((workdir / RESULTS / "train" / run / "metrics.json").read_text())
         assert metrics["step"] == cfg["train"]["steps"]
         assert 0.0 < metrics["frac_supervised"] <= 1.0
 
 
 def test_sweep_report(smoke):
     workdir, _ = smoke
-    md = (workdir / "results/report/smoke/sweep.md").read_text()
+    md = (workdir / RESULTS / "report/smoke/sweep.md").read_text()
     assert "**release+ta_opd: in-domain avg**" in md and "| K | ρ=0.1 | ρ=0.3 |" in md
     assert "**full: OOD**" in md and "| K | all |" in md
-    with open(workdir / "results/report/smoke/sweep.csv") as fh:
+    with open(workdir / RESULTS / "report/smoke/sweep.csv") as fh:
         rows = list(csv.DictReader(fh))
     # 1 point for full + 2 for release+ta_opd, each with an in-domain and an OOD cell
     assert len(rows) == 6 and {r["ratio"] for r in rows} == {"1", "0.1", "0.3"}
-    assert (workdir / "results/report/smoke/sweep.png").stat().st_size > 1000
+    assert (workdir / RESULTS / "report/smoke/sweep.png").stat().st_size > 1000
 
 
 def test_diagnostic_study_outputs(smoke):
     workdir, cfg = smoke
-    out = workdir / "results/report/smoke/diagnose"
+    out = workdir / RESULTS / "report/smoke/diagnose"
     report = (out / "report.md").read_text()
     assert "Fixed-context gain by selector" in report
     for selector in cfg["diagnose"]["fixed_context"]["selectors"]:

@@ -26,7 +26,7 @@ SRC_DIR = Path(workflow.basedir) / "src"
 # Jobs read the study name (their MLflow experiment) from the environment, not from params: models, runs
 # and evaluations are shared between studies on the same results root, and a params change would rebuild
 # them. Jobs in the conda envs of envs/ (--sdm conda) import opd from the source tree, not from an install.
-shell.prefix(f"export OPD_STUDY={shlex.quote(STUDY)} PYTHONPATH={shlex.quote(str(SRC_DIR))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+shell.prefix(f"export OPD_STUDY={shlex.quote(STUDY)} OPD_RESULTS={shlex.quote(RESULTS)} PYTHONPATH={shlex.quote(str(SRC_DIR))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 
 def res(path):
@@ -53,8 +53,8 @@ TRAIN_ID = "{teacher}/{student}/{method}/K~{k}/ratio~{ratio}/seed~{seed}"
 TRAIN_DIR = f"{RESULTS}/train/{TRAIN_ID}"
 REPORT_DIR = f"{RESULTS}/report/{STUDY}"
 RES = config["resources"]
-# Conda env of each rule for --sdm conda (paths relative to workflow/rules/); vLLM only where a job runs it.
-ENV_CORE, ENV_VLLM, ENV_EVAL = "../../envs/core.yaml", "../../envs/vllm.yaml", "../../envs/eval.yaml"
+# Conda env per job for --sdm conda (absolute: the .smk files live at several depths); vLLM only where needed.
+ENV_CORE, ENV_VLLM, ENV_EVAL = (str(Path(workflow.basedir) / f"envs/{n}.yaml") for n in ("core", "vllm", "eval"))
 ENV_ROLLOUT = ENV_VLLM if config["diagnose"]["backend"] == "vllm" else ENV_CORE
 ENV_TRAIN = ENV_VLLM if TRAIN["rollout_backend"] == "vllm" else ENV_CORE
 

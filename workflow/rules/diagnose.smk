@@ -93,9 +93,11 @@ rule diagnose:
         tokenizer=model_file(PAIRS[0][0]),
     output:
         report=f"{REPORT_DIR}/diagnose/report.md",
-        summary=f"{REPORT_DIR}/diagnose/summary.csv",
-        fixed=f"{REPORT_DIR}/diagnose/fixed_context.csv",
-        figures=expand(f"{REPORT_DIR}/diagnose/{{fig}}.png", fig=DIAGNOSE_FIGURES),
+        summary=report(f"{REPORT_DIR}/diagnose/summary.csv", caption="../report/diagnose.rst", category="Diagnostics"),
+        fixed=report(f"{REPORT_DIR}/diagnose/fixed_context.csv", caption="../report/diagnose.rst",
+                     category="Diagnostics", ),
+        figures=report(expand(f"{REPORT_DIR}/diagnose/{{fig}}.png", fig=DIAGNOSE_FIGURES),
+                       caption="../report/diagnose.rst", category="Diagnostics"),
     params:
         args=diagnose_args,
         students=" ".join(pair_label(t, s) for t, s in PAIRS),

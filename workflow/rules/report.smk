@@ -6,8 +6,8 @@ rule report_models:
         expand(res("eval/{model}/{task}.json"), model=EVAL_MODELS, task=BENCHMARKS),
     output:
         md=f"{REPORT_DIR}/models.md",
-        csv=f"{REPORT_DIR}/models.csv",
-        png=f"{REPORT_DIR}/models.png",
+        csv=report(f"{REPORT_DIR}/models.csv", caption="../report/models.rst", category="Models"),
+        png=report(f"{REPORT_DIR}/models.png", caption="../report/models.rst", category="Models"),
     params:
         study=STUDY,
         results_dir=lambda wc, input: os.path.dirname(os.path.dirname(input[0])),  # <results>/eval
@@ -29,8 +29,8 @@ rule report_training:
         base=expand(res("eval/{model}/{task}.json"), model=TRAIN_STUDENTS, task=BENCHMARKS),
     output:
         md=f"{REPORT_DIR}/training.md",
-        csv=f"{REPORT_DIR}/training.csv",
-        png=f"{REPORT_DIR}/training.png",
+        csv=report(f"{REPORT_DIR}/training.csv", caption="../report/training.rst", category="Training"),
+        png=report(f"{REPORT_DIR}/training.png", caption="../report/training.rst", category="Training"),
     params:
         grid=grid_args(),
         bench_args=bench_args(),
@@ -50,8 +50,8 @@ rule report_sweep:
         base=expand(res("eval/{model}/{task}.json"), model=TRAIN_STUDENTS, task=BENCHMARKS),
     output:
         md=f"{REPORT_DIR}/sweep.md",
-        csv=f"{REPORT_DIR}/sweep.csv",
-        png=f"{REPORT_DIR}/sweep.png",
+        csv=report(f"{REPORT_DIR}/sweep.csv", caption="../report/sweep.rst", category="Sweep"),
+        png=report(f"{REPORT_DIR}/sweep.png", caption="../report/sweep.rst", category="Sweep"),
     params:
         grid=grid_args(),
         bench_args=bench_args(),

@@ -1,6 +1,7 @@
 """MLflow tracking: one run per rule execution, grouped by study (one experiment per study).
 
-The default store is `sqlite:///results/mlflow.db` (no server); `MLFLOW_TRACKING_URI` overrides it.
+The default store is `sqlite:///<results root>/mlflow.db` (no server; the root from `OPD_RESULTS`, which the
+workflow sets from config `results_dir`, else `results`); `MLFLOW_TRACKING_URI` overrides it.
 Snakemake runs several jobs at once and SQLite allows one writer: concurrent schema creation,
 experiment creation and writes can fail with "database is locked" and silently drop metrics. So every
 write to a SQLite store goes through one inter-process file lock next to the database, and metrics are
@@ -16,13 +17,13 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-DEFAULT_URI = "sqlite:///results/mlflow.db"
+RESULTS_ENV = "OPD_RESULTS"  # the results root the workflow exports to every job
 _BATCH = 900  # MLflow caps a log_batch at 1000 metrics
 
 
 def tracking_uri() -> str:
     """The store in use; a relative SQLite path is made absolute so every job sees the same file."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+    uri = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{os.environ.get(RESULTS_ENV, 'results')}/mlflow.db")
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
         if not path.is_absolute():
