@@ -94,11 +94,6 @@ class Run:
             else:
                 self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        with _lock(self.uri):
-            for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, str(v))
-
 
 def _experiment_id(client, study: str, uri: str) -> str:
     exp = client.get_experiment_by_name(study)
