@@ -97,4 +97,4 @@ def test_task_yaml_uses_the_checker_regex(repo: Path):
     for task in toy.BENCHMARKS:
         spec = yaml.safe_load((repo / f"workflow/tasks/{task}.yaml").read_text())
         assert spec["task"] == task
-        assert spec["dataset_kwargs"]["data_files"]["test"] == f"results/data/{task}.jsonl"
+        assert spec["dataset_kwargs"]["data_files"]["test"] == f"data/{task}.jsonl"

@@ -8,6 +8,7 @@ samples next to it, and logs the score to MLflow.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -35,8 +36,13 @@ def parse_kv(items: list[str], flag: str) -> dict:
 def run_lm_eval(model_dir: Path, tasks: list[str], include_path: Path, backend: str, batch_size: int | str,
                 max_gen_toks: int, limit: int | None, device: str, model_args: dict | None = None,
                 gen_kwargs: dict | None = None, apply_chat_template: bool = False, offline: bool = True,
-                num_fewshot: int | None = None) -> dict:
-    """lm-eval's result dict for a model on `tasks` (one process: start-up dominates on small models)."""
+                num_fewshot: int | None = None, data_root: Path = Path(".")) -> dict:
+    """lm-eval's result dict for a model on `tasks` (one process: start-up dominates on small models).
+
+    Our task YAMLs name their data files relative to the results root (`data/<task>.jsonl`), so lm-eval
+    runs with `data_root` as its working directory; every path given here is made absolute first.
+    """
+    model_dir, include_path = model_dir.resolve(), include_path.resolve()
     if offline:  # nothing here may reach the hub, so fail fast instead of hanging
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -50,20 +56,21 @@ def run_lm_eval(model_dir: Path, tasks: list[str], include_path: Path, backend: 
     # Our task YAMLs first; lm-eval's built-ins (MATH-500, AIME, GPQA, IFEval) stay visible beside them.
     manager = TaskManager(include_path=str(include_path), include_defaults=any(
         not (include_path / f"{t}.yaml").is_file() for t in tasks))
-    result = lm_eval.simple_evaluate(
-        model=backend,
-        model_args=args,
-        tasks=list(tasks),
-        batch_size=batch_size,
-        device=device,
-        limit=limit,
-        log_samples=True,
-        gen_kwargs={**(gen_kwargs or {}), "max_gen_toks": max_gen_toks},
-        apply_chat_template=apply_chat_template,
-        num_fewshot=num_fewshot,
-        task_manager=manager,
-        bootstrap_iters=1000,
-    )
+    with contextlib.chdir(data_root):
+        result = lm_eval.simple_evaluate(
+            model=backend,
+            model_args=args,
+            tasks=list(tasks),
+            batch_size=batch_size,
+            device=device,
+            limit=limit,
+            log_samples=True,
+            gen_kwargs={**(gen_kwargs or {}), "max_gen_toks": max_gen_toks},
+            apply_chat_template=apply_chat_template,
+            num_fewshot=num_fewshot,
+            task_manager=manager,
+            bootstrap_iters=1000,
+        )
     if result is None:
         raise RuntimeError(f"lm-eval returned no result for tasks {tasks}")
     return result
@@ -138,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N problems")
     parser.add_argument("--device", default="cpu", help="torch device for the hf backend")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--data-root", type=Path, default=Path(os.environ.get("OPD_RESULTS", "results")),
+                        help="results root our task YAMLs' data files are relative to (default: $OPD_RESULTS, "
+                             "which the workflow sets from config results_dir, else results)")
     parser.add_argument("--study", default="miniature", help="MLflow experiment name")
     args = parser.parse_args(argv)
 
@@ -156,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         result = run_lm_eval(args.model_dir, args.tasks, args.include_path, args.backend, batch,
                              args.max_gen_toks, args.limit, args.device, parse_kv(args.model_arg, "--model-arg"),
                              parse_kv(args.gen_kwarg, "--gen-kwarg"), args.apply_chat_template, not args.online,
-                             args.num_fewshot)
+                             args.num_fewshot, args.data_root)
         metrics = {}
         for task in args.tasks:
             acc, stderr, n = score(result, task, task_metric.get(task, METRIC))
