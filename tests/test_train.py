@@ -157,8 +157,7 @@ def test_kill_and_resume_replays_exactly(tiny_world, tmp_path, mlflow_uri, monke
     assert metrics_a == metrics_b and metrics_a["step"] == 4
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
-    assert [p.name for p in checkpoint.complete_checkpoints(ckpts)] == ["step_000003", "step_000004"]
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000003", "step_000004"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000004"]  # a finished run keeps its last one
 
     from mlflow.tracking import MlflowClient
 
@@ -208,7 +207,7 @@ def test_sigkilled_process_resumes_and_replays_exactly(tiny_world, tmp_path, mlf
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     ckpts = tmp_path / "B" / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000003", "step_000004"]  # no temporary left over
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000004"]  # no temporary left over, the last kept
 
     from mlflow.tracking import MlflowClient
 
