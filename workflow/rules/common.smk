@@ -151,9 +151,14 @@ def train_args(wildcards):
     return " ".join(f"--{k.replace('_', '-')} {TRAIN[k]}" for k in keys) + f" {prompt_args()} {release_args()}"
 
 
-def train_launcher():
-    """One process per GPU: torchrun (DDP, opd.engines.distributed) when a training job asks for several GPUs."""
-    gpus = RES["train"]["gpu"]
+def train_gpus(wildcards):
+    """GPUs of a pair's training jobs: its train.pairs `gpu`, else resources.train.gpu (opd.studies.plan)."""
+    return plan.pair_gpus(config, wildcards.teacher, wildcards.student)
+
+
+def train_launcher(wildcards):
+    """One process per GPU: torchrun (DDP or FSDP, opd.engines.distributed) when a training job has several GPUs."""
+    gpus = train_gpus(wildcards)
     return f"torchrun --standalone --nproc-per-node {gpus}" if gpus > 1 else "python"
 
 

@@ -95,8 +95,10 @@ def save_model_dir(model, tokenizer, out_dir: Path, dtype=None) -> None:
     else:
         cast: dict = {}  # one cast per storage: tied weights (embeddings = LM head) stay one tensor
         state = {k: cast.setdefault(v.data_ptr(), v.detach().to(dtype)) for k, v in model.state_dict().items()}
-        model.config.dtype = dtype
         model.save_pretrained(str(tmp), state_dict=state)
+        config = json.loads((tmp / "config.json").read_text())  # transformers writes the model's own dtype
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(str(tmp))
     shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():

@@ -31,6 +31,8 @@ import math
 from pathlib import Path
 
 GIB = 2 ** 30
+NEEDS_SHAPE = "the memory planner needs the model's shape"
+VLLM_ROLLOUT_FRACTION = 0.85  # opd.engines.rollout's vLLM gpu_memory_utilization
 PROMPT_TOKENS = 512  # a DAPO prompt in Qwen3's chat template is 100-300 tokens: a bound, not a mean
 LOGIT_BYTES = {4: 16, 2: 20}  # per [position, V] element: logits, log-softmax and their two gradients
 HF_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -105,7 +107,7 @@ def model_shape(config: dict, name: str) -> tuple[Shape | None, list[str]]:
     missing = [k for k in HF_KEYS[:-1] if k not in given]
     if missing:
         return None, [f"models.{name}: no {on_disk} and no models.{name}.shape keys {', '.join(missing)}: "
-                      f"the memory planner needs the model's shape"]
+                      + NEEDS_SHAPE]
     return Shape(**{k: given[k] for k in HF_KEYS if k in given}), []
 
 
@@ -187,9 +189,16 @@ class Estimate:
         return self.cap_gib is None or self.peak <= self.cap_gib * GIB
 
 
-def train_settings(config: dict, **override) -> Settings:
+def pair_gpus(config: dict, teacher: str, student: str) -> int:
+    """GPUs of a pair's training jobs: its train.pairs entry's `gpu`, else resources.train.gpu."""
+    given = [p.get("gpu") for p in config["train"].get("pairs") or []
+             if (p["teacher"], p["student"]) == (teacher, student)]
+    return next((g for g in given if g), config["resources"]["train"]["gpu"])
+
+
+def train_settings(config: dict, pair: tuple[str, str] | None = None, **override) -> tuple[Settings, float | None]:
     tr, res = config["train"], config["resources"]["train"]
-    gpus = max(1, res.get("gpu", 0))
+    gpus = max(1, pair_gpus(config, *pair) if pair else res.get("gpu", 0))
     cap = res.get("gpu_mem_gb")
     vllm = tr["rollout_backend"] == "vllm"
     seq = PROMPT_TOKENS + tr["max_new_tokens"]
@@ -209,7 +218,7 @@ def train_settings(config: dict, **override) -> Settings:
 
 def train_estimate(config: dict, pair: tuple[str, str], S: Shape, T: Shape, **override) -> Estimate:
     """One training job of a (teacher, student) pair: peak memory per GPU."""
-    st, cap = train_settings(config, **override)
+    st, cap = train_settings(config, pair, **override)
     static = {**student_bytes(S, st), "teacher": st.compute_bytes * T.params(),
               "vLLM share": st.vllm_fraction * (cap or 80) * GIB, "CUDA context": 1.0 * GIB}
     phases = {"update": activation_bytes(S, st.tokens, st.compute_bytes, st.checkpointing)
@@ -229,16 +238,15 @@ def diagnose_estimates(config: dict, pair: tuple[str, str], S: Shape, T: Shape) 
     st = dataclasses.replace(st, rank_tokens=d["n_prompts"] * d["samples"] * st.seq_tokens)
     ctx = {"CUDA context": 1.0 * GIB}
     weights = lambda m: st.compute_bytes * m.params()  # noqa: E731
-    rollout_static = ({"vLLM (gpu_memory_utilization)": 0.9 * (cap or 80) * GIB} if d["backend"] == "vllm"
+    rollout_static = ({"vLLM (gpu_memory_utilization)": VLLM_ROLLOUT_FRACTION * (cap or 80) * GIB} if d["backend"] == "vllm"
                       else {"student weights": weights(S)})
-    student_fp32 = {k: v for k, v in student_bytes(S, st).items()}
     return [
         Estimate(f"rollout_initial {pair[1]}", "diagnose", {**rollout_static, **ctx},
                  {"hf rollouts": kv_cache_bytes(S, st)}, cap, st),
         Estimate(f"score_initial {pair[0]} / {pair[1]}", "diagnose",
                  {"teacher": weights(T), "student weights": weights(S), **ctx}, {"scoring": scoring_bytes([T, S], st)},
                  cap, st),
-        Estimate(f"fixed_context {pair[0]} / {pair[1]}", "diagnose", {**student_fp32, "teacher": weights(T), **ctx},
+        Estimate(f"fixed_context {pair[0]} / {pair[1]}", "diagnose", {**student_bytes(S, st), "teacher": weights(T), **ctx},
                  {"update": activation_bytes(S, st.tokens, st.compute_bytes, st.checkpointing)
                   + logit_bytes(S, st.chunk, st.compute_bytes), "scoring": scoring_bytes([T, S], st)}, cap, st),
     ]
@@ -286,16 +294,21 @@ def fit_advice(config: dict, e: Estimate) -> str:
     pair, S, T = _pair_shapes(config, e)
     for gpus in range(max(2, e.settings.gpus + 1), 65):
         if train_estimate(config, pair, S, T, gpus=gpus, sharding="fsdp").fits:
-            return f"fits with train.sharding: fsdp and resources.train.gpu: {gpus}"
+            return f"fits with train.sharding: fsdp and {gpus} GPUs (the pair's train.pairs gpu or resources.train.gpu)"
     return "does not fit at any micro-batch or FSDP width up to 64 GPUs"
 
 
 def config_problems(config: dict) -> list[str]:
     """Validation check (workflow/rules/common.smk): every job over its resources' gpu_mem_gb, and why."""
+    from opd.studies import sweep
+
     found, problems = estimates(config)
-    if config["train"].get("sharding") == "fsdp" and config["resources"]["train"].get("gpu", 0) <= 1:
-        problems.append("train.sharding: fsdp needs resources.train.gpu > 1 (one torchrun process per GPU to shard "
-                        "over); use ddp on one GPU")
+    if not any(config["resources"][kind].get("gpu_mem_gb") for kind in ("train", "diagnose")):
+        problems = [p for p in problems if not p.endswith(NEEDS_SHAPE)]  # no check asked for: shapes not needed
+    for pair in sweep.pairs(config["models"], config["train"]):
+        if config["train"].get("sharding") == "fsdp" and pair_gpus(config, *pair) <= 1:
+            problems.append(f"train.sharding: fsdp needs more than one GPU for pair {pair[0]} -> {pair[1]} "
+                            f"(resources.train.gpu or its train.pairs gpu): one torchrun process per GPU to shard over")
     for e in found:
         if not e.fits:
             problems.append(f"{e.job}: estimated peak {e.peak / GIB:.1f} GiB per GPU > resources.{e.kind}.gpu_mem_gb "
