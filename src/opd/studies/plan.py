@@ -33,7 +33,7 @@ from pathlib import Path
 GIB = 2 ** 30
 NEEDS_SHAPE = "the memory planner needs the model's shape"
 VLLM_ROLLOUT_FRACTION = 0.85  # opd.engines.rollout's vLLM gpu_memory_utilization
-PROMPT_TOKENS = 512  # a DAPO prompt in Qwen3's chat template is 100-300 tokens: a bound, not a mean
+PROMPT_TOKENS = 1024  # the longest prompt the paper study allows (docs/paper.md): a bound, not a mean
 LOGIT_BYTES = {4: 16, 2: 20}  # per [position, V] element: logits, log-softmax and their two gradients
 HF_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
            "head_dim", "intermediate_size", "tie_word_embeddings")
@@ -331,14 +331,16 @@ def table(config: dict, found: list[Estimate]) -> str:
         extra = sum(v for k, v in s.items() if k.startswith(("FSDP", "DDP")))
         shape = model_shape(config, e.job.split()[-1])[0]
         acts = [activation_bytes(shape, st.tokens, st.compute_bytes, c) for c in (False, True)]
+        update = "update" in e.phases  # rollout and scoring jobs keep no activations for backward
         best = largest_microbatch(config, e)
         rows.append(" | ".join([
             f"| {e.job}", str(st.gpus if e.kind == "train" else 1), st.sharding if e.kind == "train" else "-",
             str(st.tokens), str(st.chunk), "on" if st.checkpointing else "off",
             _gib(s.get("student weights", 0)), _gib(s.get("gradients", 0)), _gib(s.get("AdamW state", 0)),
             _gib(extra), _gib(s.get("teacher", 0)), _gib(s.get("vLLM share", s.get("vLLM (gpu_memory_utilization)", 0))),
-            f"{_gib(acts[0])} / {_gib(acts[1])}", _gib(logit_bytes(shape, st.chunk, st.compute_bytes)),
-            _gib(e.phases.get("scoring", 0)), f"**{_gib(e.peak)}**",
+            f"{_gib(acts[0])} / {_gib(acts[1])}" if update else "-",
+            _gib(logit_bytes(shape, st.chunk, st.compute_bytes)) if update else "-",
+            _gib(e.phases["scoring"]) if "scoring" in e.phases else "-", f"**{_gib(e.peak)}**",
             "-" if e.cap_gib is None else f"{e.cap_gib:g}" + ("" if e.fits else " (does not fit)"),
             "-" if best is None else str(best)]) + " |")
     return "\n".join(rows)
