@@ -173,12 +173,40 @@ def full_states(student, optimizer) -> tuple[dict, dict]:
             get_optimizer_state_dict(student, optimizer, options=options))
 
 
-def load_full_states(student, optimizer, model_state: dict, optimizer_state: dict) -> None:
-    """Put full (model, optimizer) state dicts, read by every rank, into the FSDP student's shards."""
+def gathered_states(ctx: Context, student, optimizer, sharded: bool) -> tuple[dict, dict] | None:
+    """(model, optimizer) state dicts with CPU tensors on rank 0 (a checkpoint loads on a machine without a
+    GPU), None elsewhere; sharded (FSDP), every rank takes part in gathering the full state onto rank 0."""
+    if sharded:
+        states = full_states(student, optimizer)
+        return states if ctx.main else None
+    if not ctx.main:
+        return None
+    from opd.engines import accel  # imported here: accel imports this module
+
+    return accel.cpu_state(student), accel.cpu_state(optimizer)
+
+
+def load_states(student, optimizer, model_state: dict, optimizer_state: dict, sharded: bool) -> None:
+    """Put full (model, optimizer) state dicts, read by every rank, in place; sharded, each rank keeps its shard."""
+    if not sharded:
+        student.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     set_model_state_dict(student, model_state, options=_state_options())
     set_optimizer_state_dict(student, optimizer, optimizer_state, options=_state_options())
+
+
+def wrap_student(student, ctx: Context, sharding: str, dtype: str, load_replica) -> tuple:
+    """(the module the update calls, the unsharded replica or None): nothing on one rank; DDP; or FSDP2 and
+    `load_replica()` moved to the student's device. Before the optimizer is built: FSDP replaces parameters."""
+    if ctx.world == 1:
+        return None, None
+    if sharding != "fsdp":
+        return wrap(student), None
+    replica = load_replica().to(student.device).requires_grad_(False)
+    return wrap_fsdp(student, dtype), replica
 
 
 def refresh_replica(student, replica) -> None:

@@ -123,18 +123,13 @@ def setup(args: argparse.Namespace, world: worlds.World | None = None,
     student = AutoModelForCausalLM.from_pretrained(str(args.student), dtype=torch.float32).to(device)
     teacher = AutoModelForCausalLM.from_pretrained(str(args.teacher), dtype=accel.teacher_dtype(args.dtype))
     teacher = teacher.to(device).eval().requires_grad_(False)
-    replica, ddp = None, None
-    if ctx.world > 1 and args.sharding == "fsdp":  # shard before the optimizer sees the parameters
-        replica = AutoModelForCausalLM.from_pretrained(str(args.student), dtype=accel.teacher_dtype(args.dtype))
-        replica = replica.to(device).requires_grad_(False)
-        ddp = distributed.wrap_fsdp(student, args.dtype)
+    ddp, replica = distributed.wrap_student(student, ctx, args.sharding, args.dtype, lambda: AutoModelForCausalLM.
+                                            from_pretrained(str(args.student), dtype=accel.teacher_dtype(args.dtype)))
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
     prompt_ids = [world.encode_prompt(tokenizer, r["question"], args.prompt_format, args.enable_thinking)
                   for r in records]
-    if ctx.world > 1 and ddp is None:
-        ddp = distributed.wrap(student)
     return Trainer(args, world, student, teacher, tokenizer, records, prompt_ids, optimizer, scheduler, ctx, ddp,
                    device, replica=replica)
 
@@ -286,11 +281,8 @@ def restore(tr: Trainer, ckpt: dict) -> None:
                          f"use another --out-dir or the same flags")
     if ckpt["step"] > tr.args.steps:
         raise ValueError(f"{ckpt['path']} is past --steps {tr.args.steps}")
-    if tr.replica is not None:  # FSDP: every rank puts its shard of the full state in place
-        distributed.load_full_states(tr.student, tr.optimizer, ckpt["model"], ckpt["trainer"]["optimizer"])
-    else:
-        tr.student.load_state_dict(ckpt["model"])
-        tr.optimizer.load_state_dict(ckpt["trainer"]["optimizer"])
+    distributed.load_states(tr.student, tr.optimizer, ckpt["model"], ckpt["trainer"]["optimizer"],
+                            sharded=tr.replica is not None)
     tr.scheduler.load_state_dict(ckpt["trainer"]["scheduler"])
     restore_rng_states(ckpt["trainer"]["rng"])
 
@@ -315,10 +307,7 @@ def checkpoint_step(tr: Trainer, t: int, run_id: str, metrics: dict) -> None:
     """Rank 0 writes checkpoint t from CPU copies of the states (it loads on a machine without a GPU);
     under FSDP every rank first takes part in gathering the full state onto rank 0."""
     args, ctx = tr.args, tr.dist
-    if tr.replica is not None:
-        states = distributed.full_states(tr.student, tr.optimizer)
-    elif ctx.main:
-        states = accel.cpu_state(tr.student), accel.cpu_state(tr.optimizer)
+    states = distributed.gathered_states(ctx, tr.student, tr.optimizer, sharded=tr.replica is not None)
     if ctx.main:
         save_checkpoint(args.out_dir, t, args, *states, tr.scheduler.state_dict(), run_id, metrics,
                         keep=args.keep_checkpoints)
