@@ -173,19 +173,6 @@ def full_states(student, optimizer) -> tuple[dict, dict]:
             get_optimizer_state_dict(student, optimizer, options=options))
 
 
-def gathered_states(ctx: Context, student, optimizer, sharded: bool) -> tuple[dict, dict] | None:
-    """(model, optimizer) state dicts with CPU tensors on rank 0 (a checkpoint loads on a machine without a
-    GPU), None elsewhere; sharded (FSDP), every rank takes part in gathering the full state onto rank 0."""
-    if sharded:
-        states = full_states(student, optimizer)
-        return states if ctx.main else None
-    if not ctx.main:
-        return None
-    from opd.engines import accel  # imported here: accel imports this module
-
-    return accel.cpu_state(student), accel.cpu_state(optimizer)
-
-
 def load_states(student, optimizer, model_state: dict, optimizer_state: dict, sharded: bool) -> None:
     """Put full (model, optimizer) state dicts, read by every rank, in place; sharded, each rank keeps its shard."""
     if not sharded:

@@ -304,10 +304,12 @@ def train_loop(tr: Trainer, run, start: int, metrics: dict) -> dict:
 
 
 def checkpoint_step(tr: Trainer, t: int, run_id: str, metrics: dict) -> None:
-    """Rank 0 writes checkpoint t from CPU copies of the states (it loads on a machine without a GPU);
-    under FSDP every rank first takes part in gathering the full state onto rank 0."""
+    """Rank 0 writes checkpoint t from CPU copies of the states (it loads on a machine without a GPU)."""
     args, ctx = tr.args, tr.dist
-    states = distributed.gathered_states(ctx, tr.student, tr.optimizer, sharded=tr.replica is not None)
+    if tr.replica is not None:  # FSDP: every rank takes part in gathering the full state onto rank 0
+        states = distributed.full_states(tr.student, tr.optimizer)
+    elif ctx.main:
+        states = accel.cpu_state(tr.student), accel.cpu_state(tr.optimizer)
     if ctx.main:
         save_checkpoint(args.out_dir, t, args, *states, tr.scheduler.state_dict(), run_id, metrics,
                         keep=args.keep_checkpoints)
