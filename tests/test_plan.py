@@ -130,3 +130,20 @@ def test_estimate_is_within_20_percent_of_the_measured_cpu_peak(dims):
                                                                                                            B * R, 4)
     assert 0.8 <= estimate / measured["peak"] <= 1.2, f"estimate {estimate / 1e6:.0f} MB, measured " \
                                                       f"{measured['peak'] / 1e6:.0f} MB"
+
+
+def test_snakemake_stops_at_validation_when_a_job_cannot_fit(tmp_path):
+    """The workflow runs the planner's check at load: no job is planned, the message names the pair."""
+    with open(REPO / "config" / "paper.yaml") as fh:
+        pairs = yaml.safe_load(fh)["train"]["pairs"]
+    pairs[1]["gpu"] = 2
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"train": {"pairs": pairs}}))
+    proc = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-n", "--snakefile", str(REPO / "Snakefile"),
+                           "--directory", str(tmp_path), "--configfile", str(REPO / "config" / "paper.yaml"),
+                           str(overlay)], capture_output=True, text=True, timeout=300,
+                          env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHONPATH": str(REPO / "src")})
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "train qwen3_8b -> qwen3_4b: estimated peak" in out and "resources.train.gpu_mem_gb 79" in out
+    assert "fits with train.sharding: fsdp and 4 GPUs" in out and "Job stats" not in out
