@@ -79,7 +79,7 @@ def test_fsdp_on_one_gpu_is_refused_at_validation():
     with open(REPO / "config" / "paper.yaml") as fh:
         raw = yaml.safe_load(fh)
     raw["train"]["pairs"][0]["gpu"] = 1
-    with pytest.raises(ConfigError, match="train.sharding: fsdp needs more than one GPU for pair qwen3_8b -> qwen3_1p7b"):
+    with pytest.raises(ConfigError, match="train.sharding: fsdp needs more than one GPU for pair qwen3_8b -> "):
         validate_config(raw, checks=[plan.config_problems])
 
 

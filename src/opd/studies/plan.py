@@ -238,15 +238,16 @@ def diagnose_estimates(config: dict, pair: tuple[str, str], S: Shape, T: Shape) 
     st = dataclasses.replace(st, rank_tokens=d["n_prompts"] * d["samples"] * st.seq_tokens)
     ctx = {"CUDA context": 1.0 * GIB}
     weights = lambda m: st.compute_bytes * m.params()  # noqa: E731
-    rollout_static = ({"vLLM (gpu_memory_utilization)": VLLM_ROLLOUT_FRACTION * (cap or 80) * GIB} if d["backend"] == "vllm"
-                      else {"student weights": weights(S)})
+    vllm = {"vLLM share": VLLM_ROLLOUT_FRACTION * (cap or 80) * GIB}  # its gpu_memory_utilization
+    rollout_static = vllm if d["backend"] == "vllm" else {"student weights": weights(S)}
     return [
         Estimate(f"rollout_initial {pair[1]}", "diagnose", {**rollout_static, **ctx},
                  {"hf rollouts": kv_cache_bytes(S, st)}, cap, st),
         Estimate(f"score_initial {pair[0]} / {pair[1]}", "diagnose",
                  {"teacher": weights(T), "student weights": weights(S), **ctx}, {"scoring": scoring_bytes([T, S], st)},
                  cap, st),
-        Estimate(f"fixed_context {pair[0]} / {pair[1]}", "diagnose", {**student_bytes(S, st), "teacher": weights(T), **ctx},
+        Estimate(f"fixed_context {pair[0]} / {pair[1]}", "diagnose",
+                 {**student_bytes(S, st), "teacher": weights(T), **ctx},
                  {"update": activation_bytes(S, st.tokens, st.compute_bytes, st.checkpointing)
                   + logit_bytes(S, st.chunk, st.compute_bytes), "scoring": scoring_bytes([T, S], st)}, cap, st),
     ]
@@ -321,9 +322,9 @@ def _gib(x: float) -> str:
 
 
 def table(config: dict, found: list[Estimate]) -> str:
-    """A Markdown table: one row per job, every term in GiB per GPU, the peak and the largest fitting budget."""
-    head = ("| job | GPUs | sharding | tokens / micro-batch | logit chunk | checkpointing | student weights | gradients "
-            "| AdamW | FSDP/DDP extra | teacher | vLLM | activations (no ckpt / ckpt) | logit chunk bytes | scoring "
+    """A Markdown table: one row per job, every term in GiB per GPU, the peak, the largest fitting budget."""
+    head = ("| job | GPUs | sharding | tokens / micro-batch | logit chunk | checkpointing | student weights "
+            "| gradients | AdamW | FSDP/DDP extra | teacher | vLLM | activations (no ckpt / ckpt) | logit chunk bytes | scoring "
             "| peak | cap | largest fitting micro-batch |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for e in found:
@@ -337,7 +338,7 @@ def table(config: dict, found: list[Estimate]) -> str:
             f"| {e.job}", str(st.gpus if e.kind == "train" else 1), st.sharding if e.kind == "train" else "-",
             str(st.tokens), str(st.chunk), "on" if st.checkpointing else "off",
             _gib(s.get("student weights", 0)), _gib(s.get("gradients", 0)), _gib(s.get("AdamW state", 0)),
-            _gib(extra), _gib(s.get("teacher", 0)), _gib(s.get("vLLM share", s.get("vLLM (gpu_memory_utilization)", 0))),
+            _gib(extra), _gib(s.get("teacher", 0)), _gib(s.get("vLLM share", 0)),
             f"{_gib(acts[0])} / {_gib(acts[1])}" if update else "-",
             _gib(logit_bytes(shape, st.chunk, st.compute_bytes)) if update else "-",
             _gib(e.phases["scoring"]) if "scoring" in e.phases else "-", f"**{_gib(e.peak)}**",
