@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from opd.engines import distributed
+from opd.engines import checkpoint, distributed
 from opd.engines import train
 
 SMALL = ["--top-k", "4", "--prompts-per-step", "2", "--samples", "2", "--max-new-tokens", "12",

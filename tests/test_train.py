@@ -157,8 +157,7 @@ def test_kill_and_resume_replays_exactly(tiny_world, tmp_path, mlflow_uri, monke
     assert metrics_a == metrics_b and metrics_a["step"] == 4
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
-    assert [p.name for p in checkpoint.complete_checkpoints(ckpts)] == ["step_000003", "step_000004"]
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000003", "step_000004"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000004"]  # a finished run keeps its last one
 
     from mlflow.tracking import MlflowClient
 
@@ -208,7 +207,7 @@ def test_sigkilled_process_resumes_and_replays_exactly(tiny_world, tmp_path, mlf
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     ckpts = tmp_path / "B" / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000003", "step_000004"]  # no temporary left over
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000004"]  # no temporary left over, the last kept
 
     from mlflow.tracking import MlflowClient
 
@@ -330,3 +329,28 @@ def test_checkpoints_hold_cpu_tensors(tiny_world, tmp_path, mlflow_uri):
     tensors = list(ckpt["model"].values()) + [t for s in ckpt["trainer"]["optimizer"]["state"].values()
                                               for t in s.values() if isinstance(t, torch.Tensor)]
     assert tensors and all(t.device.type == "cpu" for t in tensors)
+
+
+def test_save_dtype_and_keep_checkpoints(tiny_world, tmp_path, mlflow_uri, monkeypatch):
+    """--save-dtype bfloat16: the final weights are the fp32 checkpoint's rounded to bf16 (tied LM head stored
+    once); --keep-checkpoints 2: at most two checkpoints while training, only the last one once finished."""
+    real, seen = train.save_checkpoint, []
+
+    def recording(out_dir, step, *rest, **kw):
+        path = real(out_dir, step, *rest, **kw)
+        seen.append([p.name for p in checkpoint.complete_checkpoints(out_dir / "checkpoints")])
+        return path
+
+    monkeypatch.setattr(train, "save_checkpoint", recording)
+    out = tmp_path / "out"
+    train.main(argv(tiny_world, out, "--method", "full", "--steps", "3", "--checkpoint-every", "1",
+                    "--save-dtype", "bfloat16", "--keep-checkpoints", "2"))
+    assert seen == [["step_000001"], ["step_000001", "step_000002"], ["step_000002", "step_000003"]]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000003"]
+    fp32 = train.load_latest_checkpoint(out)["model"]
+    saved = load_file(str(out / "model" / "model.safetensors"))
+    assert saved and all(t.dtype == torch.bfloat16 for t in saved.values())
+    assert all(torch.equal(t, fp32[k].to(torch.bfloat16)) for k, t in saved.items())
+    assert json.loads((out / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match=r"--keep-checkpoints \(train.keep_checkpoints\) must be >= 1"):
+        train.check_args(train.parse_args(argv(tiny_world, out, "--method", "full", "--keep-checkpoints", "0")))

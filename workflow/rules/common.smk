@@ -8,10 +8,10 @@ from snakemake.exceptions import WorkflowError
 
 from opd import worlds
 from opd.infra.config import ConfigError, validate_config
-from opd.studies import sweep
+from opd.studies import plan, sweep
 
 try:
-    validate_config(config, checks=[worlds.config_problems])
+    validate_config(config, checks=[worlds.config_problems, plan.config_problems])
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
@@ -147,13 +147,18 @@ def diagnose_args(wildcards):
 def train_args(wildcards):
     keys = ["steps", "prompts_per_step", "samples", "max_new_tokens", "temperature", "lr", "clip_eps",
             "loss", "aggregation", "signal_mode", "checkpoint_every", "rollout_backend", "device", "dtype",
-            "vllm_memory_fraction"]
+            "vllm_memory_fraction", "sharding", "save_dtype", "keep_checkpoints"]
     return " ".join(f"--{k.replace('_', '-')} {TRAIN[k]}" for k in keys) + f" {prompt_args()} {release_args()}"
 
 
-def train_launcher():
-    """One process per GPU: torchrun (DDP, opd.engines.distributed) when a training job asks for several GPUs."""
-    gpus = RES["train"]["gpu"]
+def train_gpus(wildcards):
+    """GPUs of a pair's training jobs: its train.pairs `gpu`, else resources.train.gpu (opd.studies.plan)."""
+    return plan.pair_gpus(config, wildcards.teacher, wildcards.student)
+
+
+def train_launcher(wildcards):
+    """One process per GPU: torchrun (DDP or FSDP, opd.engines.distributed) when a training job has several GPUs."""
+    gpus = train_gpus(wildcards)
     return f"torchrun --standalone --nproc-per-node {gpus}" if gpus > 1 else "python"
 
 

@@ -15,12 +15,12 @@ rule train_opd:
         student_dir=lambda wc, input: os.path.dirname(input.student),
         teacher_dir=lambda wc, input: os.path.dirname(input.teacher),
         name=lambda wc: TRAIN_ID.format(**dict(wc.items())),
-        launcher=train_launcher(),
+        launcher=train_launcher,
     threads: THREADS
     resources:
         mem_mb=RES["train"]["mem_mb"],
         runtime=RES["train"]["runtime"],
-        gpu=RES["train"]["gpu"],
+        gpu=train_gpus,
     conda:
         ENV_TRAIN
     log:

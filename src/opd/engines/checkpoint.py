@@ -21,7 +21,7 @@ KEEP_CHECKPOINTS = 2
 CHECKPOINT_RE = re.compile(r"step_\d{6}")
 # May change on resumption: they do not change what is computed (study only names the MLflow experiment).
 RESUME_EXEMPT = ("threads", "out_dir", "checkpoint_every", "restart_if_flags_changed", "study", "vllm_python",
-                 "vllm_memory_fraction")
+                 "vllm_memory_fraction", "save_dtype", "keep_checkpoints")
 
 
 def _rng_states() -> dict:
@@ -80,6 +80,12 @@ def save_checkpoint(out_dir: Path, step: int, args: argparse.Namespace, model_st
     for old in complete_checkpoints(root)[:-keep]:
         _discard(old)
     return final
+
+
+def prune_finished(out_dir: Path) -> None:
+    """A finished run keeps only its last checkpoint: what a resume (e.g. with more --steps) needs."""
+    for old in complete_checkpoints(out_dir / "checkpoints")[:-1]:
+        _discard(old)
 
 
 def load_latest_checkpoint(out_dir: Path) -> dict | None:

@@ -14,6 +14,15 @@ alone writes MLflow, checkpoints, the model and metrics.json, with a barrier aft
 every rank resumes from the same checkpoint (a shared disk). Checkpoints hold rank 0's RNG states:
 every step reseeds what it samples, so a resumed distributed run replays too.
 Without WORLD_SIZE > 1 nothing here is used.
+
+`--sharding fsdp` (train.sharding) replaces DDP by FSDP2 (`torch.distributed.fsdp.fully_shard`): every
+decoder layer and the root (embeddings, final norm, LM head) are sharded over the ranks, so each holds 1/N
+of the fp32 master weights, gradients and AdamW state. Mixed precision follows opd.engines.accel: with
+--dtype bfloat16 the all-gathered compute weights are bf16 and gradients are reduced in fp32
+(MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)); with float32 nothing is cast. Rollouts and the
+exact-signal student pass run on a full, unsharded replica of the student (`refresh_replica` after each
+update): hf `generate` runs a different number of decode steps on each rank, and a sharded model would need
+every rank in each step's all-gathers. Checkpoints gather the full state on rank 0 (`full_states`).
 """
 
 from __future__ import annotations
@@ -116,6 +125,86 @@ class MaskedLogits(torch.nn.Module):
 
     def forward(self, prompts: list[list[int]], responses: list[list[int]], keep_N: Tensor) -> Tensor:
         return response_logits(self.model, prompts, responses, keep_N)
+
+
+SHARDINGS = ("ddp", "fsdp")
+
+
+def check_sharding(sharding: str, world: int) -> None:
+    if sharding not in SHARDINGS:
+        raise ValueError(f"unknown --sharding {sharding!r} (train.sharding); allowed: {', '.join(SHARDINGS)}")
+    if sharding == "fsdp" and world <= 1:
+        raise ValueError("--sharding fsdp (train.sharding: fsdp) needs torchrun with WORLD_SIZE > 1 "
+                         "(resources.train.gpu > 1); one process has nothing to shard over: use ddp")
+
+
+def wrap_fsdp(student, dtype: str) -> MaskedLogits:
+    """FSDP2 over each decoder layer and a root `MaskedLogits` (embeddings, norm, tied LM head stay together).
+
+    The root is the module the update calls, so its forward hook all-gathers the root's parameters;
+    the layers all-gather one at a time inside the trunk.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if dtype == "bfloat16" else MixedPrecisionPolicy())
+    for layer in student.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    root = MaskedLogits(student)
+    fully_shard(root, mp_policy=policy)
+    return root
+
+
+def _state_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_states(student, optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) full state dicts of an FSDP student as CPU tensors on rank 0 ({} on the others).
+
+    A collective: every rank calls it. The optimizer's state is keyed by parameter name, not index.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    options = _state_options(cpu_offload=True)
+    return (get_model_state_dict(student, options=options),
+            get_optimizer_state_dict(student, optimizer, options=options))
+
+
+def load_states(student, optimizer, model_state: dict, optimizer_state: dict, sharded: bool) -> None:
+    """Put full (model, optimizer) state dicts, read by every rank, in place; sharded, each rank keeps its shard."""
+    if not sharded:
+        student.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(student, model_state, options=_state_options())
+    set_optimizer_state_dict(student, optimizer, optimizer_state, options=_state_options())
+
+
+def wrap_student(student, ctx: Context, sharding: str, dtype: str, load_replica) -> tuple:
+    """(the module the update calls, the unsharded replica or None): nothing on one rank; DDP; or FSDP2 and
+    `load_replica()` moved to the student's device. Before the optimizer is built: FSDP replaces parameters."""
+    if ctx.world == 1:
+        return None, None
+    if sharding != "fsdp":
+        return wrap(student), None
+    replica = load_replica().to(student.device).requires_grad_(False)
+    return wrap_fsdp(student, dtype), replica
+
+
+def refresh_replica(student, replica) -> None:
+    """Copy the FSDP student's current weights into its unsharded replica on every rank (a collective)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    full = get_model_state_dict(student, options=_state_options())
+    missing, unexpected = replica.load_state_dict(full, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:  # a tied LM head is not a separate key
+        raise RuntimeError(f"the student replica does not match the sharded student: missing {missing}, "
+                           f"unexpected {unexpected}")
 
 
 def wrap(student) -> torch.nn.parallel.DistributedDataParallel:

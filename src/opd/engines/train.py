@@ -29,7 +29,8 @@ from torch import Tensor
 from opd import worlds
 from opd.engines import accel, distributed
 from opd.engines import vllm_engine as engine
-from opd.engines.checkpoint import changed_flags, load_latest_checkpoint, restore_rng_states, save_checkpoint
+from opd.engines.checkpoint import (KEEP_CHECKPOINTS, changed_flags, load_latest_checkpoint, prune_finished,
+                                    restore_rng_states, save_checkpoint)
 from opd.engines.forward import response_logits
 from opd.engines.rollout import Rollouts, generate_hf
 from opd.engines.score import check_tokenizers, score_rollouts
@@ -57,10 +58,12 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     dist: distributed.Context = distributed.Context()
-    ddp: Any = None  # the DDP-wrapped `distributed.MaskedLogits(student)` when world > 1
+    ddp: Any = None  # the DDP- or FSDP-wrapped `distributed.MaskedLogits(student)` when world > 1
     device: torch.device = torch.device("cpu")
     engine: Any = None  # an `opd.engine.VllmEngine` with --rollout-backend vllm, while training runs
     rollout_weights_stale: bool = True  # the engine still has weights older than the student's
+    replica: Any = None  # --sharding fsdp: the unsharded student that rollouts and scoring use
+    replica_step: int = -1  # the scheduler step whose weights the replica holds
 
 
 @dataclasses.dataclass
@@ -92,6 +95,9 @@ def check_args(args: argparse.Namespace, world: int = 1) -> None:
     if not 0.0 < args.vllm_memory_fraction <= 1.0:
         raise ValueError(f"--vllm-memory-fraction must be in (0, 1], got {args.vllm_memory_fraction}")
     distributed.check_share(args.prompts_per_step, world)
+    distributed.check_sharding(args.sharding, world)
+    if args.keep_checkpoints < 1:
+        raise ValueError(f"--keep-checkpoints (train.keep_checkpoints) must be >= 1, got {args.keep_checkpoints}")
     release_rule(args)
 
 
@@ -117,14 +123,26 @@ def setup(args: argparse.Namespace, world: worlds.World | None = None,
     student = AutoModelForCausalLM.from_pretrained(str(args.student), dtype=torch.float32).to(device)
     teacher = AutoModelForCausalLM.from_pretrained(str(args.teacher), dtype=accel.teacher_dtype(args.dtype))
     teacher = teacher.to(device).eval().requires_grad_(False)
+    ddp, replica = distributed.wrap_student(student, ctx, args.sharding, args.dtype, lambda: AutoModelForCausalLM.
+                                            from_pretrained(str(args.student), dtype=accel.teacher_dtype(args.dtype)))
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
     prompt_ids = [world.encode_prompt(tokenizer, r["question"], args.prompt_format, args.enable_thinking)
                   for r in records]
-    ddp = distributed.wrap(student) if ctx.world > 1 else None
     return Trainer(args, world, student, teacher, tokenizer, records, prompt_ids, optimizer, scheduler, ctx, ddp,
-                   device)
+                   device, replica=replica)
+
+
+def inference_student(tr: Trainer):
+    """The student rollouts, scoring and the saved model read: itself, or under FSDP its unsharded replica
+    brought up to the current weights (a collective then: every rank calls this at the same points)."""
+    if tr.replica is None:
+        return tr.student
+    if tr.replica_step != tr.scheduler.last_epoch:
+        distributed.refresh_replica(tr.student, tr.replica)
+        tr.replica_step = tr.scheduler.last_epoch
+    return tr.replica
 
 
 def sample(tr: Trainer, t: int) -> tuple[Rollouts, list[dict]]:
@@ -138,13 +156,14 @@ def sample(tr: Trainer, t: int) -> tuple[Rollouts, list[dict]]:
     prompts, seed = [tr.prompt_ids[i] for i in index], distributed.step_seed(args.seed, t, tr.dist.rank)
     if tr.engine is not None:  # vLLM: bring the engine up to the current weights first
         if tr.rollout_weights_stale:
-            tr.engine.push_weights(tr.student)
+            tr.engine.push_weights(inference_student(tr))
             tr.rollout_weights_stale = False
         tensors = tr.engine.generate(prompts, args.top_k, args.temperature, args.top_p, args.max_new_tokens, seed)
     else:
-        tr.student.eval()
+        student = inference_student(tr)
+        student.eval()
         with accel.autocast(tr.device, args.dtype):
-            tensors = generate_hf(tr.student, tr.tokenizer, prompts, args.top_k, args.temperature, args.top_p,
+            tensors = generate_hf(student, tr.tokenizer, prompts, args.top_k, args.temperature, args.top_p,
                                   args.max_new_tokens, seed=seed, batch_size=args.batch_size)
     return Rollouts(ids, tensors), [tr.records[i] for i in index]
 
@@ -243,7 +262,7 @@ def run_step(tr: Trainer, t: int) -> StepResult:
     rollouts, records = sample(tr, t)
     with accel.autocast(tr.device, args.dtype):
         scores = score_rollouts(tr.teacher, rollouts, args.top_k, args.batch_size,
-                                student=tr.student if args.signal_mode == "exact" else None)
+                                student=inference_student(tr) if args.signal_mode == "exact" else None)
     sig = batch_signals(rollouts.tensors, scores, args.signal_mode, args.margin)
     mask_BT, release_B = build_mask(args.method, rollouts, sig, tr.tokenizer, args.ratio, release_rule(args),
                                     seed=distributed.step_seed(args.seed, t, tr.dist.rank))
@@ -262,8 +281,8 @@ def restore(tr: Trainer, ckpt: dict) -> None:
                          f"use another --out-dir or the same flags")
     if ckpt["step"] > tr.args.steps:
         raise ValueError(f"{ckpt['path']} is past --steps {tr.args.steps}")
-    tr.student.load_state_dict(ckpt["model"])
-    tr.optimizer.load_state_dict(ckpt["trainer"]["optimizer"])
+    distributed.load_states(tr.student, tr.optimizer, ckpt["model"], ckpt["trainer"]["optimizer"],
+                            sharded=tr.replica is not None)
     tr.scheduler.load_state_dict(ckpt["trainer"]["scheduler"])
     restore_rng_states(ckpt["trainer"]["rng"])
 
@@ -280,11 +299,21 @@ def train_loop(tr: Trainer, run, start: int, metrics: dict) -> dict:
         run.log_metrics(metrics, step=t)  # on ranks other than 0, a NoRun
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['reverse_kl_all']:.3f}")
         if t % args.checkpoint_every == 0 or t == args.steps:
-            if ctx.main:  # CPU copies of the states: the checkpoint loads on a machine without a GPU
-                save_checkpoint(args.out_dir, t, args, accel.cpu_state(tr.student), accel.cpu_state(tr.optimizer),
-                                tr.scheduler.state_dict(), run.run_id, metrics)
-            distributed.barrier(ctx)  # no rank runs ahead of (or exits before) a complete checkpoint
+            checkpoint_step(tr, t, run.run_id, metrics)
     return metrics
+
+
+def checkpoint_step(tr: Trainer, t: int, run_id: str, metrics: dict) -> None:
+    """Rank 0 writes checkpoint t from CPU copies of the states (it loads on a machine without a GPU)."""
+    args, ctx = tr.args, tr.dist
+    if tr.replica is not None:  # FSDP: every rank takes part in gathering the full state onto rank 0
+        states = distributed.full_states(tr.student, tr.optimizer)
+    elif ctx.main:
+        states = accel.cpu_state(tr.student), accel.cpu_state(tr.optimizer)
+    if ctx.main:
+        save_checkpoint(args.out_dir, t, args, *states, tr.scheduler.state_dict(), run_id, metrics,
+                        keep=args.keep_checkpoints)
+    distributed.barrier(ctx)  # no rank runs ahead of (or exits before) a complete checkpoint
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -318,6 +347,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--threads", type=int, default=1, help="torch CPU threads")
     a("--study", default="miniature", help="MLflow experiment name")
     a("--name", default="student", help="run name for tracking (e.g. the student scale and method)")
+    a("--sharding", default="ddp", help=f"under torchrun: {' or '.join(distributed.SHARDINGS)} (FSDP2: weights, "
+      "gradients and AdamW state sharded over the ranks; needs WORLD_SIZE > 1)")
+    a("--save-dtype", choices=accel.DTYPES, default="float32", help="dtype of the final model/ weights")
+    a("--keep-checkpoints", type=int, default=KEEP_CHECKPOINTS,
+      help="newest complete checkpoints kept while training; a finished run keeps only its last one")
     accel.add_args(p)
     add_release_args(p)
     worlds.add_args(p)
@@ -348,10 +382,12 @@ def main(argv: list[str] | None = None) -> dict:
                 engine.for_trainer(tr):  # a no-op for --rollout-backend hf
             metrics = train_loop(tr, run, start, metrics)
             final = {"step": args.steps, **metrics}
+            student = inference_student(tr)
             if ctx.main:
-                save_model_dir(tr.student, tr.tokenizer, args.out_dir / "model")
+                save_model_dir(student, tr.tokenizer, args.out_dir / "model", dtype=getattr(torch, args.save_dtype))
+                prune_finished(args.out_dir)
                 write_json(args.out_dir / "metrics.json", final)
-        distributed.finish(ctx, tr.student)
+        distributed.finish(ctx, student)
     if ctx.main:
         print(json.dumps(final))
     return final

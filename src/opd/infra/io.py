@@ -80,13 +80,25 @@ def write_rows_csv(path: Path | str, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def save_model_dir(model, tokenizer, out_dir: Path) -> None:
+def save_model_dir(model, tokenizer, out_dir: Path, dtype=None) -> None:
     """A Hugging Face model directory, written to a sibling and swapped in, so a killed job leaves no
     half-written model: the old directory is renamed aside before the new one moves in, so at every
-    instant either the old or the new model is complete on disk."""
+    instant either the old or the new model is complete on disk.
+
+    `dtype` (a torch dtype, e.g. bfloat16: half the disk of fp32 master weights) casts the saved weights
+    and the config's dtype; the model itself is left as it is.
+    """
     tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    if dtype is None or dtype == model.dtype:
+        model.save_pretrained(str(tmp))
+    else:
+        cast: dict = {}  # one cast per storage: tied weights (embeddings = LM head) stay one tensor
+        state = {k: cast.setdefault(v.data_ptr(), v.detach().to(dtype)) for k, v in model.state_dict().items()}
+        model.save_pretrained(str(tmp), state_dict=state)
+        config = json.loads((tmp / "config.json").read_text())  # transformers writes the model's own dtype
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(str(tmp))
     shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():

@@ -23,13 +23,15 @@ import re
 from bisect import bisect_right
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import ruptures as rpt
 import torch
-from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 from torch import Tensor
+
+if TYPE_CHECKING:  # imported where they are used: a run that never applies the release rule (e.g.
+    import ruptures as rpt  # benchmarks/gpu_smoke.py with method `full`) needs neither installed
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
 
 Span = tuple[int, int]
 
@@ -42,6 +44,8 @@ MAD_TO_SIGMA = 1.4826  # σ ≈ 1.4826 · MAD for Gaussian data
 @lru_cache(maxsize=1)
 def _punkt() -> PunktSentenceTokenizer:
     """An untrained Punkt with explicit abbreviations: no nltk.download, works offline."""
+    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+
     params = PunktParameters()
     params.abbrev_types = set(ABBREVIATIONS)
     return PunktSentenceTokenizer(params)
@@ -165,6 +169,8 @@ def find_release(
     first = max(min_prefix_segments, 1)
     if n < max(min_segments, 2) or first >= n or not np.isfinite(series).all():
         return None
+    import ruptures as rpt
+
     cost = rpt.costs.CostL2().fit(series)
     k, cost_one = _best_single_change(cost, n, first)
     noise = _sigma2(series, cost_one, sigma2)

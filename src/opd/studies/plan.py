@@ -1,0 +1,381 @@
+"""Memory planner: the estimated peak GPU memory of every training and diagnostic job, before any job runs.
+
+`python -m opd.studies.plan --configfile config/paper.yaml` prints, per job, the terms below and the
+largest settings that fit; the workflow runs `config_problems` at validation (workflow/rules/common.smk),
+so a job whose estimate exceeds `resources.<kind>.gpu_mem_gb` stops the run before any job starts.
+Pure Python (no torch): planning a 1874-job DAG offline stays fast.
+
+Model shapes come from `<results_dir>/models/<name>/config.json` when it is on disk, else from the
+model's `shape` block (or a miniature model's architecture keys), so planning works offline; a `shape`
+key that contradicts config.json is an error. The terms, per GPU (G = resources.train.gpu, bytes):
+- student: fp32 master weights 4P, gradients 4P, AdamW moments 8P; with `train.sharding: fsdp` each
+  divided by G, plus the all-gathered bf16 root group and two layers (FSDP prefetches one), plus the
+  unsharded replica rollouts and scoring read (opd.engines.distributed); DDP (G > 1) adds its 4P
+  gradient buckets;
+- teacher: 2 bytes per parameter in bf16 (4 in fp32); the vLLM share: `vllm_memory_fraction` of the GPU;
+- activations of one micro-batch of `train.max_tokens_per_microbatch` tokens (all of a rank's batch when
+  unset) kept for backward: `layer_elements` per token and layer without checkpointing; with
+  `train.gradient_checkpointing`, each layer's input plus one layer recomputed;
+- one logit chunk: `train.logit_chunk` positions (all of a micro-batch when unset) × V × LOGIT_BYTES.
+The peak is the static terms plus the largest phase: the update (activations + logits), teacher scoring
+(a no-grad forward of one micro-batch) or hf rollouts (a KV cache). `tests/test_plan.py` checks the
+estimate against peaks measured on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+GIB = 2 ** 30
+NEEDS_SHAPE = "the memory planner needs the model's shape"
+VLLM_ROLLOUT_FRACTION = 0.85  # opd.engines.rollout's vLLM gpu_memory_utilization
+PROMPT_TOKENS = 1024  # the longest prompt the paper study allows (docs/paper.md): a bound, not a mean
+LOGIT_BYTES = {4: 16, 2: 20}  # per [position, V] element: logits, log-softmax and their two gradients
+HF_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+           "head_dim", "intermediate_size", "tie_word_embeddings")
+MINIATURE_KEYS = {"hidden_size": "hidden_size", "num_hidden_layers": "layers", "num_attention_heads": "heads",
+                  "num_key_value_heads": "kv_heads", "intermediate_size": "intermediate_size", "head_dim": "head_dim"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """What memory depends on in a Qwen3-style decoder (names as in a Hugging Face config.json)."""
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    tie_word_embeddings: bool = True
+
+    @property
+    def q(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    def layer_params(self) -> int:
+        H = self.hidden_size
+        return 2 * H * self.q + 2 * H * self.kv + 3 * H * self.intermediate_size + 2 * H + 2 * self.head_dim
+
+    def root_params(self) -> int:
+        """Embeddings, final norm and (untied) LM head: FSDP's root group."""
+        return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2) + self.hidden_size
+
+    def params(self) -> int:
+        return self.root_params() + self.num_hidden_layers * self.layer_params()
+
+    def layer_elements(self) -> int:
+        """Elements per token one decoder layer keeps for backward (eager attention-free count, SDPA):
+        each RMSNorm its input, normalised and scaled outputs (3H twice); q/k/v and their norms, rotary and
+        GQA-repeated copies, attention output (8q + 4kv); SwiGLU gate, activation, up and product (4I)."""
+        return 6 * self.hidden_size + 8 * self.q + 4 * self.kv + 4 * self.intermediate_size
+
+
+def shape_from_config_json(path: Path) -> dict:
+    cfg = json.loads(path.read_text())
+    cfg = cfg.get("text_config", cfg)
+    out = {k: cfg[k] for k in HF_KEYS if k in cfg}
+    out.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+    out.setdefault("tie_word_embeddings", False)
+    return out
+
+
+def model_shape(config: dict, name: str) -> tuple[Shape | None, list[str]]:
+    """(the model's Shape or None, problems): config.json on disk first, then the config's shape keys."""
+    model = config["models"][name]
+    given = dict(model.get("shape") or {})
+    if not model.get("hub"):  # a miniature model: its architecture keys and the world's vocabulary cap
+        given.update({hf: model[k] for hf, k in MINIATURE_KEYS.items() if model.get(k) is not None})
+        given.setdefault("vocab_size", config.get("world", {}).get("vocab_size", 512))
+        given.setdefault("head_dim", model.get("hidden_size", 0) // max(1, model.get("heads", 1)))
+    on_disk = Path(config.get("results_dir", "results")) / "models" / name / "config.json"
+    if on_disk.is_file():
+        found = shape_from_config_json(on_disk)
+        wrong = [f"models.{name}.shape.{k}: {v!r} contradicts {k}={found[k]!r} in {on_disk}"
+                 for k, v in (model.get("shape") or {}).items() if k in found and found[k] != v]
+        if wrong:
+            return None, wrong
+        given = {**given, **found}
+    missing = [k for k in HF_KEYS[:-1] if k not in given]
+    if missing:
+        return None, [f"models.{name}: no {on_disk} and no models.{name}.shape keys {', '.join(missing)}: "
+                      + NEEDS_SHAPE]
+    return Shape(**{k: given[k] for k in HF_KEYS if k in given}), []
+
+
+@dataclasses.dataclass
+class Settings:
+    """What a job's memory depends on besides the shapes (from the config's train/diagnose/resources)."""
+    gpus: int
+    sharding: str
+    compute_bytes: int  # 2 for --dtype bfloat16 (autocast, a bf16 teacher), 4 for float32
+    rank_tokens: int  # prompt + response tokens of one rank's share of a step
+    microbatch: int | None  # train.max_tokens_per_microbatch (None: the whole share at once)
+    logit_chunk: int | None
+    checkpointing: bool
+    vllm_fraction: float  # 0 with hf rollouts
+    kv_sequences: int  # sequences in one hf generate() call (0 with vLLM)
+    seq_tokens: int  # prompt + longest response
+
+    @property
+    def tokens(self) -> int:
+        return min(self.microbatch or self.rank_tokens, self.rank_tokens)
+
+    @property
+    def chunk(self) -> int:
+        return min(self.logit_chunk or self.tokens, self.tokens)
+
+
+def activation_bytes(s: Shape, tokens: int, compute_bytes: int, checkpointing: bool) -> int:
+    """Kept for backward by one micro-batch: every layer's activations, or (checkpointing) every layer's
+    fp32 input plus one layer recomputed; plus embedding output and final norm (4H)."""
+    per_layer = s.layer_elements() * compute_bytes
+    trunk = 4 * s.hidden_size * compute_bytes
+    if checkpointing:
+        return tokens * (s.num_hidden_layers * s.hidden_size * 4 + per_layer + trunk)
+    return tokens * (s.num_hidden_layers * per_layer + trunk)
+
+
+def logit_bytes(s: Shape, positions: int, compute_bytes: int) -> int:
+    return positions * s.vocab_size * LOGIT_BYTES[compute_bytes]
+
+
+def student_bytes(s: Shape, st: Settings) -> dict[str, float]:
+    """Weights, gradients, AdamW moments (fp32) per GPU, and what the sharding mode adds."""
+    shard = st.gpus if st.sharding == "fsdp" else 1
+    P = s.params()
+    out = {"student weights": 4 * P / shard, "gradients": 4 * P / shard, "AdamW state": 8 * P / shard}
+    if st.sharding == "fsdp" and st.gpus > 1:
+        out["FSDP all-gathered"] = st.compute_bytes * (s.root_params() + 2 * s.layer_params())
+        out["FSDP replica"] = st.compute_bytes * P
+    elif st.gpus > 1:
+        out["DDP buckets"] = 4 * P
+    return out
+
+
+def scoring_bytes(models: list[Shape], st: Settings) -> float:
+    """A no-grad forward of one micro-batch: the widest live tensors per token and one chunk's logits."""
+    return max(st.tokens * (4 * m.hidden_size + 2 * m.intermediate_size + m.q + 2 * m.kv) * st.compute_bytes
+               + st.chunk * m.vocab_size * (st.compute_bytes + 8) for m in models)
+
+
+def kv_cache_bytes(s: Shape, st: Settings) -> float:
+    return st.kv_sequences * st.seq_tokens * s.num_hidden_layers * 2 * s.kv * st.compute_bytes
+
+
+@dataclasses.dataclass
+class Estimate:
+    job: str
+    kind: str  # train | diagnose (the resources block it is checked against)
+    static: dict[str, float]
+    phases: dict[str, float]
+    cap_gib: float | None
+    settings: Settings
+
+    @property
+    def peak(self) -> float:
+        return sum(self.static.values()) + max(self.phases.values(), default=0.0)
+
+    @property
+    def fits(self) -> bool:
+        return self.cap_gib is None or self.peak <= self.cap_gib * GIB
+
+
+def pair_gpus(config: dict, teacher: str, student: str) -> int:
+    """GPUs of a pair's training jobs: its train.pairs entry's `gpu`, else resources.train.gpu."""
+    given = [p.get("gpu") for p in config["train"].get("pairs") or []
+             if (p["teacher"], p["student"]) == (teacher, student)]
+    return next((g for g in given if g), config["resources"]["train"]["gpu"])
+
+
+def train_settings(config: dict, pair: tuple[str, str] | None = None, **override) -> tuple[Settings, float | None]:
+    tr, res = config["train"], config["resources"]["train"]
+    gpus = max(1, pair_gpus(config, *pair) if pair else res.get("gpu", 0))
+    cap = res.get("gpu_mem_gb")
+    vllm = tr["rollout_backend"] == "vllm"
+    seq = PROMPT_TOKENS + tr["max_new_tokens"]
+    st = Settings(gpus=gpus, sharding=tr.get("sharding", "ddp"),
+                  compute_bytes=2 if tr["dtype"] == "bfloat16" else 4,
+                  rank_tokens=math.ceil(tr["prompts_per_step"] / gpus) * tr["samples"] * seq,
+                  microbatch=tr.get("max_tokens_per_microbatch"), logit_chunk=tr.get("logit_chunk"),
+                  checkpointing=bool(tr.get("gradient_checkpointing")),
+                  vllm_fraction=tr["vllm_memory_fraction"] if vllm else 0.0,
+                  kv_sequences=0 if vllm else min(64, math.ceil(tr["prompts_per_step"] / gpus) * tr["samples"]),
+                  seq_tokens=seq)
+    st = dataclasses.replace(st, **override)
+    if "gpus" in override:
+        st = dataclasses.replace(st, rank_tokens=math.ceil(tr["prompts_per_step"] / st.gpus) * tr["samples"] * seq)
+    return st, cap
+
+
+def train_estimate(config: dict, pair: tuple[str, str], S: Shape, T: Shape, **override) -> Estimate:
+    """One training job of a (teacher, student) pair: peak memory per GPU."""
+    st, cap = train_settings(config, pair, **override)
+    static = {**student_bytes(S, st), "teacher": st.compute_bytes * T.params(),
+              "vLLM share": st.vllm_fraction * (cap or 80) * GIB, "CUDA context": 1.0 * GIB}
+    phases = {"update": activation_bytes(S, st.tokens, st.compute_bytes, st.checkpointing)
+              + logit_bytes(S, st.chunk, st.compute_bytes),
+              "scoring": scoring_bytes([T, S], st),
+              "hf rollouts": kv_cache_bytes(S, st)}
+    return Estimate(f"train {pair[0]} -> {pair[1]}", "train", static, phases, cap, st)
+
+
+def diagnose_estimates(config: dict, pair: tuple[str, str], S: Shape, T: Shape) -> list[Estimate]:
+    """Rollouts of the student, teacher scoring, and the fixed-context gain (τ Adam steps on the bank)."""
+    d, res = config["diagnose"], config["resources"]["diagnose"]
+    cap = res.get("gpu_mem_gb")
+    st, _ = train_settings(config, gpus=1, sharding="ddp", vllm_fraction=0.0,
+                           kv_sequences=0 if d["backend"] == "vllm" else min(64, d["n_prompts"] * d["samples"]),
+                           seq_tokens=PROMPT_TOKENS + d["max_new_tokens"])
+    st = dataclasses.replace(st, rank_tokens=d["n_prompts"] * d["samples"] * st.seq_tokens)
+    ctx = {"CUDA context": 1.0 * GIB}
+    weights = lambda m: st.compute_bytes * m.params()  # noqa: E731
+    vllm = {"vLLM share": VLLM_ROLLOUT_FRACTION * (cap or 80) * GIB}  # its gpu_memory_utilization
+    rollout_static = vllm if d["backend"] == "vllm" else {"student weights": weights(S)}
+    return [
+        Estimate(f"rollout_initial {pair[1]}", "diagnose", {**rollout_static, **ctx},
+                 {"hf rollouts": kv_cache_bytes(S, st)}, cap, st),
+        Estimate(f"score_initial {pair[0]} / {pair[1]}", "diagnose",
+                 {"teacher": weights(T), "student weights": weights(S), **ctx}, {"scoring": scoring_bytes([T, S], st)},
+                 cap, st),
+        Estimate(f"fixed_context {pair[0]} / {pair[1]}", "diagnose",
+                 {**student_bytes(S, st), "teacher": weights(T), **ctx},
+                 {"update": activation_bytes(S, st.tokens, st.compute_bytes, st.checkpointing)
+                  + logit_bytes(S, st.chunk, st.compute_bytes), "scoring": scoring_bytes([T, S], st)}, cap, st),
+    ]
+
+
+def estimates(config: dict) -> tuple[list[Estimate], list[str]]:
+    """Every training pair's and diagnostic job's estimate (one per pair), and shape problems."""
+    from opd.studies import sweep
+
+    shapes, problems = {}, []
+    for name in config["models"]:
+        shapes[name], found = model_shape(config, name)
+        problems += found
+    out = []
+    for t, s in sweep.pairs(config["models"], config["train"]):
+        if shapes[t] and shapes[s]:
+            out.append(train_estimate(config, (t, s), shapes[s], shapes[t]))
+            out += diagnose_estimates(config, (t, s), shapes[s], shapes[t])
+    unique = {e.job: e for e in out}  # a student's rollouts serve every pair it is in
+    return list(unique.values()), problems
+
+
+def _pair_shapes(config: dict, e: Estimate) -> tuple[tuple[str, str], Shape, Shape]:
+    teacher, student = e.job.split(" ", 1)[1].split(" -> ")
+    return (teacher, student), model_shape(config, student)[0], model_shape(config, teacher)[0]
+
+
+def largest_microbatch(config: dict, e: Estimate) -> int | None:
+    """The largest train.max_tokens_per_microbatch (a multiple of 1024, at most a rank's share) that fits."""
+    if e.kind != "train":
+        return None
+    pair, S, T = _pair_shapes(config, e)
+    top = e.settings.rank_tokens - e.settings.rank_tokens % 1024
+    return next((n for n in range(top, 0, -1024) if train_estimate(config, pair, S, T, microbatch=n).fits), None)
+
+
+def fit_advice(config: dict, e: Estimate) -> str:
+    """What would make a job fit: the largest micro-batch that does, or the GPUs FSDP needs."""
+    if e.kind != "train":
+        return ("set train.max_tokens_per_microbatch / train.logit_chunk lower (diagnostics use them too) or "
+                "resources.diagnose.gpu_mem_gb higher")
+    best = largest_microbatch(config, e)
+    if best:
+        return f"fits with train.max_tokens_per_microbatch <= {best}"
+    pair, S, T = _pair_shapes(config, e)
+    for gpus in range(max(2, e.settings.gpus + 1), 65):
+        if train_estimate(config, pair, S, T, gpus=gpus, sharding="fsdp").fits:
+            return f"fits with train.sharding: fsdp and {gpus} GPUs (the pair's train.pairs gpu or resources.train.gpu)"
+    return "does not fit at any micro-batch or FSDP width up to 64 GPUs"
+
+
+def config_problems(config: dict) -> list[str]:
+    """Validation check (workflow/rules/common.smk): every job over its resources' gpu_mem_gb, and why."""
+    from opd.studies import sweep
+
+    found, problems = estimates(config)
+    if not any(config["resources"][kind].get("gpu_mem_gb") for kind in ("train", "diagnose")):
+        problems = [p for p in problems if not p.endswith(NEEDS_SHAPE)]  # no check asked for: shapes not needed
+    for pair in sweep.pairs(config["models"], config["train"]):
+        if config["train"].get("sharding") == "fsdp" and pair_gpus(config, *pair) <= 1:
+            problems.append(f"train.sharding: fsdp needs more than one GPU for pair {pair[0]} -> {pair[1]} "
+                            f"(resources.train.gpu or its train.pairs gpu): one torchrun process per GPU to shard over")
+    for e in found:
+        if not e.fits:
+            problems.append(f"{e.job}: estimated peak {e.peak / GIB:.1f} GiB per GPU > resources.{e.kind}.gpu_mem_gb "
+                            f"{e.cap_gib:g}; {fit_advice(config, e)} (python -m opd.studies.plan)")
+    return problems
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:.1f}"
+
+
+def table(config: dict, found: list[Estimate]) -> str:
+    """A Markdown table: one row per job, every term in GiB per GPU, the peak, the largest fitting budget."""
+    head = ("| job | GPUs | sharding | tokens / micro-batch | logit chunk | checkpointing | student weights "
+            "| gradients | AdamW | FSDP/DDP extra | teacher | vLLM | activations (no ckpt / ckpt) | logit chunk bytes | scoring "
+            "| peak | cap | largest fitting micro-batch |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for e in found:
+        st, s = e.settings, e.static
+        extra = sum(v for k, v in s.items() if k.startswith(("FSDP", "DDP")))
+        shape = model_shape(config, e.job.split()[-1])[0]
+        acts = [activation_bytes(shape, st.tokens, st.compute_bytes, c) for c in (False, True)]
+        update = "update" in e.phases  # rollout and scoring jobs keep no activations for backward
+        best = largest_microbatch(config, e)
+        rows.append(" | ".join([
+            f"| {e.job}", str(st.gpus if e.kind == "train" else 1), st.sharding if e.kind == "train" else "-",
+            str(st.tokens), str(st.chunk), "on" if st.checkpointing else "off",
+            _gib(s.get("student weights", 0)), _gib(s.get("gradients", 0)), _gib(s.get("AdamW state", 0)),
+            _gib(extra), _gib(s.get("teacher", 0)), _gib(s.get("vLLM share", 0)),
+            f"{_gib(acts[0])} / {_gib(acts[1])}" if update else "-",
+            _gib(logit_bytes(shape, st.chunk, st.compute_bytes)) if update else "-",
+            _gib(e.phases["scoring"]) if "scoring" in e.phases else "-", f"**{_gib(e.peak)}**",
+            "-" if e.cap_gib is None else f"{e.cap_gib:g}" + ("" if e.fits else " (does not fit)"),
+            "-" if best is None else str(best)]) + " |")
+    return "\n".join(rows)
+
+
+def load_config(paths: list[Path]) -> dict:
+    """The config files merged as Snakemake merges --configfile overlays (mappings key by key), validated."""
+    import yaml
+
+    from opd.infra.config import validate_config
+
+    def merge(a: dict, b: dict) -> dict:
+        return {**a, **{k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+                        for k, v in b.items()}}
+
+    config: dict = {}
+    for path in paths:
+        config = merge(config, yaml.safe_load(Path(path).read_text()) or {})
+    return validate_config(config)
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description="Estimated peak GPU memory of every training and diagnostic job.")
+    p.add_argument("--configfile", type=Path, nargs="+", required=True,
+                   help="study config file(s), later ones overriding earlier ones (as snakemake --configfile)")
+    args = p.parse_args(argv)
+    config = load_config(args.configfile)
+    found, problems = estimates(config)
+    out = table(config, found)
+    notes = [f"- {e.job}: {fit_advice(config, e)}" for e in found if not e.fits] + [f"- {x}" for x in problems]
+    text = out + ("\n\nDoes not fit:\n" + "\n".join(notes) if notes else "\n\nEvery job fits its gpu_mem_gb.")
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
