@@ -73,6 +73,10 @@ def test_one_seed_interval_from_problem_sampling_alone():
     # every problem wrong: no replicate varies, so Clopper-Pearson: upper = 1 − 0.025^(1/100) = 0.0362
     zero = stats.estimate(stats.group(rows("z", {0: np.zeros(100)}))["z"], ["t"])
     assert (zero.mean, zero.lo) == (0.0, 0.0) and zero.hi == pytest.approx(0.03622, abs=1e-4)
+    # and every problem right, over two tasks (the replicates' sums of 1/n weights are not exactly 1 in floats)
+    r = rows("o", {0: np.ones(100)}, task="a") + rows("o", {0: np.ones(100)}, task="b")
+    one = stats.estimate(stats.group(r)["o"], ["a", "b"])
+    assert one.hi == 1.0 and one.lo == pytest.approx(0.025 ** (1 / 200), abs=1e-9)  # 1 − (1 − 0.025^(1/n))
 
 
 def test_seed_spread_widens_the_interval():

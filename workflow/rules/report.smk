@@ -3,7 +3,12 @@
 
 rule report_models:
     input:
-        expand(res("eval/{model}/{task}{ext}"), model=EVAL_MODELS, task=BENCHMARKS, ext=[".json", ".samples.jsonl"]),
+        expand(
+            res("eval/{model}/{task}{ext}"),
+            model=EVAL_MODELS,
+            task=BENCHMARKS,
+            ext=[".json", ".samples.jsonl"],
+        ),
     output:
         md=f"{REPORT_DIR}/models.md",
         csv=report(f"{REPORT_DIR}/models.csv", caption="../report/models.rst", category="Models"),
@@ -26,13 +31,21 @@ rule report_models:
 rule report_training:
     input:
         trained=trained_evals(),
-        base=expand(res("eval/{model}/{task}{ext}"), model=TRAIN_STUDENTS, task=BENCHMARKS,
-                    ext=[".json", ".samples.jsonl"]),
+        base=expand(
+            res("eval/{model}/{task}{ext}"),
+            model=TRAIN_STUDENTS,
+            task=BENCHMARKS,
+            ext=[".json", ".samples.jsonl"],
+        ),
     output:
         md=f"{REPORT_DIR}/training.md",
         csv=report(f"{REPORT_DIR}/training.csv", caption="../report/training.rst", category="Training"),
         png=report(f"{REPORT_DIR}/training.png", caption="../report/training.rst", category="Training"),
-        comparisons=report(f"{REPORT_DIR}/training_comparisons.csv", caption="../report/training.rst", category="Training"),
+        comparisons=report(
+            f"{REPORT_DIR}/training_comparisons.csv",
+            caption="../report/training.rst",
+            category="Training",
+        ),
     params:
         grid=grid_args(),
         bench_args=bench_args(),
@@ -50,13 +63,21 @@ rule report_training:
 rule report_sweep:
     input:
         trained=trained_evals(),
-        base=expand(res("eval/{model}/{task}{ext}"), model=TRAIN_STUDENTS, task=BENCHMARKS,
-                    ext=[".json", ".samples.jsonl"]),
+        base=expand(
+            res("eval/{model}/{task}{ext}"),
+            model=TRAIN_STUDENTS,
+            task=BENCHMARKS,
+            ext=[".json", ".samples.jsonl"],
+        ),
     output:
         md=f"{REPORT_DIR}/sweep.md",
         csv=report(f"{REPORT_DIR}/sweep.csv", caption="../report/sweep.rst", category="Sweep"),
         png=report(f"{REPORT_DIR}/sweep.png", caption="../report/sweep.rst", category="Sweep"),
-        comparisons=report(f"{REPORT_DIR}/sweep_comparisons.csv", caption="../report/sweep.rst", category="Sweep"),
+        comparisons=report(
+            f"{REPORT_DIR}/sweep_comparisons.csv",
+            caption="../report/sweep.rst",
+            category="Sweep",
+        ),
     params:
         grid=grid_args(),
         bench_args=bench_args(),

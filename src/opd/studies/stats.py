@@ -135,11 +135,11 @@ def estimate(s: Scores, tasks: list[str], level: float = LEVEL, n_boot: int = N_
     mean, boot = _replicates(s, tasks, np.random.default_rng(seed), n_boot)
     lo, hi = _percentiles(boot, level)
     n = _n_problems(s, tasks)
-    if hi - lo == 0 and mean in (0.0, 1.0):
+    if hi - lo < 1e-9 and min(mean, 1 - mean) < 1e-9:
         # Every problem had the same outcome, so every replicate does: the bootstrap cannot see the
         # sampling noise. Clopper-Pearson on the problems instead (seeds counted once: conservative).
         edge = 1 - ((1 - level) / 2) ** (1 / n)
-        lo, hi = (0.0, edge) if mean == 0.0 else (1 - edge, 1.0)
+        lo, hi = (0.0, edge) if mean < 0.5 else (1 - edge, 1.0)
     return Estimate(mean, lo, hi, len(s.seeds), n)
 
 
