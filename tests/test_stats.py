@@ -54,7 +54,7 @@ def test_planted_ten_point_gain_on_500_paired_problems_is_detected():
     # per-problem differences: 50 ones and 450 zeros, sd sqrt(0.1 · 0.9) = 0.3 -> SE 0.3 / sqrt(500) = 0.0134,
     # 95% interval ≈ 0.10 ± 0.026
     assert comp.lo == pytest.approx(0.10 - 0.0263, abs=0.006) and comp.hi == pytest.approx(0.10 + 0.0263, abs=0.006)
-    assert comp.p == pytest.approx(1 / (stats.N_BOOT + 1))
+    assert comp.p < 1e-9  # z ≈ 0.10 / 0.0134 = 7.5
     assert stats.verdict(comp, comp.p) == "better" and stats.verdict(
         stats.compare(s["old"], s["new"], ["t"]), comp.p) == "worse"
     # pairing matters: unpaired, the SE would be sqrt(.4·.6/500 + .3·.7/500) = 0.030, more than twice as wide
@@ -110,6 +110,10 @@ def test_compare_all_corrects_over_the_whole_table():
     comps = stats.compare_all(s, {"t": ["t"]}, [("gain", "base"), ("same", "base")])
     assert [c.verdict for c in comps] == ["better", "n.d."]
     assert comps[0].p_holm == pytest.approx(2 * comps[0].p) and comps[1].p_holm == 1.0
+    # p from the bootstrap SE, not from counting replicates: it resolves below 1 / (n_boot + 1)
+    # replicates 0.1 ± 0.02: SE = 0.02 · sqrt(100 / 99) = 0.020101, z = 4.975, two-sided p = 6.53e-7
+    assert stats.p_value(0.1, np.array([0.08, 0.12] * 50)) == pytest.approx(6.53e-7, rel=2e-3)
+    assert stats.p_value(0.0, np.zeros(10)) == 1.0 and stats.p_value(0.1, np.full(10, 0.1)) == 0.0
 
 
 def test_different_problem_sets_are_not_paired():

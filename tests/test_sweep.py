@@ -113,3 +113,28 @@ def test_metric_flags():
     assert parse_metrics(["ifeval=prompt_level_strict_acc,none"]) == {"ifeval": "prompt_level_strict_acc,none"}
     with pytest.raises(ValueError, match="TASK=METRIC"):
         parse_metrics(["ifeval"])
+
+
+def test_training_report_main_logs_intervals_and_comparisons_to_mlflow(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    runs = sweep.grid([("t", "a")], ["full", "ta_opd"], [8], [0.1], [0])
+    for r in runs:
+        write_eval(tmp_path / "results" / r.path / "eval", {"arith1": first(40), "reverse": first(50)})
+    write_eval(tmp_path / "results/eval/a", {"arith1": first(30), "reverse": first(50)})
+    out = tmp_path / "report"
+    report_train.main(["--pairs", "t:a", "--methods", "full", "ta_opd", "--top-k", "8", "--ratios", "0.1",
+                       "--seeds", "0", "--tasks", "arith1", "reverse", "--ood-tasks", "reverse",
+                       "--results", str(tmp_path / "results"), "--study", "s", "--n-boot", "500",
+                       "--out-md", str(out / "t.md"), "--out-csv", str(out / "t.csv"), "--out-png", str(out / "t.png"),
+                       "--out-comparisons", str(out / "c.csv")])
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("s").experiment_id])
+    m = run.data.metrics
+    assert m["a.full.in_domain_avg.mean"] == pytest.approx(40.0) and m["a.full.in_domain_avg.lo"] < 40.0
+    # identical evaluations: the paired difference is 0 on every replicate
+    assert (m["a.ta_opd_vs_full.in_domain_avg.diff"], m["a.ta_opd_vs_full.in_domain_avg.p"]) == (0.0, 1.0)
+    assert m["a.full_vs_base.in_domain_avg.diff"] == pytest.approx(10.0) and m["a.full_vs_base.ood.paired"] == 1.0
+    assert run.data.params["n_boot"] == "500"
+    assert "full − base | in_domain_avg | +10.0" in (out / "t.md").read_text()
