@@ -5,7 +5,7 @@ import json
 import pytest
 
 from opd.infra.lmeval_results import read_samples, read_score
-from opd.studies import report, report_stats
+from opd.studies import report, report_stats, stats
 from opd.studies.evaluate import sample_rows, write_outputs
 from opd.studies.stats import Estimate
 from conftest import write_eval
@@ -83,3 +83,15 @@ def test_samples_keep_one_row_per_problem_for_the_metric_filter(tmp_path):
     assert read_samples(tmp_path / "arith1.samples.jsonl", "arith1") == {"0:h0": 1.0, "1:h1": 0.0}
     with pytest.raises(KeyError, match="no metric 'acc'"):
         sample_rows(result, "arith1", "acc,strict-match")
+
+
+def test_old_and_new_samples_files_still_pair(tmp_path):
+    """A base evaluated before doc_hash was kept pairs with a new evaluation on doc_id alone."""
+    write_eval(tmp_path / "new", {"t": [1, 0, 1, 0]})
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old/t.json").write_text(json.dumps({"results": {"t": {"exact_match,strict-match": 0.25}}}))
+    (tmp_path / "old/t.samples.jsonl").write_text("".join(
+        json.dumps({"doc_id": i, "exact_match": c}) + "\n" for i, c in enumerate([1, 0, 0, 0])))
+    scores = report_stats.load_scores([("new", 0, tmp_path / "new"), ("old", 0, tmp_path / "old")], ["t"], {})
+    comp = stats.compare(scores["new"], scores["old"], ["t"])
+    assert comp.paired and comp.diff == pytest.approx(0.25)

@@ -26,13 +26,16 @@ def add_stats_args(p: argparse.ArgumentParser) -> None:
 def load_scores(evals: list[tuple[str, object, Path]], tasks: list[str],
                 metrics: dict[str, str]) -> dict[str, stats.Scores]:
     """{row name: Scores} from (row name, seed, eval dir) triples; each eval dir holds <task>.samples.jsonl."""
-    rows, runs = [], {}
-    for name, seed, eval_dir in evals:
-        runs[(name, seed)] = str(eval_dir)
-        for task in tasks:
-            for problem, correct in read_samples(eval_dir / f"{task}.samples.jsonl", task,
-                                                 metrics.get(task, METRIC)).items():
-                rows.append((name, seed, task, problem, correct))
+    runs = {(name, seed): str(eval_dir) for name, seed, eval_dir in evals}
+    rows = []
+    for task in tasks:
+        read = [(name, seed, read_samples(d / f"{task}.samples.jsonl", task, metrics.get(task, METRIC)))
+                for name, seed, d in evals]
+        # Problems are "doc_id:doc_hash"; files written before doc_hash was kept have bare doc_ids. Where
+        # any evaluation of the task lacks the hash, pair on doc_id alone rather than on nothing.
+        bare = any(":" not in k for _, _, got in read for k in got)
+        rows += [(name, seed, task, k.partition(":")[0] if bare else k, c)
+                 for name, seed, got in read for k, c in got.items()]
     return stats.group(rows, runs)
 
 
