@@ -105,8 +105,15 @@ def sample_rows(result: dict, task: str, metric: str = METRIC) -> list[dict]:
             raise KeyError(f"task {task!r}: lm-eval's samples hold no metric {name!r} (they hold {s.get('metrics')})")
         rows.append({"doc_id": s["doc_id"], "doc_hash": s.get("doc_hash"), "filter": filt,
                      "target": str(s["target"]), "response": str(s["resps"][0][0]),
-                     "filtered": str(s["filtered_resps"][0]), name: s[name], "correct": float(s[name])})
+                     "filtered": str(s["filtered_resps"][0]), name: s[name], "correct": _as_score(s[name])})
     return rows
+
+
+def _as_score(value) -> float:
+    """A problem's metric value as a number; list-valued metrics (IFEval's instruction level) by their mean."""
+    if isinstance(value, (list, tuple)):
+        return sum(map(float, value)) / len(value) if value else float("nan")
+    return float(value)
 
 
 def write_outputs(result: dict, task: str, out_dir: Path, metric: str = METRIC) -> Path:
