@@ -159,8 +159,12 @@ def train_launcher():
 
 def trained_evals():
     """Every trained run's lm-eval results and per-problem samples (the reports' intervals need both)."""
-    return [res(f"{run.path}/eval/{t}{ext}") for run in sweep.runs(config["models"], TRAIN) for t in BENCHMARKS
-            for ext in (".json", ".samples.jsonl")]
+    return [
+        res(f"{run.path}/eval/{t}{ext}")
+        for run in sweep.runs(config["models"], TRAIN)
+        for t in BENCHMARKS
+        for ext in (".json", ".samples.jsonl")
+    ]
 
 
 def grid_args():
