@@ -118,7 +118,7 @@ def mlflow_metrics(prefix: str, ests: dict[str, dict[str, stats.Estimate]],
 def power_markdown(scores: dict[str, stats.Scores], tasks: list[str], level: float) -> str:
     """How large a true difference the measured noise lets 1-5 seeds x N problems detect (80% power)."""
     seed_sd, problem_sd = stats.noise(scores, tasks)
-    if math.isnan(problem_sd):
+    if not problem_sd > 0:  # nan (nothing pairs) or 0 (every evaluation agrees on every problem): nothing to say
         return ""
     n = sum(len(next(iter(scores.values())).tasks[t][0]) for t in tasks)
     sd_note = "no method with several seeds: seed sd taken as 0, so the table is optimistic" \
