@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out_comparisons is not None:
         rs.write_comparisons_csv(comps, args.out_comparisons)
     plot(tables, base, args.top_k, [fmt_ratio(r) for r in args.ratios], args.out_png)
-    ests = {label: {f"{m} K={k} ρ={r}": {col: cells[col][(k, r)][0] for col in cells}
+    ests = {label: {f"{m} K={k}" + ("" if r == "1" else f" ρ={r}"): {col: cells[col][(k, r)][0] for col in cells}
                     for m, cells in methods.items() for k, r in next(iter(cells.values()))}
             for label, methods in tables.items()}
     log_report(args, "report_sweep", ests, comps, {"top_k": args.top_k, "ratios": args.ratios})
