@@ -20,7 +20,7 @@ from opd.studies.stats import Estimate
 def to_markdown(ests: dict[str, dict[str, Estimate]], columns: list[str], level: float, n_boot: int) -> str:
     head = "| model | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns) + "\n"
     body = "".join(f"| {m} | " + " | ".join(rs.cell(cols[c]) for c in columns) + " |\n" for m, cols in ests.items())
-    return rs.explain(level, n_boot) + "\n" + head + body
+    return rs.explain(level, n_boot, comparisons=False) + "\n" + head + body
 
 
 def write_csv(ests: dict[str, dict[str, Estimate]], columns: list[str], path: Path) -> None:

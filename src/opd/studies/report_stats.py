@@ -84,11 +84,12 @@ def comparisons_markdown(comps: list[stats.Comparison], level: float) -> str:
     return "".join(out)
 
 
-def explain(level: float, n_boot: int) -> str:
-    return (f"Cells: accuracy (%) and its {100 * level:.0f}% interval (two-way bootstrap over seeds and problems, "
-            f"{n_boot} replicates; docs/statistics.md). Comparisons are paired on problems; verdicts "
-            f"(better / worse / n.d. = not distinguishable) test at {1 - level:.2f} after Holm's correction "
-            "over every comparison of the table.\n")
+def explain(level: float, n_boot: int, comparisons: bool = True) -> str:
+    cells = (f"Cells: accuracy (%) and its {100 * level:.0f}% interval (two-way bootstrap over seeds and problems, "
+             f"{n_boot} replicates; docs/statistics.md).")
+    return cells + (f" Comparisons are paired on problems; verdicts (better / worse / n.d. = not distinguishable) "
+                    f"test at {1 - level:.2f} after Holm's correction over every comparison of the table."
+                    if comparisons else "") + "\n"
 
 
 def write_comparisons_csv(comps_by_table: dict[str, list[stats.Comparison]], path: Path) -> None:
