@@ -1,4 +1,5 @@
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -13,6 +14,17 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def write_eval(d, outcomes: dict, metric="exact_match,strict-match", offset=0):
+    """<d>/<task>.json and <task>.samples.jsonl with {task: [0/1 per problem]} (doc ids from `offset`)."""
+    d.mkdir(parents=True, exist_ok=True)
+    name = metric.partition(",")[0]
+    for task, cs in outcomes.items():
+        (d / f"{task}.json").write_text(json.dumps({"results": {task: {metric: sum(cs) / len(cs)}}}))
+        (d / f"{task}.samples.jsonl").write_text("".join(
+            json.dumps({"doc_id": offset + i, "doc_hash": f"h{offset + i}", "filter": metric.partition(",")[2],
+                        name: c, "correct": float(c)}) + "\n" for i, c in enumerate(cs)))
 
 
 @pytest.fixture

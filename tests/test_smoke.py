@@ -36,9 +36,11 @@ def test_report_has_every_model_and_benchmark(smoke):
     with open(workdir / RESULTS / "report/smoke/models.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["model"] for r in rows] == list(cfg["models"])
-    assert list(rows[0]) == ["model", *cfg["evaluation"]["benchmarks"], "in_domain_avg", "ood"]
-    for row in rows:
-        assert 0.0 <= float(row["in_domain_avg"]) <= 100.0
+    columns = [*cfg["evaluation"]["benchmarks"], "in_domain_avg", "ood"]
+    assert list(rows[0]) == ["model", *columns, *(f"{c}_{b}" for c in columns for b in ("lo", "hi"))]
+    for row in rows:  # every estimate inside its interval, and the interval never of zero width
+        assert 0.0 <= float(row["in_domain_avg_lo"]) <= float(row["in_domain_avg"]) <= float(row["in_domain_avg_hi"])
+        assert float(row["in_domain_avg_hi"]) > float(row["in_domain_avg_lo"])
     assert (workdir / RESULTS / "report/smoke/models.png").stat().st_size > 1000
 
 
@@ -57,6 +59,7 @@ def test_models_load_and_lm_eval_results_are_real(smoke):
             assert len(samples) == cfg["world"]["n_bench"]
             # the reported score is the mean of the per-problem scores we kept
             mean = sum(s["exact_match"] for s in samples) / len(samples)
+            assert len({s["doc_id"] for s in samples}) == len(samples)  # one row per problem
             assert result["results"][task]["exact_match,strict-match"] == pytest.approx(mean)
 
 
@@ -122,6 +125,13 @@ def test_training_report(smoke):
     md = (workdir / RESULTS / "report/smoke/training.md").read_text()
     for row in ["base", "full K=4", "release+ta_opd K=4 ρ=0.1", "release+ta_opd K=4 ρ=0.3"]:
         assert f"| {row} |" in md
+    with open(workdir / RESULTS / "report/smoke/training_comparisons.csv") as fh:
+        comps = {(r["a"], r["b"], r["metric"]): r for r in csv.DictReader(fh)}
+    # each method point vs full (same K) and vs base, each on in-domain and OOD, all paired on problems
+    assert set(comps) == {(a, b, m) for a in ["release+ta_opd K=4 ρ=0.1", "release+ta_opd K=4 ρ=0.3"]
+                          for b in ["full K=4", "base"] for m in ["in_domain_avg", "ood"]} | {
+        ("full K=4", "base", m) for m in ["in_domain_avg", "ood"]}
+    assert all(r["paired"] == "True" and r["verdict"] in ("better", "worse", "n.d.") for r in comps.values())
     for run in _train_runs(cfg):
         metrics = json.loads((workdir / RESULTS / "train" / run / "metrics.json").read_text())
         assert metrics["step"] == cfg["train"]["steps"]

@@ -1,13 +1,13 @@
 """The training grid (opd.studies.sweep) and the sweep report (opd.studies.report_sweep), with numbers worked out by hand."""
 
-import json
+import argparse
 
 import pytest
 
-from opd.studies import report_sweep
-from opd.studies import sweep
-from opd.studies.report import parse_metrics
-from opd.studies.report_train import collect
+from opd.infra.lmeval_results import parse_metrics
+from opd.studies import report_stats, report_sweep, report_train, sweep
+from opd.studies.report_train import is_several, pair_scores
+from conftest import write_eval
 
 MODELS = {"t": {"role": "teacher"}, "a": {"role": "student"}, "b": {"role": "student"}}
 
@@ -36,40 +36,105 @@ def test_ratio_path_form():
     assert [sweep.fmt_ratio(r) for r in (0.1, 0.05, 1, 1.0, 0.3)] == ["0.1", "0.05", "1", "1", "0.3"]
 
 
-def _result(tmp_path, d, scores):
-    for task, acc in scores.items():
-        (tmp_path / d).mkdir(parents=True, exist_ok=True)
-        (tmp_path / d / f"{task}.json").write_text(
-            json.dumps({"results": {task: {"exact_match,strict-match": acc}}}))
+def first(n, total=100):
+    """Outcomes with the first n problems right: nested sets, so paired differences are exact."""
+    return [1] * n + [0] * (total - n)
+
+
+def stats_args():
+    return argparse.Namespace(level=0.95, n_boot=2000)
 
 
 def test_sweep_table_by_hand(tmp_path):
     runs = sweep.grid([("t", "a")], ["ta_opd"], [8], [0.1, 0.3], [0, 1])
-    # in-domain = arith1 only; OOD = reverse. Seeds 0/1 at rho=0.1: 40% and 60% -> 50 ± 14.14
-    values = {("0.1", 0): (0.4, 1.0), ("0.1", 1): (0.6, 1.0), ("0.3", 0): (0.2, 0.5), ("0.3", 1): (0.2, 0.7)}
+    # in-domain = arith1 only; OOD = reverse; 100 problems each. Seeds 0/1 at rho=0.1: 40% and 60% -> 50
+    values = {("0.1", 0): (40, 100), ("0.1", 1): (60, 100), ("0.3", 0): (20, 50), ("0.3", 1): (20, 70)}
     for r in runs:
         ind, ood = values[(r.ratio, r.seed)]
-        _result(tmp_path, "results/" + r.path + "/eval", {"arith1": ind, "reverse": ood})
-    _result(tmp_path, "results/eval/a", {"arith1": 0.3, "reverse": 0.9})
-    results = tmp_path / "results"
-    points = report_sweep.collect_runs(runs, ["arith1", "reverse"], ["reverse"], {}, results)
-    cell = points[("t", "a", "ta_opd", 8, "0.1")]
-    assert cell["in_domain_avg"][0] == pytest.approx(50.0)
-    assert cell["in_domain_avg"][1] == pytest.approx(14.1421, abs=1e-3)
-    assert points[("t", "a", "ta_opd", 8, "0.3")]["ood"][0] == pytest.approx(60.0)
-    tables = report_sweep.sweep_tables(points, [("t", "a")], ["ta_opd"], [8], [0.1, 0.3])
-    base = {"a": report_sweep.eval_row(results / "eval" / "a", ["arith1", "reverse"], ["reverse"], {})}
-    md = report_sweep.markdown(tables, base, [8], [0.1, 0.3], 2)
-    assert "Before distillation: in-domain 30.0, OOD 90.0." in md
-    assert "| 8 | 50.0 ± 14.1 | 20.0 ± 0.0 |" in md
-    assert "| 8 | 100.0 ± 0.0 | 60.0 ± 14.1 |" in md
-    training = collect(runs, ["arith1", "reverse"], ["reverse"], {}, results)
+        write_eval(tmp_path / "results" / r.path / "eval", {"arith1": first(ind), "reverse": first(ood)})
+    write_eval(tmp_path / "results/eval/a", {"arith1": first(30), "reverse": first(90)})
+    results, tasks = tmp_path / "results", ["arith1", "reverse"]
+    columns = report_stats.columns_of(tasks, ["reverse"])
+    scores = pair_scores(runs, tasks, {}, results, several=True)
+    tables, base, comps = report_sweep.analyse(runs, scores, columns, stats_args())
+    e, v = tables["a"]["ta_opd"]["in_domain_avg"][(8, "0.1")]
+    assert (e.mean, e.n_seeds, e.n_problems, v) == (pytest.approx(0.50), 2, 100, "better")
+    assert tables["a"]["ta_opd"]["ood"][(8, "0.3")][0].mean == pytest.approx(0.60)
+    # 20% vs 30% on the same problems: 10 discordant of 100, paired SE 0.03 -> worse; OOD at rho=0.3 too
+    assert tables["a"]["ta_opd"]["in_domain_avg"][(8, "0.3")][1] == "worse"
+    assert [c.verdict for c in comps["a"]] == ["better", "better", "worse", "worse"]  # Holm over these 4
+    md = report_sweep.markdown(tables, base, comps, [8], [0.1, 0.3], 2, stats_args())
+    assert f"Before distillation: in-domain avg {report_stats.cell(base['a']['in_domain_avg'])}, OOD" in md
+    assert f"| 8 | {report_stats.cell(e)} ▲ | {report_stats.cell(tables['a']['ta_opd']['in_domain_avg'][(8, '0.3')][0])} ▼ |" in md
+    assert "±" not in md
+    training = pair_scores(runs, tasks, {}, results, several=is_several(runs))
     assert set(training["a"]) == {"base", "ta_opd K=8 ρ=0.1", "ta_opd K=8 ρ=0.3"}
     report_sweep.plot(tables, base, [8], ["0.1", "0.3"], tmp_path / "h.png")
     assert (tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_training_report_verdicts_vs_full_and_base(tmp_path):
+    runs = sweep.grid([("t", "a")], ["full", "ta_opd"], [8], [0.1], [0])
+    outcomes = {"full": (40, 60), "ta_opd": (40, 30)}
+    for r in runs:
+        ind, ood = outcomes[r.method]
+        write_eval(tmp_path / "results" / r.path / "eval", {"arith1": first(ind, 500), "reverse": first(ood, 500)})
+    write_eval(tmp_path / "results/eval/a", {"arith1": first(30, 500), "reverse": first(60, 500)})
+    tasks = ["arith1", "reverse"]
+    ests, comps, scores = report_train.analyse(runs, tasks, ["reverse"], {}, tmp_path / "results", stats_args())
+    got = {(c.a, c.b, c.column): c.verdict for c in comps["a"]}
+    assert got == {("ta_opd", "full", "in_domain_avg"): "n.d.", ("ta_opd", "full", "ood"): "worse",
+                   ("ta_opd", "base", "in_domain_avg"): "better", ("ta_opd", "base", "ood"): "worse",
+                   ("full", "base", "in_domain_avg"): "better", ("full", "base", "ood"): "n.d."}
+    md = report_train.markdown(ests, comps, scores, list(report_stats.columns_of(tasks, ["reverse"])), ["arith1"], 1,
+                               stats_args())
+    assert "| ta_opd | " in md and "| n.d. / worse | better / worse |" in md
+    assert "| full | " in md and "| — | better / n.d. |" in md
+    assert "**Power**" in md and "Not paired" not in md
+    report_train.plot(ests, tmp_path / "t.png", 0.95)
+    assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_training_report_names_runs_it_cannot_pair(tmp_path):
+    runs = sweep.grid([("t", "a")], ["full"], [8], [0.1], [0])
+    write_eval(tmp_path / "results" / runs[0].path / "eval", {"arith1": first(40), "reverse": first(50)})
+    # the base was evaluated on other problems (doc ids 100-199): pairing them would pair wrong problems
+    write_eval(tmp_path / "results/eval/a", {"arith1": first(30), "reverse": first(50)}, offset=100)
+    ests, comps, scores = report_train.analyse(runs, ["arith1", "reverse"], ["reverse"], {}, tmp_path / "results",
+                                               stats_args())
+    assert all(not c.paired for c in comps["a"])
+    md = report_train.markdown(ests, comps, scores, ["arith1", "reverse", "in_domain_avg", "ood"], ["arith1"], 1,
+                               stats_args())
+    assert "**Not paired** (arith1: " in md and str(tmp_path / "results/eval/a") in md
+    assert str(tmp_path / "results" / runs[0].path / "eval") in md and "(unpaired)" in md
 
 
 def test_metric_flags():
     assert parse_metrics(["ifeval=prompt_level_strict_acc,none"]) == {"ifeval": "prompt_level_strict_acc,none"}
     with pytest.raises(ValueError, match="TASK=METRIC"):
         parse_metrics(["ifeval"])
+
+
+def test_training_report_main_logs_intervals_and_comparisons_to_mlflow(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    runs = sweep.grid([("t", "a")], ["full", "ta_opd"], [8], [0.1], [0])
+    for r in runs:
+        write_eval(tmp_path / "results" / r.path / "eval", {"arith1": first(40), "reverse": first(50)})
+    write_eval(tmp_path / "results/eval/a", {"arith1": first(30), "reverse": first(50)})
+    out = tmp_path / "report"
+    report_train.main(["--pairs", "t:a", "--methods", "full", "ta_opd", "--top-k", "8", "--ratios", "0.1",
+                       "--seeds", "0", "--tasks", "arith1", "reverse", "--ood-tasks", "reverse",
+                       "--results", str(tmp_path / "results"), "--study", "s", "--n-boot", "500",
+                       "--out-md", str(out / "t.md"), "--out-csv", str(out / "t.csv"), "--out-png", str(out / "t.png"),
+                       "--out-comparisons", str(out / "c.csv")])
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("s").experiment_id])
+    m = run.data.metrics
+    assert m["a.full.in_domain_avg.mean"] == pytest.approx(40.0) and m["a.full.in_domain_avg.lo"] < 40.0
+    # identical evaluations: the paired difference is 0 on every replicate
+    assert (m["a.ta_opd_vs_full.in_domain_avg.diff"], m["a.ta_opd_vs_full.in_domain_avg.p"]) == (0.0, 1.0)
+    assert m["a.full_vs_base.in_domain_avg.diff"] == pytest.approx(10.0) and m["a.full_vs_base.ood.paired"] == 1.0
+    assert run.data.params["n_boot"] == "500"
+    assert "full − base | in_domain_avg | +10.0" in (out / "t.md").read_text()

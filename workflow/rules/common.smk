@@ -163,7 +163,13 @@ def train_launcher(wildcards):
 
 
 def trained_evals():
-    return [res(f"{run.path}/eval/{t}.json") for run in sweep.runs(config["models"], TRAIN) for t in BENCHMARKS]
+    """Every trained run's lm-eval results and per-problem samples (the reports' intervals need both)."""
+    return [
+        res(f"{run.path}/eval/{t}{ext}")
+        for run in sweep.runs(config["models"], TRAIN)
+        for t in BENCHMARKS
+        for ext in (".json", ".samples.jsonl")
+    ]
 
 
 def grid_args():

@@ -3,7 +3,12 @@
 
 rule report_models:
     input:
-        expand(res("eval/{model}/{task}.json"), model=EVAL_MODELS, task=BENCHMARKS),
+        expand(
+            res("eval/{model}/{task}{ext}"),
+            model=EVAL_MODELS,
+            task=BENCHMARKS,
+            ext=[".json", ".samples.jsonl"],
+        ),
     output:
         md=f"{REPORT_DIR}/models.md",
         csv=report(f"{REPORT_DIR}/models.csv", caption="../report/models.rst", category="Models"),
@@ -26,11 +31,21 @@ rule report_models:
 rule report_training:
     input:
         trained=trained_evals(),
-        base=expand(res("eval/{model}/{task}.json"), model=TRAIN_STUDENTS, task=BENCHMARKS),
+        base=expand(
+            res("eval/{model}/{task}{ext}"),
+            model=TRAIN_STUDENTS,
+            task=BENCHMARKS,
+            ext=[".json", ".samples.jsonl"],
+        ),
     output:
         md=f"{REPORT_DIR}/training.md",
         csv=report(f"{REPORT_DIR}/training.csv", caption="../report/training.rst", category="Training"),
         png=report(f"{REPORT_DIR}/training.png", caption="../report/training.rst", category="Training"),
+        comparisons=report(
+            f"{REPORT_DIR}/training_comparisons.csv",
+            caption="../report/training.rst",
+            category="Training",
+        ),
     params:
         grid=grid_args(),
         bench_args=bench_args(),
@@ -41,17 +56,28 @@ rule report_training:
         f"{RESULTS}/logs/{STUDY}/report_training.log",
     shell:
         "python -m opd.studies.report_train {params.grid} {params.bench_args} --study {params.study}"
-        " --out-md {output.md} --out-csv {output.csv} --out-png {output.png} > {log} 2>&1"
+        " --out-md {output.md} --out-csv {output.csv} --out-png {output.png}"
+        " --out-comparisons {output.comparisons} > {log} 2>&1"
 
 
 rule report_sweep:
     input:
         trained=trained_evals(),
-        base=expand(res("eval/{model}/{task}.json"), model=TRAIN_STUDENTS, task=BENCHMARKS),
+        base=expand(
+            res("eval/{model}/{task}{ext}"),
+            model=TRAIN_STUDENTS,
+            task=BENCHMARKS,
+            ext=[".json", ".samples.jsonl"],
+        ),
     output:
         md=f"{REPORT_DIR}/sweep.md",
         csv=report(f"{REPORT_DIR}/sweep.csv", caption="../report/sweep.rst", category="Sweep"),
         png=report(f"{REPORT_DIR}/sweep.png", caption="../report/sweep.rst", category="Sweep"),
+        comparisons=report(
+            f"{REPORT_DIR}/sweep_comparisons.csv",
+            caption="../report/sweep.rst",
+            category="Sweep",
+        ),
     params:
         grid=grid_args(),
         bench_args=bench_args(),
@@ -62,4 +88,5 @@ rule report_sweep:
         f"{RESULTS}/logs/{STUDY}/report_sweep.log",
     shell:
         "python -m opd.studies.report_sweep {params.grid} {params.bench_args} --study {params.study}"
-        " --out-md {output.md} --out-csv {output.csv} --out-png {output.png} > {log} 2>&1"
+        " --out-md {output.md} --out-csv {output.csv} --out-png {output.png}"
+        " --out-comparisons {output.comparisons} > {log} 2>&1"

@@ -41,7 +41,12 @@ rule eval_trained:
         model=rules.train_opd.output.model,
         metrics=rules.train_opd.output.metrics,
     output:
-        expand(f"{TRAIN_DIR}/eval/{{task}}.json", task=BENCHMARKS, allow_missing=True),
+        expand(
+            f"{TRAIN_DIR}/eval/{{task}}{{ext}}",
+            task=BENCHMARKS,
+            ext=[".json", ".samples.jsonl"],
+            allow_missing=True,
+        ),
     params:
         args=eval_args,
         train_dir=lambda wc, input: os.path.dirname(input.metrics),

@@ -28,3 +28,37 @@ def parse_metrics(pairs: list[str]) -> dict[str, str]:
             raise ValueError(f"--metric {item!r}: expected TASK=METRIC, e.g. ifeval=prompt_level_strict_acc,none")
         out[task] = metric
     return out
+
+
+def read_samples(path: Path, task: str, metric: str = METRIC) -> dict[str, float]:
+    """{problem: correct} of a <task>.samples.jsonl (opd.studies.evaluate); checked against <task>.json.
+
+    The problem key is doc_id plus lm-eval's doc_hash where the file has it, so two evaluations pair up only
+    when they saw the same documents under the same ids. Older files (one row per filter, no `correct`
+    column) are read through the metric's own column and filter.
+    """
+    path = Path(path)
+    name, _, filt = metric.partition(",")
+    out: dict[str, float] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"per-problem results not found: {path} (written by opd.studies.evaluate)") from None
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if rec.get("filter", filt) != filt:
+            continue
+        if "correct" not in rec and name not in rec:
+            raise ValueError(f"{path}:{lineno}: no 'correct' and no {name!r} value")
+        key = f"{rec['doc_id']}" + (f":{rec['doc_hash']}" if rec.get("doc_hash") else "")
+        if key in out:
+            raise ValueError(f"{path}:{lineno}: problem {rec['doc_id']} appears twice (one row per filter? "
+                             f"re-run opd.studies.evaluate to rewrite it)")
+        out[key] = float(rec.get("correct", rec.get(name)))
+    reported = read_score(path.with_name(f"{task}.json"), task, metric)
+    if not out or abs(sum(out.values()) / len(out) - reported) > 1e-6:
+        raise ValueError(f"{path}: {len(out)} problems with mean {sum(out.values()) / max(1, len(out)):.4f}, "
+                         f"but {task}.json reports {reported:.4f} for {metric!r}")
+    return out

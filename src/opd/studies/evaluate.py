@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from opd.infra.io import write_text
+from opd.infra.io import write_jsonl, write_text
 from opd.infra.lmeval_results import METRIC
 
 
@@ -97,15 +97,36 @@ def task_view(result: dict, task: str) -> dict:
     return view
 
 
+def sample_rows(result: dict, task: str, metric: str = METRIC) -> list[dict]:
+    """One row per problem of `task`: doc_id, doc_hash, the response and `correct` (the metric's value).
+
+    lm-eval logs a sample per (problem, filter); only the metric's filter is kept, so each problem appears
+    once and the rows' mean is the reported score (opd.infra.lmeval_results.read_samples checks it).
+    """
+    name, _, filt = metric.partition(",")
+    rows = []
+    for s in result.get("samples", {}).get(task, []):
+        if s.get("filter", filt) != filt:
+            continue
+        if name not in s:
+            raise KeyError(f"task {task!r}: lm-eval's samples hold no metric {name!r} (they hold {s.get('metrics')})")
+        rows.append({"doc_id": s["doc_id"], "doc_hash": s.get("doc_hash"), "filter": filt,
+                     "target": str(s["target"]), "response": str(s["resps"][0][0]),
+                     "filtered": str(s["filtered_resps"][0]), name: s[name], "correct": _as_score(s[name])})
+    return rows
+
+
+def _as_score(value) -> float:
+    """A problem's metric value as a number; list-valued metrics (IFEval's instruction level) by their mean."""
+    if isinstance(value, (list, tuple)):
+        return sum(map(float, value)) / len(value) if value else float("nan")
+    return float(value)
+
+
 def write_outputs(result: dict, task: str, out_dir: Path, metric: str = METRIC) -> Path:
-    """<out_dir>/<task>.json (lm-eval's result) and <task>.samples.jsonl (every response); returns the JSON."""
+    """<out_dir>/<task>.json (lm-eval's result) and <task>.samples.jsonl (one row per problem); returns the JSON."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = metric.partition(",")[0]
-    with (out_dir / f"{task}.samples.jsonl").open("w") as fh:
-        for s in result.get("samples", {}).get(task, []):
-            fh.write(json.dumps({"doc_id": s["doc_id"], "target": s["target"],
-                                 "response": s["resps"][0][0], "filtered": s["filtered_resps"][0],
-                                 name: s.get(name)}, default=str) + "\n")
+    write_jsonl(out_dir / f"{task}.samples.jsonl", sample_rows(result, task, metric))
     out = out_dir / f"{task}.json"
     write_text(out, json.dumps(task_view(result, task), indent=2, default=str))
     return out

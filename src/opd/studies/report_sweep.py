@@ -1,9 +1,10 @@
 """The sweep report: per (teacher, student) pair and method, a K x ratio table and heatmap.
 
-Cells are the in-domain average and the OOD score (accuracy %, mean ± sd over seeds; each seed's averages
-are taken first, see opd.studies.report_train). `full` and `release` have no ratio (opd.studies.sweep): they get one
+Cells are the in-domain average and the OOD score (accuracy %, mean over seeds with its interval over seeds
+and problems, opd.studies.stats). `full` and `release` have no ratio (opd.studies.sweep): they get one
 column, `all`. The `base` line under each table is the student before distillation, the number every
-cell should beat.
+cell should beat: each cell is compared with it (paired on problems, Holm over every cell of the pair's
+tables) and marked ▲ (better) or ▼ (worse) where the difference is distinguishable.
 """
 
 from __future__ import annotations
@@ -14,57 +15,93 @@ import math
 from pathlib import Path
 
 from opd.infra.lmeval_results import parse_metrics
-from opd.studies.report_train import Point, add_grid_args, collect_runs, eval_row, grid_runs
-from opd.studies.sweep import fmt_ratio, method_ratios, pair_label
+from opd.studies import report_stats as rs
+from opd.studies import stats
+from opd.studies.report_train import add_grid_args, grid_runs, log_report, pair_scores, row_name
+from opd.studies.sweep import Run, fmt_ratio, method_ratios, pair_label
 
 COLUMNS = (("in_domain_avg", "in-domain avg"), ("ood", "OOD"))
 
 
-def sweep_tables(points: dict[Point, dict], pair_list, methods, ks, ratios) -> dict:
-    """{pair label: {method: {column: {(K, ratio): (mean, sd, n)}}}}; missing points are absent."""
-    out: dict = {}
+def analyse(runs: list[Run], scores: dict, columns: dict[str, list[str]], args) -> tuple[dict, dict, dict]:
+    """(tables {label: {method: {col: {(K, ratio): (Estimate, verdict vs base)}}}, base {label: {col: Estimate}},
+    comparisons {label: [every cell vs base]})."""
+    pair_list = list(dict.fromkeys((r.teacher, r.student) for r in runs))
+    summary = {c: columns[c] for c, _ in COLUMNS if c in columns}
+    tables, base, comps = {}, {}, {}
     for teacher, student in pair_list:
         label = pair_label(teacher, student, pair_list)
-        for method in methods:
-            cells = {col: {} for col, _ in COLUMNS}
-            for k in ks:
-                for ratio in method_ratios(method, ratios):
-                    stats = points.get((teacher, student, method, int(k), ratio))
-                    for col, _ in COLUMNS:
-                        if stats is not None:
-                            cells[col][(int(k), ratio)] = stats[col]
-            out.setdefault(label, {})[method] = cells
-    return out
+        points = list(dict.fromkeys(Run(teacher, student, r.method, r.k, r.ratio, 0) for r in runs
+                                    if (r.teacher, r.student) == (teacher, student)))
+        by_row = scores[label]
+        comps[label] = stats.compare_all(by_row, summary, [(row_name(p, True), "base") for p in points],
+                                         args.level, args.n_boot)
+        verdicts = {(c.a, c.column): c.verdict for c in comps[label]}
+        base[label] = {c: stats.estimate(by_row["base"], t, args.level, args.n_boot) for c, t in summary.items()}
+        for p in points:
+            name = row_name(p, True)
+            for col, tasks in summary.items():
+                e = stats.estimate(by_row[name], tasks, args.level, args.n_boot)
+                cells = tables.setdefault(label, {}).setdefault(p.method, {}).setdefault(col, {})
+                cells[(p.k, p.ratio)] = (e, verdicts[(name, col)])
+    return tables, base, comps
 
 
-def markdown(tables: dict, base: dict, ks, ratios, n_seeds: int) -> str:
-    parts = [f"# Sweep report\n\nAccuracy (%), mean ± sd over {n_seeds} seed(s). Rows: K; columns: selection "
-             "ratio ρ (`all` for methods without a budget).\n"]
+def markdown(tables: dict, base: dict, comps: dict, ks, ratios, n_seeds: int, args) -> str:
+    parts = [f"# Sweep report\n\n{n_seeds} seed(s) per point. Rows: K; columns: selection ratio ρ (`all` for "
+             f"methods without a budget). ▲ / ▼: better / worse than before distillation. "
+             f"{rs.explain(args.level, args.n_boot)}"]
     for label, methods in tables.items():
-        parts.append(f"\n## {label}\n\nBefore distillation: in-domain {base[label]['in_domain_avg']:.1f}, "
-                     f"OOD {base[label]['ood']:.1f}.\n")
+        parts.append(f"\n## {label}\n\nBefore distillation: " + ", ".join(
+            f"{title} {rs.cell(base[label][col])}" for col, title in COLUMNS if col in base[label]) + ".\n")
         for method, cells in methods.items():
             cols = method_ratios(method, ratios)
             heads = ["all" if c == "1" else f"ρ={c}" for c in cols]
             for col, title in COLUMNS:
+                if col not in cells:
+                    continue
                 parts.append(f"\n**{method}: {title}**\n\n| K | " + " | ".join(heads) + " |\n|---|"
                              + "---:|" * len(cols) + "\n")
                 for k in ks:
                     vals = [cells[col].get((int(k), c)) for c in cols]
-                    parts.append(f"| {k} | " + " | ".join("—" if v is None else f"{v[0]:.1f} ± {v[1]:.1f}"
-                                                          for v in vals) + " |\n")
+                    parts.append(f"| {k} | " + " | ".join("—" if v is None else f"{rs.cell(v[0])} {rs.MARK[v[1]]}"
+                                                          .rstrip() for v in vals) + " |\n")
+        parts.append("\n<details><summary>every cell vs base</summary>\n"
+                     + rs.comparisons_markdown(comps[label], args.level) + "\n</details>\n")
     return "".join(parts)
 
 
 def write_csv(tables: dict, path: Path) -> None:
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["pair", "method", "K", "ratio", "metric", "mean", "sd", "n_seeds"])
+        w.writerow(["pair", "method", "K", "ratio", "metric", "mean", "lo", "hi", "n_seeds", "vs_base"])
         for label, methods in tables.items():
             for method, cells in methods.items():
                 for col, values in cells.items():
-                    for (k, ratio), (m, sd, n) in values.items():
-                        w.writerow([label, method, k, ratio, col, round(m, 3), round(sd, 3), n])
+                    for (k, ratio), (e, v) in values.items():
+                        w.writerow([label, method, k, ratio, col, *(round(100 * x, 3) for x in (e.mean, e.lo, e.hi)),
+                                    e.n_seeds, v])
+
+
+def _heatmap(ax, fig, grid, marks, centre: float, ks, cols) -> None:
+    """One K x ratio heatmap centred on the base score; cells that differ from the base get a frame and ▲/▼."""
+    from matplotlib.patches import Rectangle
+
+    span = max([abs(v - centre) for row in grid for v in row if not math.isnan(v)] + [1.0])
+    im = ax.imshow(grid, cmap="RdBu", vmin=centre - span, vmax=centre + span)
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            dark = not math.isnan(v) and abs(v - centre) > 0.6 * span  # white on deep colours
+            mark = rs.MARK.get(marks[i][j], "")
+            ax.text(j, i, "—" if math.isnan(v) else f"{v:.1f}{mark}", ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")
+            if mark:
+                ax.add_patch(Rectangle((j - 0.48, i - 0.48), 0.96, 0.96, fill=False, linewidth=1.5))
+    ax.set_xticks(range(len(cols)), ["all" if c == "1" else c for c in cols], fontsize=7)
+    ax.set_yticks(range(len(ks)), [str(k) for k in ks], fontsize=7)
+    ax.set_xlabel("ratio ρ", fontsize=7)
+    ax.set_ylabel("K", fontsize=7)
+    fig.colorbar(im, ax=ax, shrink=0.8)
 
 
 def plot(tables: dict, base: dict, ks, ratios, path: Path) -> None:
@@ -80,21 +117,15 @@ def plot(tables: dict, base: dict, ks, ratios, path: Path) -> None:
     for (label, method, cells), ax_row in zip(rows, axes):
         cols = method_ratios(method, ratios)
         for ax, (col, title) in zip(ax_row, COLUMNS):
-            grid = [[cells[col].get((int(k), c), (math.nan,))[0] for c in cols] for k in ks]
-            # Centre the colour scale on the student before distillation: red = worse, blue = better.
-            span = max([abs(v - base[label][col]) for row in grid for v in row if not math.isnan(v)] + [1.0])
-            im = ax.imshow(grid, cmap="RdBu", vmin=base[label][col] - span, vmax=base[label][col] + span)
-            for i, row in enumerate(grid):
-                for j, v in enumerate(row):
-                    dark = not math.isnan(v) and abs(v - base[label][col]) > 0.6 * span  # white on deep colours
-                    ax.text(j, i, "—" if math.isnan(v) else f"{v:.1f}", ha="center", va="center", fontsize=7,
-                            color="white" if dark else "black")
-            ax.set_xticks(range(len(cols)), ["all" if c == "1" else c for c in cols], fontsize=7)
-            ax.set_yticks(range(len(ks)), [str(k) for k in ks], fontsize=7)
-            ax.set_xlabel("ratio ρ", fontsize=7)
-            ax.set_ylabel("K", fontsize=7)
-            ax.set_title(f"{label} · {method} · {title} (base {base[label][col]:.1f})", fontsize=7)
-            fig.colorbar(im, ax=ax, shrink=0.8)
+            if col not in cells:
+                ax.axis("off")
+                continue
+            got = [[cells[col].get((int(k), c)) for c in cols] for k in ks]
+            grid = [[math.nan if v is None else 100 * v[0].mean for v in row] for row in got]
+            marks = [["" if v is None else v[1] for v in row] for row in got]
+            centre = 100 * base[label][col].mean
+            _heatmap(ax, fig, grid, marks, centre, ks, cols)
+            ax.set_title(f"{label} · {method} · {title} (base {centre:.1f}; ▲▼ framed: differs)", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -104,25 +135,20 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="K x ratio tables and heatmaps of an OPD sweep.")
     add_grid_args(p, figure="heatmaps")
     args = p.parse_args(argv)
-    from opd.infra import tracking
-
-    runs, metrics = grid_runs(args), parse_metrics(args.metric)
-    pair_list = list(dict.fromkeys((r.teacher, r.student) for r in runs))
-    points = collect_runs(runs, args.tasks, args.ood_tasks, metrics, args.results)
-    ratios = [fmt_ratio(r) for r in args.ratios]
-    tables = sweep_tables(points, pair_list, args.methods, args.top_k, args.ratios)
-    base = {pair_label(t, s, pair_list): eval_row(args.results / "eval" / s, args.tasks, args.ood_tasks, metrics)
-            for t, s in pair_list}
+    runs = grid_runs(args)
+    columns = rs.columns_of(args.tasks, args.ood_tasks)
+    scores = pair_scores(runs, args.tasks, parse_metrics(args.metric), args.results, several=True)
+    tables, base, comps = analyse(runs, scores, columns, args)
     args.out_md.parent.mkdir(parents=True, exist_ok=True)
-    args.out_md.write_text(markdown(tables, base, args.top_k, args.ratios, len(args.seeds)))
+    args.out_md.write_text(markdown(tables, base, comps, args.top_k, args.ratios, len(args.seeds), args))
     write_csv(tables, args.out_csv)
-    plot(tables, base, args.top_k, ratios, args.out_png)
-    with tracking.run(args.study, "report_sweep", params={"top_k": args.top_k, "ratios": args.ratios}) as run:
-        run.log_metrics({f"{label}.{method}.K{k}.ratio{ratio}.{col}": v[0]
-                         for label, methods in tables.items() for method, cells in methods.items()
-                         for col, values in cells.items() for (k, ratio), v in values.items()})
-        for path in (args.out_md, args.out_csv, args.out_png):
-            run.log_artifact(path)
+    if args.out_comparisons is not None:
+        rs.write_comparisons_csv(comps, args.out_comparisons)
+    plot(tables, base, args.top_k, [fmt_ratio(r) for r in args.ratios], args.out_png)
+    ests = {label: {f"{m} K={k}" + ("" if r == "1" else f" ρ={r}"): {col: cells[col][(k, r)][0] for col in cells}
+                    for m, cells in methods.items() for k, r in next(iter(cells.values()))}
+            for label, methods in tables.items()}
+    log_report(args, "report_sweep", ests, comps, {"top_k": args.top_k, "ratios": args.ratios})
     print(args.out_md.read_text())
 
 

@@ -1,105 +1,127 @@
-"""The distillation report: per student scale, method × benchmark, mean ± sd over seeds.
+"""The distillation report: per student scale, method × benchmark with intervals and paired verdicts.
 
 Rows: the student before OPD (`base`, results/eval/<student>/) and each method
 (results/train/<teacher>/<student>/<method>/K~k/ratio~r/seed~s/eval/, see opd.studies.sweep); with several (K, ratio)
-points in the grid, one row per method and point. In-domain average and OOD are computed per
-seed first, then averaged, so their sd is the spread across seeds. sd is the sample sd (n − 1); with one
-seed it is reported as 0.
+points in the grid, one row per method and point. Each cell is the mean over seeds of the accuracy with
+its interval over seeds and problems; each row is compared, paired on problems, with `full` (the `full` row of
+the same K) and with `base`, and says better / worse / n.d. after Holm's correction over the table's
+comparisons (opd.studies.stats, docs/statistics.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 from pathlib import Path
 
-from opd.infra.lmeval_results import METRIC, parse_metrics, read_score
-from opd.studies.report import summary_row
+from opd.infra.lmeval_results import METRIC, parse_metrics
+from opd.studies import report_stats as rs
+from opd.studies import stats
 from opd.studies.sweep import Run, grid, pair_label
 
 Point = tuple[str, str, str, int, str]  # (teacher, student, method, K, ratio)
 
 
-def mean_sd(rows: list[dict[str, float]]) -> dict[str, tuple[float, float, int]]:
-    """(mean, sd, n) per column over seeds."""
+def row_name(run: Run, several: bool) -> str:
+    return run.method if not several else f"{run.method} K={run.k}" + ("" if run.ratio == "1" else f" ρ={run.ratio}")
+
+
+def pair_scores(runs: list[Run], tasks: list[str], metrics: dict[str, str], results: Path,
+                several: bool) -> dict[str, dict[str, stats.Scores]]:
+    """{pair label: {'base' or row name: Scores}}, rows in grid order."""
+    pair_list = list(dict.fromkeys((r.teacher, r.student) for r in runs))
     out = {}
-    for col in rows[0]:
-        vals = [r[col] for r in rows]
-        out[col] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals))
+    for teacher, student in pair_list:
+        evals = [("base", 0, results / "eval" / student)]
+        evals += [(row_name(r, several), r.seed, results / r.path / "eval") for r in runs
+                  if (r.teacher, r.student) == (teacher, student)]
+        out[pair_label(teacher, student, pair_list)] = rs.load_scores(evals, tasks, metrics)
     return out
 
 
-def eval_row(eval_dir: Path, tasks: list[str], ood_tasks: list[str], metrics: dict[str, str]) -> dict[str, float]:
-    scores = {t: read_score(eval_dir / f"{t}.json", t, metrics.get(t, METRIC)) for t in tasks}
-    return summary_row(scores, tasks, ood_tasks)
+def is_several(runs: list[Run]) -> bool:
+    return len({r.k for r in runs}) > 1 or len({r.ratio for r in runs if r.ratio != "1"}) > 1
 
 
-def collect_runs(runs: list[Run], tasks: list[str], ood_tasks: list[str], metrics: dict[str, str],
-                 results: Path) -> dict[Point, dict]:
-    """{(teacher, student, method, K, ratio): {column: (mean, sd, n over seeds)}}."""
-    by_point: dict[Point, list[dict]] = {}
-    for r in runs:
-        row = eval_row(results / r.path / "eval", tasks, ood_tasks, metrics)
-        by_point.setdefault((r.teacher, r.student, r.method, r.k, r.ratio), []).append(row)
-    return {point: mean_sd(rows) for point, rows in by_point.items()}
+def reference_pairs(runs: list[Run], several: bool) -> list[tuple[str, str]]:
+    """(row, reference) of one pair's runs: every row vs `full` of the same K (where the grid has it), vs `base`."""
+    points = list(dict.fromkeys(Run(r.teacher, r.student, r.method, r.k, r.ratio, 0) for r in runs))
+    out = []
+    for p in points:
+        full = Run(p.teacher, p.student, "full", p.k, "1", 0)
+        if p.method != "full" and full in points:
+            out.append((row_name(p, several), row_name(full, several)))
+        out.append((row_name(p, several), "base"))
+    return out
 
 
-def collect(runs: list[Run], tasks, ood_tasks, metrics, results: Path) -> dict[str, dict[str, dict]]:
-    """{pair label: {'base' or method (with K, ratio when the grid has several points): stats}}."""
-    pair_list = list(dict.fromkeys((r.teacher, r.student) for r in runs))
-    points = collect_runs(runs, tasks, ood_tasks, metrics, results)
-    ks, ratios = {p[3] for p in points}, {p[4] for p in points if p[4] != "1"}
-    several = len(ks) > 1 or len(ratios) > 1
-    table: dict[str, dict[str, dict]] = {}
+def analyse(runs: list[Run], tasks: list[str], ood_tasks: list[str], metrics: dict[str, str], results: Path,
+            args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    """(estimates {label: {row: {col: Estimate}}}, comparisons {label: [...]}, scores {label: {row: Scores}})."""
+    several, pair_list = is_several(runs), list(dict.fromkeys((r.teacher, r.student) for r in runs))
+    scores = pair_scores(runs, tasks, metrics, results, several)
+    columns = rs.columns_of(tasks, ood_tasks)
+    summary = {c: columns[c] for c in rs.SUMMARY if c in columns}
+    ests, comps = {}, {}
     for teacher, student in pair_list:
-        rows = {"base": mean_sd([eval_row(results / "eval" / student, tasks, ood_tasks, metrics)])}
-        for (t, s, method, k, ratio), stats in points.items():
-            if (t, s) == (teacher, student):
-                name = method if not several else f"{method} K={k}" + ("" if ratio == "1" else f" ρ={ratio}")
-                rows[name] = stats
-        table[pair_label(teacher, student, pair_list)] = rows
-    return table
+        label = pair_label(teacher, student, pair_list)
+        pair_runs = [r for r in runs if (r.teacher, r.student) == (teacher, student)]
+        ests[label] = rs.estimates(scores[label], columns, args)
+        comps[label] = stats.compare_all(scores[label], summary, reference_pairs(pair_runs, several),
+                                         args.level, args.n_boot)
+    return ests, comps, scores
 
 
-def markdown(table: dict[str, dict[str, dict]], columns: list[str], n_seeds: int) -> str:
-    parts = [f"# On-policy distillation results\n\nAccuracy (%), mean ± sd over {n_seeds} seed(s); "
-             "`base` is the student before distillation.\n"]
-    for student, rows in table.items():
-        parts.append(f"\n## {student}\n\n| method | " + " | ".join(columns) + " |\n|---|"
-                     + "---:|" * len(columns) + "\n")
-        for method, cols in rows.items():
-            cells = [f"{cols[c][0]:.1f} ± {cols[c][1]:.1f}" for c in columns]
-            parts.append(f"| {method} | " + " | ".join(cells) + " |\n")
+def markdown(ests: dict, comps: dict, scores: dict, columns: list[str], ind_tasks: list[str], n_seeds: int,
+             args: argparse.Namespace) -> str:
+    summary = [c for c in rs.SUMMARY if c in columns]
+    parts = [f"# On-policy distillation results\n\n{n_seeds} seed(s) per method; `base` is the student before "
+             f"distillation. {rs.explain(args.level, args.n_boot)}"]
+    for label, rows in ests.items():
+        heads = [f"vs full ({' / '.join(summary)})", f"vs base ({' / '.join(summary)})"]
+        parts.append(f"\n## {label}\n\n| method | " + " | ".join(columns + heads) + " |\n|---|"
+                     + "---:|" * len(columns) + "---|---|\n")
+        for name, cols in rows.items():
+            ref = next((c.b for c in comps[label] if c.a == name and c.b != "base"), None)
+            vs = [rs.verdict_of(comps[label], name, ref, summary) if ref else "—",
+                  rs.verdict_of(comps[label], name, "base", summary) if name != "base" else "—"]
+            parts.append(f"| {name} | " + " | ".join([rs.cell(cols[c]) for c in columns] + vs) + " |\n")
+        parts.append(rs.comparisons_markdown(comps[label], args.level))
+        parts.append(rs.power_markdown(scores[label], ind_tasks, args.level))
     return "".join(parts)
 
 
-def write_csv(table: dict, path: Path) -> None:
+def write_csv(ests: dict, path: Path) -> None:
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["student", "method", "metric", "mean", "sd", "n_seeds"])
-        for student, rows in table.items():
+        w.writerow(["student", "method", "metric", "mean", "lo", "hi", "n_seeds", "n_problems"])
+        for student, rows in ests.items():
             for method, cols in rows.items():
-                for col, (m, sd, n) in cols.items():
-                    w.writerow([student, method, col, round(m, 3), round(sd, 3), n])
+                for col, e in cols.items():
+                    w.writerow([student, method, col, *(round(100 * v, 3) for v in (e.mean, e.lo, e.hi)),
+                                e.n_seeds, e.n_problems])
 
 
-def plot(table: dict, path: Path) -> None:
+def plot(ests: dict, path: Path, level: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(table), figsize=(4.5 * len(table), 3.8), squeeze=False)
-    for ax, (student, rows) in zip(axes[0], table.items()):
+    fig, axes = plt.subplots(1, len(ests), figsize=(4.5 * len(ests), 3.8), squeeze=False)
+    for ax, (student, rows) in zip(axes[0], ests.items()):
         methods = [m for m in rows if m != "base"]
         for offset, (col, label) in enumerate([("in_domain_avg", "in-domain avg"), ("ood", "OOD")]):
+            if col not in rows["base"]:
+                continue
             xs = [i + 0.4 * offset for i in range(len(methods))]
-            ax.bar(xs, [rows[m][col][0] for m in methods], 0.4, yerr=[rows[m][col][1] for m in methods],
-                   label=label, capsize=3)
-            ax.axhline(rows["base"][col][0], linestyle="--", color=f"C{offset}", linewidth=1)
+            bars = [rows[m][col] for m in methods]
+            ax.bar(xs, [100 * e.mean for e in bars], 0.4, yerr=rs.error_bars(bars), label=label, capsize=3)
+            b = rows["base"][col]
+            ax.axhline(100 * b.mean, linestyle="--", color=f"C{offset}", linewidth=1)
+            ax.axhspan(100 * b.lo, 100 * b.hi, color=f"C{offset}", alpha=0.12, linewidth=0)
         ax.set_xticks([i + 0.2 for i in range(len(methods))], methods, rotation=45, ha="right", fontsize=8)
-        ax.set_title(f"{student} (dashed: before OPD)", fontsize=9)
+        ax.set_title(f"{student} (dashed, band: before OPD; bars: {100 * level:.0f}% CI)", fontsize=8)
         ax.set_ylabel("accuracy (%)")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -112,6 +134,7 @@ def add_grid_args(p: argparse.ArgumentParser, figure: str = "figure") -> None:
     p.add_argument("--out-md", type=Path, required=True, help="Markdown report")
     p.add_argument("--out-csv", type=Path, required=True, help="CSV (long format)")
     p.add_argument("--out-png", type=Path, required=True, help=figure)
+    p.add_argument("--out-comparisons", type=Path, default=None, help="CSV of every paired comparison made")
     p.add_argument("--pairs", nargs="+", required=True, metavar="TEACHER:STUDENT", help="distillation pairs")
     p.add_argument("--methods", nargs="+", required=True, help="methods, in row order")
     p.add_argument("--top-k", nargs="+", type=int, required=True, help="K values of the grid")
@@ -123,6 +146,7 @@ def add_grid_args(p: argparse.ArgumentParser, figure: str = "figure") -> None:
                    help=f"lm-eval metric key per task where it is not {METRIC!r}")
     p.add_argument("--results", type=Path, default=Path("results"), help="results root")
     p.add_argument("--study", default="miniature", help="MLflow experiment name")
+    rs.add_stats_args(p)
 
 
 def grid_runs(args: argparse.Namespace) -> list[Run]:
@@ -135,23 +159,33 @@ def grid_runs(args: argparse.Namespace) -> list[Run]:
     return grid(pair_list, args.methods, args.top_k, args.ratios, args.seeds)
 
 
+def log_report(args: argparse.Namespace, rule: str, ests: dict, comps: dict, params: dict) -> None:
+    """The report run in MLflow: every interval and comparison, and the report files."""
+    from opd.infra import tracking
+
+    with tracking.run(args.study, rule, params={**params, "level": args.level, "n_boot": args.n_boot}) as run:
+        for label in ests:
+            run.log_metrics(rs.mlflow_metrics(f"{label}.", ests[label], comps.get(label, [])))
+        for path in (args.out_md, args.out_csv, args.out_png, args.out_comparisons):
+            if path is not None:
+                run.log_artifact(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Tabulate OPD results per student: method x benchmark.")
     add_grid_args(p)
     args = p.parse_args(argv)
-    from opd.infra import tracking
-
-    table = collect(grid_runs(args), args.tasks, args.ood_tasks, parse_metrics(args.metric), args.results)
-    columns = [*args.tasks, "in_domain_avg", "ood"]
+    ests, comps, scores = analyse(grid_runs(args), args.tasks, args.ood_tasks, parse_metrics(args.metric),
+                                  args.results, args)
+    columns = list(rs.columns_of(args.tasks, args.ood_tasks))
+    ind = [t for t in args.tasks if t not in args.ood_tasks]
     args.out_md.parent.mkdir(parents=True, exist_ok=True)
-    args.out_md.write_text(markdown(table, columns, len(args.seeds)))
-    write_csv(table, args.out_csv)
-    plot(table, args.out_png)
-    with tracking.run(args.study, "report_training", params={"methods": args.methods, "seeds": args.seeds}) as run:
-        run.log_metrics({f"{s}.{m}.{c}": v[0] for s, rows in table.items() for m, cols in rows.items()
-                         for c, v in cols.items() if c in ("in_domain_avg", "ood")})
-        for path in (args.out_md, args.out_csv, args.out_png):
-            run.log_artifact(path)
+    args.out_md.write_text(markdown(ests, comps, scores, columns, ind, len(args.seeds), args))
+    write_csv(ests, args.out_csv)
+    if args.out_comparisons is not None:
+        rs.write_comparisons_csv(comps, args.out_comparisons)
+    plot(ests, args.out_png, args.level)
+    log_report(args, "report_training", ests, comps, {"methods": args.methods, "seeds": args.seeds})
     print(args.out_md.read_text())
 
 
