@@ -19,11 +19,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 study: $(STAMP)
+	$(PY) -m opd.studies.validate config/config.yaml
 	PATH="$(abspath $(VENV))/bin:$$PATH" snakemake --profile workflow/profiles/default --cores $(CORES)
 	@cat results/report/miniature/models.md results/report/miniature/training.md
 
 # A K x ratio sweep of the miniature study (config/sweep.yaml overlays config/config.yaml).
 sweep: $(STAMP)
+	$(PY) -m opd.studies.validate config/config.yaml config/sweep.yaml
 	PATH="$(abspath $(VENV))/bin:$$PATH" snakemake --profile workflow/profiles/default --cores $(CORES) \
 		--configfile config/config.yaml config/sweep.yaml
 	@cat results/report/miniature_sweep/sweep.md

@@ -71,7 +71,7 @@ def test_fsdp_without_torchrun_is_refused(tiny_world, tmp_path):
     with pytest.raises(ValueError, match=r"--sharding fsdp \(train.sharding: fsdp\) needs torchrun"):
         train.check_args(args, world=1)
     train.check_args(args, world=2)
-    with pytest.raises(ValueError, match="unknown --sharding 'zero3'"):
+    with pytest.raises(ValueError, match="--sharding: 'zero3' is not allowed; allowed values: 'ddp', 'fsdp'"):
         train.check_args(train.parse_args(_argv(tiny_world, tmp_path, "--method", "full", "--sharding", "zero3")))
 
 

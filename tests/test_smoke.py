@@ -163,3 +163,35 @@ def test_diagnostic_study_outputs(smoke):
         rows = list(csv.DictReader(fh))
     assert [r["student"] for r in rows] == [m for m, s in cfg["models"].items() if s["role"] == "student"]
     assert int(rows[0]["rollouts"]) == cfg["diagnose"]["n_prompts"] * cfg["diagnose"]["samples"]
+
+
+def test_copied_project_has_nothing_to_do(smoke, tmp_path):
+    """A moved project (workflow and results) reruns nothing: no absolute path is a rule parameter."""
+    import shutil
+
+    workdir, _ = smoke
+    repo, moved = Path(__file__).resolve().parents[1], tmp_path / "moved"
+    for part in ("Snakefile", "workflow", "config", "envs", "tests/config"):
+        copy = shutil.copytree if (repo / part).is_dir() else shutil.copy2
+        (moved / "repo" / part).parent.mkdir(parents=True, exist_ok=True)
+        copy(repo / part, moved / "repo" / part)
+    shutil.copytree(workdir, moved / "work", symlinks=True)  # copy2: modification times kept, as `cp -a`
+    proc = _snakemake(sys.executable, moved / "repo", moved / "work", "-n", "--config", f"results_dir={RESULTS}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Nothing to be done" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+
+
+def test_grown_grid_is_built_whatever_the_rerun_triggers(smoke, tmp_path):
+    """A seed added to the grid plans its training runs even under `--rerun-triggers mtime`."""
+    workdir, _ = smoke
+    overlay = tmp_path / "grow.yaml"
+    overlay.write_text("train: {seeds: [0, 1]}\n")
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "--directory", str(workdir), "-n",
+           "--configfile", str(repo / "tests/config/smoke.yaml"), str(overlay), "--config", f"results_dir={RESULTS}",
+           "--rerun-triggers", "mtime", "--cores", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    for run in _train_runs(yaml.safe_load((repo / "tests/config/smoke.yaml").read_text())):
+        assert f"train/{run.replace('seed~0', 'seed~1')}/metrics.json" in out, out[-3000:]

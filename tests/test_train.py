@@ -214,15 +214,16 @@ def test_sigkilled_process_resumes_and_replays_exactly(tiny_world, tmp_path, mlf
     client = MlflowClient(tracking_uri=mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("test_train").experiment_id], "tags.model = 'killB'")
     assert run.info.status == "FINISHED"
-    # a step logged after the last checkpoint, before the kill, is logged again when it is redone
-    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")}) == [1, 2, 3, 4]
+    # one row per step: a step logged after the last checkpoint, before the kill, is not logged again
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3, 4]
+    assert run.data.tags["opd.killed"] == "true"
 
 
 @pytest.mark.parametrize("extra, match", [
-    (("--method", "nope"), "unknown method 'nope'"),
-    (("--method", "ta_opd", "--ratio", "0"), r"--ratio must be in \(0, 1\]"),
-    (("--method", "ta_opd", "--ratio", "1.5"), r"--ratio must be in \(0, 1\]"),
-    (("--method", "full", "--top-k", "1"), "--top-k must be >= 2"),
+    (("--method", "nope"), "--method: 'nope' is not allowed; allowed values: 'full', 'release'"),
+    (("--method", "ta_opd", "--ratio", "0"), r"--ratio: 0.0 is out of range; allowed: \(0, 1\] \(config train.ratio\)"),
+    (("--method", "ta_opd", "--ratio", "1.5"), r"--ratio: 1.5 is out of range; allowed: \(0, 1\]"),
+    (("--method", "full", "--top-k", "1"), r"--top-k: 1 is out of range; allowed: \[2, 1024\]"),
     (("--method", "release", "--sigma2", "big"), "--sigma2 must be"),
 ])
 def test_bad_flags_fail_before_any_step(tiny_world, tmp_path, extra, match):
@@ -289,7 +290,7 @@ def test_distribution_losses_train_a_step(trainer, loss):
 
 def test_unknown_loss_is_refused(tiny_world, tmp_path):
     args = train.parse_args(argv(tiny_world, tmp_path, "--method", "full", "--loss", "mse"))
-    with pytest.raises(ValueError, match="unknown --loss 'mse'; allowed: pg, topk_reverse_kl"):
+    with pytest.raises(ValueError, match="--loss: 'mse' is not allowed; allowed values: 'pg', 'topk_reverse_kl'"):
         train.check_args(args)
 
 
@@ -352,5 +353,5 @@ def test_save_dtype_and_keep_checkpoints(tiny_world, tmp_path, mlflow_uri, monke
     assert saved and all(t.dtype == torch.bfloat16 for t in saved.values())
     assert all(torch.equal(t, fp32[k].to(torch.bfloat16)) for k, t in saved.items())
     assert json.loads((out / "model" / "config.json").read_text())["dtype"] == "bfloat16"
-    with pytest.raises(ValueError, match=r"--keep-checkpoints \(train.keep_checkpoints\) must be >= 1"):
+    with pytest.raises(ValueError, match=r"--keep-checkpoints: 0 is out of range; allowed: \[1, inf\] \(config train.keep_checkpoints\)"):
         train.check_args(train.parse_args(argv(tiny_world, out, "--method", "full", "--keep-checkpoints", "0")))

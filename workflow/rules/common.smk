@@ -9,9 +9,10 @@ from snakemake.exceptions import WorkflowError
 from opd import worlds
 from opd.infra.config import ConfigError, validate_config
 from opd.studies import plan, sweep
+from opd.studies.validate import model_problems
 
-try:
-    validate_config(config, checks=[worlds.config_problems, plan.config_problems])
+try:  # the schema, the world's rules, the memory plan, then the models already on disk (K, tokenizers)
+    validate_config(config, checks=[worlds.config_problems, plan.config_problems, model_problems])
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
@@ -26,7 +27,10 @@ SRC_DIR = Path(workflow.basedir) / "src"
 # Jobs read the study name (their MLflow experiment) from the environment, not from params: models, runs
 # and evaluations are shared between studies on the same results root, and a params change would rebuild
 # them. Jobs in the conda envs of envs/ (--sdm conda) import opd from the source tree, not from an install.
-shell.prefix(f"export OPD_STUDY={shlex.quote(STUDY)} OPD_RESULTS={shlex.quote(RESULTS)} PYTHONPATH={shlex.quote(str(SRC_DIR))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+# Absolute paths go here, never into params: a params change reruns a job, so a copied or moved project
+# would rerun every lm-eval job (OPD_TASKS_DIR: our task YAMLs, read by eval_args' --include-path).
+shell.prefix(f"export OPD_STUDY={shlex.quote(STUDY)} OPD_RESULTS={shlex.quote(RESULTS)} OPD_TASKS_DIR={shlex.quote(str(TASKS_DIR))}"
+             f" PYTHONPATH={shlex.quote(str(SRC_DIR))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 
 def res(path):
@@ -109,7 +113,7 @@ def eval_args(wildcards):
     """opd.studies.evaluate's flags from the evaluation block (shared by the base and the trained models)."""
     e = config["evaluation"]
     flags = f"--backend {e['backend']} --batch-size {e['batch_size']} --max-gen-toks {e['max_gen_toks']}"
-    flags += f" --include-path {TASKS_DIR}" + (f" --limit {e['limit']}" if e["limit"] else "")
+    flags += ' --include-path "$OPD_TASKS_DIR"' + (f" --limit {e['limit']}" if e["limit"] else "")
     flags += f" --num-fewshot {e['num_fewshot']}" if e["num_fewshot"] is not None else ""
     flags += " --apply-chat-template" * e["apply_chat_template"] + " --online" * (not e["offline"])
     if e["model_args"]:
@@ -187,7 +191,10 @@ def bench_args():
 
 
 def all_outputs():
+    """The reports, and every grid point's evaluation itself: a run added to the grid is then a missing
+    target of `rule all`, which no --rerun-triggers setting can skip (an up-to-date report may miss inputs:
+    Snakemake takes them for deleted temp() files; README, "Re-running")."""
     reports = [f"{REPORT_DIR}/{name}" for name in ("models.md", "models.csv", "models.png", "training.md")]
     if sweep.is_sweep(TRAIN):
         reports.append(f"{REPORT_DIR}/sweep.md")
-    return [*reports, f"{REPORT_DIR}/diagnose/report.md"]
+    return [*reports, f"{REPORT_DIR}/diagnose/report.md", *trained_evals()]

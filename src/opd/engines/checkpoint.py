@@ -3,15 +3,24 @@
 OUT/checkpoints/step_{t:06d}/ holds model.pt, trainer.pt (optimizer, scheduler, RNG states as tensors and
 lists, so `torch.load(weights_only=True)` reads them) and state.json (step, MLflow run id, metrics, flags),
 written last: only a directory with state.json counts as complete.
+
+Loading (`load_latest_checkpoint`) survives a crash during a save: a newest checkpoint whose files do not load
+(truncated model.pt/trainer.pt/state.json, as a machine that died before its page cache reached the disk
+leaves them) or do not match the sizes its state.json records (`files`, see `file_sizes`) is set aside as
+checkpoints/corrupt-step_*/ with a warning naming it, and the previous one is loaded; at most one
+set-aside copy is kept. Two corrupt checkpoints in a row are no crash during a save: that is an error.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import random
 import re
 import shutil
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +28,19 @@ import torch
 
 KEEP_CHECKPOINTS = 2
 CHECKPOINT_RE = re.compile(r"step_\d{6}")
+CORRUPT_PREFIX = "corrupt-"
+# What a file cut short raises: torch's zip reader (RuntimeError), the unpickler, json, a vanished file.
+LOAD_ERRORS = (RuntimeError, EOFError, pickle.UnpicklingError, json.JSONDecodeError, OSError, KeyError)
+
+
+class CheckpointWarning(UserWarning):
+    """A corrupt checkpoint was set aside; the message names it and the one resumed from instead."""
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one should be; the message names the directories."""
+
+
 # May change on resumption: they do not change what is computed (study only names the MLflow experiment).
 RESUME_EXEMPT = ("threads", "out_dir", "checkpoint_every", "restart_if_flags_changed", "study", "vllm_python",
                  "vllm_memory_fraction", "save_dtype", "keep_checkpoints")
@@ -88,15 +110,64 @@ def prune_finished(out_dir: Path) -> None:
         _discard(old)
 
 
-def load_latest_checkpoint(out_dir: Path) -> dict | None:
-    """The newest complete checkpoint: its state.json plus `model` and `trainer` state dicts; None if none."""
-    done = complete_checkpoints(out_dir / "checkpoints")
-    if not done:
-        return None
-    path = done[-1]
+def file_sizes(directory: Path) -> dict[str, int]:
+    """Size in bytes of each file of a checkpoint directory (state.json's `files`, checked at load)."""
+    return {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.name != "state.json"}
+
+
+def _load(path: Path) -> dict:
+    """One checkpoint: its state.json plus `model` and `trainer`; LOAD_ERRORS or a ValueError if it is damaged."""
     state = json.loads((path / "state.json").read_text())
+    for name, size in state.get("files", {}).items():
+        actual = (path / name).stat().st_size
+        if actual != size:
+            raise ValueError(f"{path / name} has {actual} bytes, its state.json records {size}")
     return {**state, "path": path, "model": torch.load(path / "model.pt", weights_only=True, map_location="cpu"),
             "trainer": torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")}
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a corrupt checkpoint to corrupt-<name>, the one set-aside copy (older ones are deleted)."""
+    target = path.with_name(CORRUPT_PREFIX + path.name)
+    for old in path.parent.glob(CORRUPT_PREFIX + "*"):
+        shutil.rmtree(old, ignore_errors=True)
+    try:
+        path.rename(target)
+    except FileNotFoundError:  # another rank of the same run set it aside first
+        pass
+    return target
+
+
+def load_latest_checkpoint(out_dir: Path) -> dict | None:
+    """The newest complete checkpoint that loads: its state.json plus `model` and `trainer` state dicts.
+
+    None if there is none. A corrupt newest one is set aside (a CheckpointWarning names it) and the previous
+    one is loaded; if that one is corrupt too, CheckpointError.
+    """
+    done = complete_checkpoints(out_dir / "checkpoints")
+    for path in reversed(done[-2:]):
+        try:
+            return _load(path)
+        except (*LOAD_ERRORS, ValueError) as err:
+            if path != done[-1]:
+                raise CheckpointError(f"{path} cannot be loaded either ({err}) after the newer "
+                                      f"{done[-1].name} was corrupt: more than a crash during a save; "
+                                      f"check the disk, or start afresh with another --out-dir") from None
+            aside = _set_aside(path)
+            previous = f"resuming from {done[-2]}" if len(done) > 1 else "no earlier checkpoint: starting afresh"
+            warnings.warn(f"checkpoint {path} is corrupt ({type(err).__name__}: {err}); set aside as "
+                          f"{aside}, {previous}", CheckpointWarning, stacklevel=2)
+    return None
+
+
+def set_aside_replaced(out_dir: Path) -> Path:
+    """OUT/checkpoints renamed to OUT/checkpoints.replaced-<time> (a restart with other flags); older
+    set-aside copies are deleted, so one is kept and disk use stays bounded."""
+    for old in out_dir.glob("checkpoints.replaced-*"):
+        shutil.rmtree(old)
+    target = out_dir / f"checkpoints.replaced-{time.time():.0f}"
+    (out_dir / "checkpoints").rename(target)
+    return target
 
 
 def changed_flags(args: argparse.Namespace, ckpt: dict) -> list[str]:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from opd import worlds
-from opd.infra import store
+from opd.infra import cli, modeldirs, store
 
 KIND, VERSION = "opd-rollouts", 1
 TENSORS = ("offsets_B1", "tokens_N", "s_logprob_N", "s_topk_ids_NK", "s_topk_logprobs_NK",
@@ -181,8 +181,23 @@ def load_prompts(path: Path, n: int) -> list[dict]:
     return records[:n]
 
 
+# Flag -> the config key it stands for (opd.infra.cli); one line per flag.
+FLAGS = {
+    "n_prompts": "diagnose.n_prompts",
+    "samples": "diagnose.samples",
+    "top_k": "diagnose.top_k",
+    "temperature": "diagnose.temperature",
+    "top_p": "diagnose.top_p",
+    "max_new_tokens": "diagnose.max_new_tokens",
+    "seed": "seed",
+    "batch_size": cli.POSITIVE,
+    "backend": "diagnose.backend",
+    "prompt_format": "data.prompt_format",
+}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Sample rollouts and store the student's per-token top-K.")
+    p = cli.ArgumentParser(description="Sample rollouts and store the student's per-token top-K.")
     p.add_argument("--model-dir", type=Path, required=True, help="Hugging Face model directory (the student)")
     p.add_argument("--prompts", type=Path, required=True, help="JSONL of {id, question, answer}")
     p.add_argument("--out", type=Path, required=True, help="rollouts file to write (.safetensors)")
@@ -199,7 +214,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", default="student", help="model name for tracking")
     p.add_argument("--study", default="miniature", help="MLflow experiment name")
     worlds.add_args(p)  # the same flags as opd.engines.train: diagnostic and training rollouts see one prompt text
-    return p.parse_args(argv)
+    return cli.validate(p.parse_args(argv), FLAGS)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -210,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
 
     world = worlds.get(args.world)
     torch.set_num_threads(args.threads)
-    tokenizer = AutoTokenizer.from_pretrained(str(args.model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(modeldirs.check_dir(args.model_dir, "--model-dir")))
+    modeldirs.check_top_k(args.top_k, len(tokenizer), "--top-k", args.model_dir)
     prompts = load_prompts(args.prompts, args.n_prompts)
     worlds.check_answers(world, prompts, args.prompts)
     records = [r for r in prompts for _ in range(args.samples)]
@@ -237,4 +253,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from opd.infra import store
+from opd.infra import cli, modeldirs, store
+from opd.infra.io import InputError
 from opd.engines.forward import response_logits
 from opd.engines.rollout import Rollouts
 
@@ -28,7 +29,7 @@ KIND, VERSION = "opd-scores", 2  # 2: no full-vocabulary entropies (nothing read
 TENSORS = ("offsets_B1", "t_logprob_N", "t_on_s_logprobs_NK", "t_topk_ids_NK", "t_topk_logprobs_NK")
 
 
-class TokenizerMismatch(ValueError):
+class TokenizerMismatch(InputError):
     """Teacher and student tokenizers map text to ids differently: OPD would compare unrelated tokens."""
 
 
@@ -107,8 +108,14 @@ def load_scores(path: Path | str, rollouts: Rollouts, rollouts_path: Path | str 
     return tensors
 
 
+FLAGS = {  # flag -> the config key it stands for (opd.infra.cli); one line per flag
+    "top_k": "diagnose.top_k",
+    "batch_size": cli.POSITIVE,
+}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Score rollouts with the teacher (per-token top-K data).")
+    p = cli.ArgumentParser(description="Score rollouts with the teacher (per-token top-K data).")
     p.add_argument("--rollouts", type=Path, required=True, help="rollouts file from opd.engines.rollout")
     p.add_argument("--teacher", type=Path, required=True, help="teacher model directory")
     p.add_argument("--student", type=Path, default=None,
@@ -119,7 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--name", default="student", help="name of the scored student, for tracking")
     p.add_argument("--study", default="miniature", help="MLflow experiment name")
-    return p.parse_args(argv)
+    return cli.validate(p.parse_args(argv), FLAGS)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,9 +137,11 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     rollouts = Rollouts.load(args.rollouts)
-    student_dir = Path(args.student or rollouts.meta["model_dir"])
-    check_tokenizers(AutoTokenizer.from_pretrained(str(student_dir)), AutoTokenizer.from_pretrained(str(args.teacher)),
-                     str(student_dir), str(args.teacher))
+    student_dir = modeldirs.check_dir(args.student or rollouts.meta["model_dir"], "--student")
+    modeldirs.check_dir(args.teacher, "--teacher")
+    tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
+    check_tokenizers(tokenizer, AutoTokenizer.from_pretrained(str(args.teacher)), str(student_dir), str(args.teacher))
+    modeldirs.check_top_k(args.top_k, len(tokenizer), "--top-k", args.teacher)
     teacher = AutoModelForCausalLM.from_pretrained(str(args.teacher)).eval()
     student = AutoModelForCausalLM.from_pretrained(str(args.student)).eval() if args.student else None
     with tracking.run(args.study, f"score[{args.name}]", params=vars(args), tags={"model": args.name}) as run:
@@ -147,4 +156,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -18,6 +18,15 @@ from opd.math.release import SIGMA2_ESTIMATES, ReleaseRule, release_token_index
 from opd.math.select import Signals
 
 
+# The release rule's flags -> their config keys (opd.infra.cli; --sigma2 also takes a number: release_rule checks it).
+RELEASE_FLAGS = {
+    "margin": "release.margin",
+    "release_lambda": "release.lambda",
+    "min_segments": "release.min_segments",
+    "min_prefix_segments": "release.min_prefix_segments",
+}
+
+
 def add_release_args(parser: argparse.ArgumentParser) -> None:
     """The release rule's flags (config `release.*`), shared by opd.engines.train and opd.studies.diagnose."""
     a, d = parser.add_argument, ReleaseRule()

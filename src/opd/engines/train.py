@@ -30,11 +30,13 @@ from opd import worlds
 from opd.engines import accel, distributed
 from opd.engines import vllm_engine as engine
 from opd.engines.checkpoint import (KEEP_CHECKPOINTS, changed_flags, load_latest_checkpoint, prune_finished,
-                                    restore_rng_states, save_checkpoint)
+                                    restore_rng_states, save_checkpoint, set_aside_replaced)
 from opd.engines.forward import response_logits
 from opd.engines.rollout import Rollouts, generate_hf
 from opd.engines.score import check_tokenizers, score_rollouts
-from opd.engines.signals import BatchSignals, add_release_args, batch_signals, release_indices, release_rule
+from opd.engines.signals import (RELEASE_FLAGS, BatchSignals, add_release_args, batch_signals,
+                                release_indices, release_rule)
+from opd.infra import cli, modeldirs
 from opd.infra.io import read_jsonl, save_model_dir, write_json
 from opd.math.loss import AGGREGATIONS, DISTRIBUTION_LOSSES, aggregate, distribution_loss, opd_loss
 from opd.math.release import ReleaseRule, release_mask
@@ -76,28 +78,44 @@ class StepResult:
     release_B: list[int | None]
 
 
+# Flag -> the config key it stands for (or a schema of its own): `opd.infra.cli` checks each value with the
+# schema's range and message. One line per flag.
+FLAGS = {
+    "method": "train.methods[]",
+    "top_k": "train.top_k[]",
+    "ratio": "train.ratio[]",
+    "seed": "train.seeds[]",
+    "steps": "train.steps",
+    "prompts_per_step": "train.prompts_per_step",
+    "samples": "train.samples",
+    "max_new_tokens": "train.max_new_tokens",
+    "temperature": "train.temperature",
+    "top_p": "diagnose.top_p",
+    "lr": "train.lr",
+    "warmup_steps": cli.NONNEGATIVE,
+    "clip_eps": "train.clip_eps",
+    "loss": "train.loss",
+    "aggregation": "train.aggregation",
+    "signal_mode": "train.signal_mode",
+    "checkpoint_every": "train.checkpoint_every",
+    "batch_size": cli.POSITIVE,
+    "rollout_backend": "train.rollout_backend",
+    "device": "train.device",
+    "dtype": "train.dtype",
+    "vllm_memory_fraction": "train.vllm_memory_fraction",
+    "prompt_format": "data.prompt_format",
+    "sharding": "train.sharding",
+    "save_dtype": "train.save_dtype",
+    "keep_checkpoints": "train.keep_checkpoints",
+    **RELEASE_FLAGS,
+}
+
+
 def check_args(args: argparse.Namespace, world: int = 1) -> None:
     """Refuse flags that would fail (or silently mean something else) only after the first step."""
-    if args.method not in METHODS:
-        raise ValueError(f"unknown method {args.method!r}; allowed: {', '.join(METHODS)}")
-    if not 0.0 < args.ratio <= 1.0:
-        raise ValueError(f"--ratio must be in (0, 1], got {args.ratio}")
-    if args.top_k < 2:
-        raise ValueError(f"--top-k must be >= 2 (the teacher margin compares two candidates), got {args.top_k}")
-    for flag, allowed in (("aggregation", AGGREGATIONS), ("signal_mode", SIGNAL_MODES),
-                          ("loss", ("pg", *DISTRIBUTION_LOSSES))):
-        if getattr(args, flag) not in allowed:
-            raise ValueError(f"unknown --{flag.replace('_', '-')} {getattr(args, flag)!r}; "
-                             f"allowed: {', '.join(allowed)}")
-    for name in ("steps", "prompts_per_step", "samples", "max_new_tokens", "checkpoint_every", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 0.0 < args.vllm_memory_fraction <= 1.0:
-        raise ValueError(f"--vllm-memory-fraction must be in (0, 1], got {args.vllm_memory_fraction}")
+    cli.validate(args, FLAGS)
     distributed.check_share(args.prompts_per_step, world)
     distributed.check_sharding(args.sharding, world)
-    if args.keep_checkpoints < 1:
-        raise ValueError(f"--keep-checkpoints (train.keep_checkpoints) must be >= 1, got {args.keep_checkpoints}")
     release_rule(args)
 
 
@@ -115,8 +133,11 @@ def setup(args: argparse.Namespace, world: worlds.World | None = None,
     worlds.check_answers(world, records, args.prompts)
     if args.prompts_per_step > len(records):
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} > {len(records)} prompts in {args.prompts}")
+    for flag in ("student", "teacher"):  # local directories, checked before transformers looks at the hub
+        modeldirs.check_dir(getattr(args, flag), f"--{flag}")
     tokenizer = AutoTokenizer.from_pretrained(str(args.student))
     check_tokenizers(tokenizer, AutoTokenizer.from_pretrained(str(args.teacher)), str(args.student), str(args.teacher))
+    modeldirs.check_top_k(args.top_k, len(tokenizer), "--top-k", args.student)
     torch.set_num_threads(args.threads)
     device = accel.resolve_device(args.device)
     # fp32 master weights for the student whatever --dtype says (see opd.engines.accel); a bf16 teacher with bf16.
@@ -317,7 +338,7 @@ def checkpoint_step(tr: Trainer, t: int, run_id: str, metrics: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="On-policy distillation of a student by a teacher (in process).")
+    p = cli.ArgumentParser(description="On-policy distillation of a student by a teacher (in process).")
     a = p.add_argument
     a("--student", type=Path, required=True, help="initial student: Hugging Face model directory")
     a("--teacher", type=Path, required=True, help="teacher: Hugging Face model directory (same tokenizer)")
@@ -368,8 +389,9 @@ def main(argv: list[str] | None = None) -> dict:
         tr = setup(args, world, ctx)
         ckpt = load_latest_checkpoint(args.out_dir)  # every rank reads the same files
         if ckpt is not None and args.restart_if_flags_changed and changed_flags(args, ckpt):
-            if ctx.main:  # a rerun with new settings (e.g. Snakemake after a config change): keep, set aside
-                (args.out_dir / "checkpoints").rename(args.out_dir / f"checkpoints.replaced-{time.time():.0f}")
+            if ctx.main:  # a rerun with new settings (e.g. Snakemake after a config change): set aside, the
+                set_aside_replaced(args.out_dir)  # previous set-aside copy deleted (disk use stays bounded)
+                tracking.mark_killed(ckpt["run_id"])  # no job will resume that run
             distributed.barrier(ctx)
             ckpt = None
         if ckpt is not None:
@@ -378,7 +400,8 @@ def main(argv: list[str] | None = None) -> dict:
         distributed.check_same_step(ctx, start, args.out_dir)
         with distributed.main_only(ctx, lambda: tracking.run(
                 args.study, f"train[{args.name}]", params=None if ckpt else vars(args),
-                tags={"model": args.name, "method": args.method}, run_id=ckpt["run_id"] if ckpt else None)) as run, \
+                tags={"model": args.name, "method": args.method}, run_id=ckpt["run_id"] if ckpt else None,
+                resume_step=ckpt["step"] if ckpt else None)) as run, \
                 engine.for_trainer(tr):  # a no-op for --rollout-backend hf
             metrics = train_loop(tr, run, start, metrics)
             final = {"step": args.steps, **metrics}
@@ -394,4 +417,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -14,11 +14,13 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
+from opd.infra.io import InputError
+
 # Package data: found the same way in an editable and in a regular install (workflow/schemas links here).
 SCHEMA = resources.files("opd.infra") / "config.schema.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """An invalid study config; the message names the key(s) and the allowed values."""
 
 
@@ -27,9 +29,14 @@ def _key(path) -> str:
     return "".join(parts).lstrip(".") or "<top level>"
 
 
-def _describe(error) -> str:
-    """One line per schema violation: the key, the bad value, what is allowed."""
+def describe(error, name: str | None = None) -> str:
+    """One line per schema violation: the key, the bad value, what is allowed.
+
+    `name`: what the validated value is called (e.g. a flag, `opd.infra.cli`) instead of its config key.
+    """
     key, value, schema = _key(error.absolute_path), error.instance, error.schema
+    if name is not None:
+        key = name + (key if error.absolute_path else "")
     kind = error.validator
     if kind == "additionalProperties":
         allowed = sorted(schema.get("properties", {}))
@@ -138,6 +145,26 @@ def _cross_checks(config: dict) -> list[str]:
     return problems
 
 
+def load_yaml(path: Path | str) -> dict:
+    """One YAML config file as a mapping; a syntax error names the file, the line and the column.
+
+    (Snakemake's own loader says only "not valid JSON or YAML": `python -m opd.studies.validate` and the
+    Makefile use this one.)
+    """
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {err.problem or err.context}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of keys, got {type(data).__name__}")
+    return data or {}
+
+
 def load_schema(path: Path | str | None = None) -> dict:
     with (SCHEMA.open() if path is None else open(path)) as fh:
         return yaml.safe_load(fh)
@@ -157,7 +184,7 @@ def validate_config(config: dict, schema_path: Path | str | None = None, checks:
     schema = load_schema(schema_path)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
-    problems = [_describe(e) for e in errors]
+    problems = [describe(e) for e in errors]
     if not problems:
         _fill_defaults(config, schema)
         problems = _cross_checks(config) + [p for check in checks for p in check(config)]

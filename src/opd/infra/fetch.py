@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from opd.infra import cli
 from opd.infra.io import write_json
 
 ALLOW = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json", "tokenizer*",
@@ -61,13 +62,13 @@ def fetch(repo: str, revision: str, out_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Download a hub model (safetensors only) into a model directory.")
+    p = cli.ArgumentParser(description="Download a hub model (safetensors only) into a model directory.")
     p.add_argument("--repo", required=True, help="hub id, e.g. Qwen/Qwen3-1.7B")
     p.add_argument("--revision", default="main", help="branch, tag or commit to fetch (pin a commit for a study)")
     p.add_argument("--out-dir", type=Path, required=True, help="model directory to fill")
     p.add_argument("--name", required=True, help="name of the model in the study")
     p.add_argument("--study", default="miniature", help="MLflow experiment name")
-    args = p.parse_args(argv)
+    args = cli.validate(p.parse_args(argv), {"repo": "models.*.hub", "revision": "models.*.revision"})
     from opd.infra import tracking
 
     with tracking.run(args.study, f"fetch[{args.name}]", params=vars(args)) as run:
@@ -78,4 +79,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

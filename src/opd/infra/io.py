@@ -11,7 +11,12 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 
-class DataFileError(ValueError):
+class InputError(ValueError):
+    """Bad input from the user (a flag, a config key, a data or model file): `opd.infra.cli.run` prints it in
+    one line. Each message names the flag, key or file (and line) and the value."""
+
+
+class DataFileError(InputError):
     """A data file that is missing or malformed; the message names the file and the line."""
 
 

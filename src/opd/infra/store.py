@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from opd.infra.io import atomic_path
+from opd.infra.io import InputError, atomic_path
 
 
-class StoreError(ValueError):
+class StoreError(InputError):
     """A rollout/score file that is missing, truncated, of another format or version, or inconsistent."""
 
 

@@ -19,11 +19,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from opd.infra import cli, modeldirs
 from opd.infra.io import write_json, write_rows_csv, write_text
 from opd.math.release import ReleaseRule
 from opd.engines.rollout import Rollouts
 from opd.engines.score import load_scores
-from opd.engines.signals import BatchSignals, add_release_args, batch_signals, release_indices, release_rule
+from opd.engines.signals import (RELEASE_FLAGS, BatchSignals, add_release_args, batch_signals,
+                                release_indices, release_rule)
 
 PROFILES = ("margin", "reverse_kl", "learnable", "incompatible")
 
@@ -125,8 +127,15 @@ def read_fixed_context(paths: list[Path], names: list[str]) -> list[dict]:
     return rows
 
 
+FLAGS = {  # flag -> the config key it stands for (opd.infra.cli); one line per flag
+    "bins": "diagnose.bins",
+    "mode": "diagnose.signal_mode",
+    **RELEASE_FLAGS,
+}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Diagnostic figures and tables of the initial students.")
+    p = cli.ArgumentParser(description="Diagnostic figures and tables of the initial students.")
     p.add_argument("--students", nargs="+", required=True, help="student names, in display order")
     p.add_argument("--rollouts", nargs="+", type=Path, required=True, help="rollouts file per student")
     p.add_argument("--scores", nargs="+", type=Path, required=True, help="scores file per student")
@@ -140,7 +149,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not len(args.students) == len(args.rollouts) == len(args.scores) == len(args.fixed_context):
         p.error("--students, --rollouts, --scores and --fixed-context need one entry per student")
-    return args
+    return cli.validate(args, FLAGS)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from opd.infra import tracking
 
-    tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
+    tokenizer = AutoTokenizer.from_pretrained(str(modeldirs.check_dir(args.tokenizer, "--tokenizer",
+                                                                      modeldirs.TOKENIZER_FILES)))
     try:
         rule = release_rule(args)
     except ValueError as err:
@@ -184,4 +194,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

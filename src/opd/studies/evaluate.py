@@ -2,7 +2,8 @@
 
 Runs offline: the task YAMLs under workflow/tasks read local JSONL files, and the model is a local
 Hugging Face directory. Writes lm-eval's results JSON (config, versions, metrics) and the per-problem
-samples next to it, and logs the score to MLflow.
+samples next to it, and logs the score to MLflow. Before lm-eval starts, every local JSONL a task reads is
+parsed once (`check_task_data`): a malformed line is one error naming file:line, not a `datasets` traceback.
 """
 
 from __future__ import annotations
@@ -14,9 +15,20 @@ import os
 import time
 from pathlib import Path
 
-from opd.infra.io import write_jsonl, write_text
+import yaml
+
+from opd.infra import cli, modeldirs
+from opd.infra.io import read_jsonl, write_jsonl, write_text
 from opd.infra.lmeval_results import METRIC
 
+# Flag -> the config key it stands for (opd.infra.cli); one line per flag.
+FLAGS = {
+    "backend": "evaluation.backend",
+    "max_gen_toks": "evaluation.max_gen_toks",
+    "limit": "evaluation.limit",
+    "num_fewshot": "evaluation.num_fewshot",
+    "batch_size": "evaluation.batch_size",
+}
 
 
 def parse_kv(items: list[str], flag: str) -> dict:
@@ -31,6 +43,32 @@ def parse_kv(items: list[str], flag: str) -> dict:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+class _TaskLoader(yaml.SafeLoader):
+    """Task YAMLs carry lm-eval's `!function module.name` tags: read them as nothing (only data_files matter)."""
+
+
+_TaskLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def task_data_files(task_yaml: Path) -> list[Path]:
+    """The local JSON/JSONL files of a task YAML (`dataset_kwargs.data_files`: a path, a list, or per split)."""
+    spec = yaml.load(task_yaml.read_text(), Loader=_TaskLoader) or {}
+    files = (spec.get("dataset_kwargs") or {}).get("data_files") or []
+    values = files.values() if isinstance(files, dict) else [files]
+    flat = [f for v in values for f in ([v] if isinstance(v, str) else v)]
+    return [Path(f) for f in flat if f.endswith((".jsonl", ".json"))]
+
+
+def check_task_data(tasks: list[str], include_path: Path, data_root: Path = Path(".")) -> None:
+    """Parse each of our tasks' JSONL files, relative to `data_root` as lm-eval reads them (a DataFileError
+    names file:line); built-in tasks are skipped."""
+    for task in tasks:
+        task_yaml = include_path / f"{task}.yaml"
+        if task_yaml.is_file():
+            for path in task_data_files(task_yaml):
+                read_jsonl(data_root / path)
 
 
 def run_lm_eval(model_dir: Path, tasks: list[str], include_path: Path, backend: str, batch_size: int | str,
@@ -141,7 +179,7 @@ def training_run_id(train_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Evaluate a model on lm-eval tasks.")
+    parser = cli.ArgumentParser(description="Evaluate a model on lm-eval tasks.")
     parser.add_argument("--model-dir", type=Path, required=True, help="Hugging Face model directory")
     parser.add_argument("--model-name", required=True, help="name of the model in the study")
     parser.add_argument("--tasks", nargs="+", required=True, help="lm-eval task names (YAMLs under --include-path)")
@@ -151,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-dir", type=Path, default=None,
                         help="OPD training directory: also log the scores to its MLflow run")
     parser.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="lm-eval model backend")
-    parser.add_argument("--batch-size", default="64", help="generation batch size (an int, or auto)")
+    parser.add_argument("--batch-size", default=64, type=lambda v: int(v) if v.lstrip("-").isdigit() else v,
+                        help="generation batch size (an int, or auto)")
     parser.add_argument("--model-arg", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra lm-eval model_args, e.g. max_model_len=32768 enable_thinking=true")
     parser.add_argument("--gen-kwarg", nargs="*", default=[], metavar="KEY=VALUE",
@@ -170,21 +209,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="results root our task YAMLs' data files are relative to (default: $OPD_RESULTS, "
                              "which the workflow sets from config results_dir, else results)")
     parser.add_argument("--study", default="miniature", help="MLflow experiment name")
-    args = parser.parse_args(argv)
+    args = cli.validate(parser.parse_args(argv), FLAGS)
+    modeldirs.check_dir(args.model_dir, "--model-dir")
+    check_task_data(args.tasks, args.include_path, args.data_root)
 
     import torch
 
     from opd.infra import tracking
 
     torch.set_num_threads(args.threads)
-    if not (args.model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"no Hugging Face model in {args.model_dir} (config.json missing)")
     name = f"lm_eval[{args.model_name},{args.tasks[0]}]" if len(args.tasks) == 1 else f"lm_eval[{args.model_name}]"
     task_metric = {t: m for t, m in (i.partition("=")[::2] for i in args.metric)}
-    batch = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
     with tracking.run(args.study, name, params=vars(args), tags={"model": args.model_name}) as run:
         start = time.time()
-        result = run_lm_eval(args.model_dir, args.tasks, args.include_path, args.backend, batch,
+        result = run_lm_eval(args.model_dir, args.tasks, args.include_path, args.backend, args.batch_size,
                              args.max_gen_toks, args.limit, args.device, parse_kv(args.model_arg, "--model-arg"),
                              parse_kv(args.gen_kwarg, "--gen-kwarg"), args.apply_chat_template, not args.online,
                              args.num_fewshot, args.data_root)
@@ -203,4 +241,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

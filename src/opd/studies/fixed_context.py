@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from opd.infra import cli, modeldirs
 from opd.infra.io import write_rows_csv
 from opd.math.loss import forward_kl_full, opd_loss
 from opd.engines.rollout import Rollouts
@@ -88,8 +89,19 @@ def run_bank(student, teacher, rollouts: Rollouts, scores: dict, selectors: list
     return rows
 
 
+FLAGS = {  # flag -> the config key it stands for (opd.infra.cli); one line per flag
+    "selectors": "diagnose.fixed_context.selectors",
+    "ratio": "diagnose.fixed_context.ratio",
+    "steps": "diagnose.fixed_context.steps",
+    "lr": "diagnose.fixed_context.lr",
+    "clip_eps": "train.clip_eps",
+    "mode": "diagnose.signal_mode",
+    "seed": "seed",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Fixed-context gain of each selector (TA-OPD diagnostic).")
+    p = cli.ArgumentParser(description="Fixed-context gain of each selector (TA-OPD diagnostic).")
     p.add_argument("--rollouts", type=Path, required=True, help="the frozen context bank (rollouts file)")
     p.add_argument("--scores", type=Path, required=True, help="teacher scores of those rollouts")
     p.add_argument("--student", type=Path, required=True, help="initial student S0")
@@ -105,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--name", default="student", help="student name, for tracking")
     p.add_argument("--study", default="miniature", help="MLflow experiment name")
-    args = p.parse_args(argv)
+    args = cli.validate(p.parse_args(argv), FLAGS)
     from transformers import AutoModelForCausalLM
 
     from opd.infra import tracking
@@ -113,8 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     rollouts = Rollouts.load(args.rollouts)
     scores = load_scores(args.scores, rollouts, args.rollouts)
-    student = AutoModelForCausalLM.from_pretrained(str(args.student)).eval()
-    teacher = AutoModelForCausalLM.from_pretrained(str(args.teacher)).eval()
+    student = AutoModelForCausalLM.from_pretrained(str(modeldirs.check_dir(args.student, "--student"))).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(str(modeldirs.check_dir(args.teacher, "--teacher"))).eval()
     with tracking.run(args.study, f"fixed_context[{args.name}]", params=vars(args), tags={"model": args.name}) as run:
         rows = run_bank(student, teacher, rollouts, scores, args.selectors, args.ratio, args.steps, args.lr,
                         args.clip_eps, args.seed, args.mode)
@@ -125,4 +137,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -12,6 +12,7 @@ import argparse
 import csv
 from pathlib import Path
 
+from opd.infra import cli
 from opd.infra.lmeval_results import METRIC, parse_metrics
 from opd.studies import report_stats as rs
 from opd.studies.stats import Estimate
@@ -56,7 +57,7 @@ def plot(ests: dict[str, dict[str, Estimate]], tasks: list[str], path: Path, lev
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Tabulate lm-eval results: model x benchmark, with intervals.")
+    parser = cli.ArgumentParser(description="Tabulate lm-eval results: model x benchmark, with intervals.")
     parser.add_argument("--results-dir", type=Path, required=True,
                         help="holds <model>/<task>.json and <model>/<task>.samples.jsonl")
     parser.add_argument("--models", nargs="+", required=True, help="models, in table order")
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-png", type=Path, required=True, help="bar chart to write")
     parser.add_argument("--study", default="miniature", help="MLflow experiment name")
     rs.add_stats_args(parser)
-    args = parser.parse_args(argv)
+    args = cli.validate(parser.parse_args(argv), {})
 
     from opd.infra import tracking
 
@@ -91,4 +92,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

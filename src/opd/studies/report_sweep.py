@@ -17,7 +17,8 @@ from pathlib import Path
 from opd.infra.lmeval_results import parse_metrics
 from opd.studies import report_stats as rs
 from opd.studies import stats
-from opd.studies.report_train import add_grid_args, grid_runs, log_report, pair_scores, row_name
+from opd.infra import cli
+from opd.studies.report_train import GRID_FLAGS, add_grid_args, grid_runs, log_report, pair_scores, row_name
 from opd.studies.sweep import Run, fmt_ratio, method_ratios, pair_label
 
 COLUMNS = (("in_domain_avg", "in-domain avg"), ("ood", "OOD"))
@@ -132,9 +133,9 @@ def plot(tables: dict, base: dict, ks, ratios, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="K x ratio tables and heatmaps of an OPD sweep.")
+    p = cli.ArgumentParser(description="K x ratio tables and heatmaps of an OPD sweep.")
     add_grid_args(p, figure="heatmaps")
-    args = p.parse_args(argv)
+    args = cli.validate(p.parse_args(argv), GRID_FLAGS)
     runs = grid_runs(args)
     columns = rs.columns_of(args.tasks, args.ood_tasks)
     scores = pair_scores(runs, args.tasks, parse_metrics(args.metric), args.results, several=True)
@@ -153,4 +154,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -14,6 +14,7 @@ import argparse
 import csv
 from pathlib import Path
 
+from opd.infra import cli
 from opd.infra.lmeval_results import METRIC, parse_metrics
 from opd.studies import report_stats as rs
 from opd.studies import stats
@@ -129,6 +130,10 @@ def plot(ests: dict, path: Path, level: float) -> None:
     plt.close(fig)
 
 
+# The grid flags -> the config keys they stand for (opd.infra.cli; shared with opd.studies.report_sweep).
+GRID_FLAGS = {"methods": "train.methods", "top_k": "train.top_k", "ratios": "train.ratio", "seeds": "train.seeds"}
+
+
 def add_grid_args(p: argparse.ArgumentParser, figure: str = "figure") -> None:
     """Flags that name the training grid, the benchmarks and the outputs (shared with opd.studies.report_sweep)."""
     p.add_argument("--out-md", type=Path, required=True, help="Markdown report")
@@ -172,9 +177,9 @@ def log_report(args: argparse.Namespace, rule: str, ests: dict, comps: dict, par
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Tabulate OPD results per student: method x benchmark.")
+    p = cli.ArgumentParser(description="Tabulate OPD results per student: method x benchmark.")
     add_grid_args(p)
-    args = p.parse_args(argv)
+    args = cli.validate(p.parse_args(argv), GRID_FLAGS)
     ests, comps, scores = analyse(grid_runs(args), args.tasks, args.ood_tasks, parse_metrics(args.metric),
                                   args.results, args)
     columns = list(rs.columns_of(args.tasks, args.ood_tasks))
@@ -190,4 +195,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

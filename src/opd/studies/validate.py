@@ -2,7 +2,10 @@
 
     python -m opd.studies.validate config/config.yaml [overlay.yaml ...]
 
-Several files are merged in order (later ones override, as `snakemake --configfile A B` does).
+Several files are merged in order (later ones override, as `snakemake --configfile A B` does). A YAML
+syntax error names the file and the line (Snakemake's own loader does not: run this first).
+`model_problems` checks the config against the models already on disk (K within each tokenizer's vocabulary,
+every pair sharing one tokenizer); the Snakefile runs it too, and each job checks again when it starts.
 """
 
 from __future__ import annotations
@@ -11,10 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 from opd import worlds
-from opd.infra.config import ConfigError, validate_config
+from opd.infra import modeldirs
+from opd.infra.config import ConfigError, load_yaml, validate_config
+from opd.studies import sweep
 
 
 def merge(base: dict, overlay: dict) -> dict:
@@ -28,9 +31,47 @@ def merge(base: dict, overlay: dict) -> dict:
 def load(paths: list[Path]) -> dict:
     config: dict = {}
     for path in paths:
-        with open(path) as fh:
-            config = merge(config, yaml.safe_load(fh) or {})
+        config = merge(config, load_yaml(path))
     return config
+
+
+def _vocabularies(config: dict) -> dict[str, tuple[int, str]]:
+    """Vocabulary size and where it was read, per model: its directory on disk, else (a miniature model) the
+    world's tokenizer once trained, else the cap world.vocab_size."""
+    results = Path(config["results_dir"])
+    out = {}
+    for name, model in config["models"].items():
+        for where in [results / "models" / name] + ([] if model.get("hub") else [results / "tokenizer"]):
+            n = modeldirs.vocab_size(where)
+            if n is not None:
+                out[name] = (n, str(where))
+                break
+        else:
+            if not model.get("hub"):
+                out[name] = (config["world"]["vocab_size"], "world.vocab_size")
+    return out
+
+
+def model_problems(config: dict) -> list[str]:
+    """K larger than a model's vocabulary, or a pair whose tokenizers differ, for the models known so far."""
+    vocab, results = _vocabularies(config), Path(config["results_dir"])
+    problems = []
+    for key, ks in (("train.top_k", config["train"]["top_k"]), ("diagnose.top_k", [config["diagnose"]["top_k"]])):
+        for i, k in enumerate(ks):
+            name = f"{key}[{i}]" if key == "train.top_k" else key
+            too_small = [f"{m!r} ({n} tokens, {where})" for m, (n, where) in vocab.items() if k > n]
+            if too_small:
+                problems.append(f"{name}: {k} is larger than the vocabulary of model {', '.join(too_small)}")
+    try:
+        pair_list = sweep.pairs(config["models"], config["train"])
+    except StopIteration:  # no teacher: the config's own checks say so
+        pair_list = []
+    for teacher, student in pair_list:
+        dirs = [results / "models" / teacher, results / "models" / student]
+        if modeldirs.same_tokenizer(*dirs) is False:
+            problems.append(f"models: {teacher!r} and {student!r} have different tokenizers ({dirs[0]}, {dirs[1]}); "
+                            f"on-policy distillation compares token ids, so a pair must share one")
+    return problems
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,9 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     names = " + ".join(map(str, args.configfiles))
     try:
-        validate_config(load(args.configfiles), checks=[worlds.config_problems])
+        validate_config(load(args.configfiles), checks=[worlds.config_problems, model_problems])
     except ConfigError as err:
-        sys.exit(f"{names}: {err}")
+        sys.exit(f"{names}: {err}" if "\n" in str(err) else str(err))
     print(f"{names}: valid")
 
 

@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from opd.infra import cli
 from opd.infra.io import write_jsonl
 
 ANSWER_PATTERN = r"The answer is (-?[0-9]+)"  # the lm-eval task YAMLs use this same regex
@@ -181,8 +182,18 @@ def iter_problems(records: Iterable[dict]) -> Iterator[tuple[str, str]]:
         yield PROMPT_TEMPLATE.format(question=rec["question"]), " " + rec["solution"]
 
 
+FLAGS = {  # flag -> the config key it stands for (opd.infra.cli); one line per flag
+    "n_bench": "world.n_bench",
+    "n_sft": "world.n_sft",
+    "n_prompts": "world.n_prompts",
+    "ood_fraction": "world.ood_fraction",
+    "max_value": "world.max_value",
+    "seed": "seed",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the miniature world's data sets.")
+    parser = cli.ArgumentParser(description="Write the miniature world's data sets.")
     parser.add_argument("--out-dir", type=Path, required=True, help="directory for the JSONL files")
     parser.add_argument("--n-bench", type=int, default=200, help="problems per benchmark")
     parser.add_argument("--n-sft", type=int, default=20000, help="supervised fine-tuning examples")
@@ -191,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-value", type=int, default=DEFAULT_MAX_VALUE, help="largest number in a chain")
     parser.add_argument("--seed", type=int, default=0, help="world seed; same seed, same files")
     parser.add_argument("--study", default="miniature", help="MLflow experiment name")
-    args = parser.parse_args(argv)
+    args = cli.validate(parser.parse_args(argv), FLAGS)
 
     from opd.infra import tracking
 
@@ -203,4 +214,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

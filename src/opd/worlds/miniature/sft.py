@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from opd.infra import cli, modeldirs
 from opd.infra.io import read_jsonl, save_model_dir
 from opd.worlds.miniature.generator import iter_problems
 
@@ -99,8 +100,24 @@ def train(model, examples, steps: int, batch_size: int, lr: float, seed: int, pa
     return last
 
 
+# Flag -> the config key it stands for (opd.infra.cli; `*` = any model); one line per flag.
+FLAGS = {
+    "hidden_size": "models.*.hidden_size",
+    "layers": "models.*.layers",
+    "heads": "models.*.heads",
+    "kv_heads": "models.*.kv_heads",
+    "intermediate_size": "models.*.intermediate_size",
+    "head_dim": "models.*.head_dim",
+    "steps": "models.*.steps",
+    "batch_size": "models.*.batch_size",
+    "lr": "models.*.lr",
+    "seed": "seed",
+    "log_every": cli.POSITIVE,
+}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a tiny Qwen3 model on the SFT set.")
+    parser = cli.ArgumentParser(description="Train a tiny Qwen3 model on the SFT set.")
     parser.add_argument("--data", type=Path, required=True, help="SFT JSONL (question/solution records)")
     parser.add_argument("--tokenizer", type=Path, required=True, help="tokenizer directory")
     parser.add_argument("--out-dir", type=Path, required=True, help="output Hugging Face model directory")
@@ -118,7 +135,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--log-every", type=int, default=50, help="steps per logged loss")
     parser.add_argument("--study", default="miniature", help="MLflow experiment name")
-    return parser.parse_args(argv)
+    return cli.validate(parser.parse_args(argv), FLAGS)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     from opd.infra import tracking
 
     torch.set_num_threads(args.threads)
-    tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
+    tokenizer = AutoTokenizer.from_pretrained(str(modeldirs.check_dir(args.tokenizer, "--tokenizer",
+                                                                      modeldirs.TOKENIZER_FILES)))
     examples = encode_examples(tokenizer, read_jsonl(args.data, required=("question", "solution")))
     model = build_model(len(tokenizer), args.hidden_size, args.layers, args.heads, args.kv_heads,
                         args.intermediate_size, tokenizer.eos_token_id, args.seed, args.head_dim)
@@ -146,4 +164,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

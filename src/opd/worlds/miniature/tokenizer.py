@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from opd.infra import cli
 from opd.infra.io import read_jsonl
 
 EOS = "<|endoftext|>"
@@ -42,12 +43,12 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train the shared BPE tokenizer on the SFT corpus.")
+    parser = cli.ArgumentParser(description="Train the shared BPE tokenizer on the SFT corpus.")
     parser.add_argument("--corpus", type=Path, nargs="+", required=True, help="JSONL files to train on")
     parser.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size (incl. 256 bytes)")
     parser.add_argument("--out-dir", type=Path, required=True, help="where `save_pretrained` writes")
     parser.add_argument("--study", default="miniature", help="MLflow experiment name")
-    args = parser.parse_args(argv)
+    args = cli.validate(parser.parse_args(argv), {"vocab_size": "world.vocab_size"})
 
     from opd.infra import tracking
     from opd.worlds.miniature.generator import iter_problems
@@ -62,4 +63,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -36,6 +36,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from opd.infra import cli
 from opd.infra.io import DataFileError, write_json, write_jsonl
 
 HUB_ID = "BytedTsinghua-SIA/DAPO-Math-17k"
@@ -208,7 +209,7 @@ def prepare(source: Path | None, revision: str, out: Path, stats_path: Path, pro
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Deduplicate DAPO-Math-17k into OPD training prompts.")
+    parser = cli.ArgumentParser(description="Deduplicate DAPO-Math-17k into OPD training prompts.")
     parser.add_argument("--source", type=Path, default=None,
                         help="local .parquet or .jsonl copy of the dataset (offline); default: the hub")
     parser.add_argument("--dataset", default=HUB_ID,
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--on-conflict", choices=CONFLICT_POLICIES, default="drop",
                         help="a prompt seen with different answers: drop it, keep the first answer, or stop")
     parser.add_argument("--study", default="paper", help="MLflow experiment name")
-    args = parser.parse_args(argv)
+    args = cli.validate(parser.parse_args(argv), {"revision": "data.revision"})
     stats_path = args.stats or args.out.with_name(args.out.name.removesuffix(".jsonl") + ".stats.json")
 
     from opd.infra import tracking
@@ -247,4 +248,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

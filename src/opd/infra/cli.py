@@ -1,0 +1,116 @@
+"""One validation for every entry point: a flag is checked against the config key it stands for.
+
+Each `python -m opd.*` module keeps a small table `FLAGS = {dest: "section.key"}` (one line per flag) and calls
+`validate(args, FLAGS)` right after argparse, before any model loads. Every value is validated against that
+key's part of config.schema.yaml with the config's own messages (`opd.infra.config`), so `--lr -1` and
+`train.lr: -1` are refused alike, naming the flag, the value, what is allowed and the config key. Key syntax:
+`train.top_k[]` = one item of the list `train.top_k`; `models.*.lr` = the key of any model. A flag that no
+config key stands for (e.g. `--batch-size` of the engines) gives a small schema of its own (a dict) instead.
+`validate` then checks that the tracking store answers (`opd.infra.tracking.check_reachable`).
+
+Also: `ArgumentParser`, which reads `--lr -1e-4` as a value (argparse before Python 3.13 takes it for an
+option), and `run(main)` for `__main__`, which prints an `InputError` as one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+from opd.infra.config import ConfigError, describe, load_schema
+from opd.infra.io import InputError
+
+# What argparse should read as a number, not an option: -1, -0.5, -.5, -1e-4, -2.5E+3.
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+POSITIVE = {"type": "integer", "minimum": 1}  # the schema of a count flag that no config key stands for
+NONNEGATIVE = {"type": "integer", "minimum": 0}
+# Flags every entry point has, and the config keys they stand for.
+COMMON = {"threads": "threads", "study": "study"}
+
+
+class FlagError(ConfigError):
+    """Flags the schema refuses; the message names each flag, its value, the allowed range and the config key."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with negative numbers in scientific notation read as values (`--lr -1e-4`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse's own pattern (Python < 3.13) misses exponents, so `-1e-4` became "expected one argument".
+        self._negative_number_matcher = NEGATIVE_NUMBER
+
+
+def subschema(schema: dict, key: str) -> dict:
+    """The part of `schema` that validates config key `key` (`a.b`, `a.b[]` for an item, `*` for any name)."""
+    node = schema
+    for part in key.split("."):
+        item, part = part.endswith("[]"), part.removesuffix("[]")
+        node = next(iter(node["patternProperties"].values())) if part == "*" else node["properties"][part]
+        if "$ref" in node:  # "#/$defs/name"
+            node = schema["$defs"][node["$ref"].rsplit("/", 1)[1]]
+        if item:
+            node = node["items"]
+    return node
+
+
+def flag_name(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def flag_problems(args: argparse.Namespace, flags: dict[str, str | dict], schema: dict | None = None) -> list[str]:
+    """One line per flag value that its config key (or own schema) refuses; flags left at None are not given."""
+    import jsonschema
+
+    schema = schema or load_schema()
+    problems = []
+    for dest, key in flags.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        value = str(value) if isinstance(value, Path) else value
+        where = f" (config {key.removesuffix('[]')})" if isinstance(key, str) else ""
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{flag_name(dest)}: {value!r} is not a finite number{where}")
+            continue
+        sub = key if isinstance(key, dict) else subschema(schema, key)
+        for error in jsonschema.Draft202012Validator(sub).iter_errors(value):
+            problems.append(describe(error, flag_name(dest)) + where)
+    return problems
+
+
+def check_flags(args: argparse.Namespace, flags: dict[str, str | dict]) -> None:
+    """FlagError with every refused flag, in one message."""
+    problems = flag_problems(args, flags)
+    if problems:
+        raise FlagError(f"invalid flag{'s' if len(problems) > 1 else ''}: " + "; ".join(problems))
+
+
+def validate(args: argparse.Namespace, flags: dict[str, str | dict]) -> argparse.Namespace:
+    """The flags against the schema, then the tracking store: both before any model loads; returns `args`."""
+    from opd.infra import tracking
+
+    check_flags(args, {**COMMON, **flags})
+    tracking.check_reachable()
+    return args
+
+
+def run(main: Callable[[], object]) -> None:
+    """`main()`, with a bad input (an InputError: a flag, a config key, a data file) told in one line.
+
+    OPD_TRACEBACK=1 shows the traceback instead.
+    """
+    if os.environ.get("OPD_TRACEBACK"):
+        main()
+        return
+    try:
+        main()
+    except InputError as err:
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)  # python -m opd.engines.train
+        prog = spec.name if spec is not None else "opd"
+        sys.exit(f"{prog}: error: {err}")

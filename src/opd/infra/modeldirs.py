@@ -1,0 +1,77 @@
+"""Checks against the real models before any job: the directory is there, K fits the tokenizer's vocabulary.
+
+Entry points take local model directories only (hub models are fetched into one by `opd.infra.fetch`, as the
+config's `models.<name>.hub` says), so a path that does not exist is reported as a missing directory, never
+looked up on the hub (which for a relative path such as `models/x` meant a minute of hub retries and then a
+network error). The vocabulary is read from tokenizer.json alone, so the Snakefile can check a config
+against the models on disk without loading transformers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+from opd.infra.io import InputError
+
+MODEL_FILES = ("config.json",)
+TOKENIZER_FILES = ("tokenizer.json",)
+
+
+class ModelDirError(InputError):
+    """A model or tokenizer directory that is missing or incomplete, or a K it cannot provide."""
+
+
+def check_dir(path: Path | str, flag: str, need: tuple[str, ...] = MODEL_FILES) -> Path:
+    """`path` as a local directory holding the files `need`, or a ModelDirError naming the flag and the path."""
+    path = Path(path)
+    if not path.is_dir():
+        what = "exists but is not a directory" if path.exists() else "does not exist"
+        raise ModelDirError(f"{flag} {path}: no model directory there ({what}; entry points read local "
+                            f"directories only, the workflow downloads hub models first: config models.<name>.hub)")
+    missing = [name for name in need if not (path / name).is_file()]
+    if missing:
+        raise ModelDirError(f"{flag} {path}: not a complete Hugging Face directory ({', '.join(missing)} missing)")
+    return path
+
+
+def vocab_size(directory: Path | str) -> int | None:
+    """Distinct token ids of directory/tokenizer.json (vocabulary and added tokens); None without the file."""
+    tokenizer = _tokenizer_json(directory)
+    return None if tokenizer is None else len(_token_ids(tokenizer))
+
+
+def _tokenizer_json(directory: Path | str) -> dict | None:
+    path = Path(directory) / "tokenizer.json"
+    return _read_json(str(path), path.stat().st_mtime_ns) if path.is_file() else None
+
+
+@functools.lru_cache(maxsize=16)
+def _read_json(path: str, mtime_ns: int) -> dict:
+    """A hub tokenizer.json is ~10 MB: read once per version of the file (a config check reads it per pair)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ModelDirError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+
+
+def _token_ids(tokenizer: dict) -> dict:
+    """token -> id over the model's vocabulary (a BPE/WordPiece dict or a Unigram list) and added tokens."""
+    vocab = tokenizer.get("model", {}).get("vocab") or {}
+    pairs = vocab.items() if isinstance(vocab, dict) else ((piece, i) for i, (piece, _) in enumerate(vocab))
+    out = dict(pairs)
+    out.update({t["content"]: t["id"] for t in tokenizer.get("added_tokens", [])})
+    return out
+
+
+def same_tokenizer(a: Path | str, b: Path | str) -> bool | None:
+    """Whether two directories' tokenizer.json map the same tokens to the same ids; None if one is missing."""
+    ta, tb = _tokenizer_json(a), _tokenizer_json(b)
+    return None if ta is None or tb is None else _token_ids(ta) == _token_ids(tb)
+
+
+def check_top_k(k: int, n_vocab: int, flag: str, where: Path | str) -> None:
+    """K (the stored top-K) must not exceed the vocabulary: topk(K) over fewer entries fails in every job."""
+    if k > n_vocab:
+        raise ModelDirError(f"{flag} {k}: larger than the vocabulary of {where} ({n_vocab} tokens)")
