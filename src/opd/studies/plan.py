@@ -30,6 +30,8 @@ import json
 import math
 from pathlib import Path
 
+from opd.infra import cli
+
 GIB = 2 ** 30
 NEEDS_SHAPE = "the memory planner needs the model's shape"
 VLLM_ROLLOUT_FRACTION = 0.85  # opd.engines.rollout's vLLM gpu_memory_utilization
@@ -348,23 +350,16 @@ def table(config: dict, found: list[Estimate]) -> str:
 
 
 def load_config(paths: list[Path]) -> dict:
-    """The config files merged as Snakemake merges --configfile overlays (mappings key by key), validated."""
-    import yaml
-
+    """The config files merged as Snakemake merges --configfile overlays (mappings key by key), validated;
+    a YAML syntax error names the file and the line (`opd.studies.validate.load`)."""
     from opd.infra.config import validate_config
+    from opd.studies.validate import load
 
-    def merge(a: dict, b: dict) -> dict:
-        return {**a, **{k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-                        for k, v in b.items()}}
-
-    config: dict = {}
-    for path in paths:
-        config = merge(config, yaml.safe_load(Path(path).read_text()) or {})
-    return validate_config(config)
+    return validate_config(load(paths))
 
 
 def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(description="Estimated peak GPU memory of every training and diagnostic job.")
+    p = cli.ArgumentParser(description="Estimated peak GPU memory of every training and diagnostic job.")
     p.add_argument("--configfile", type=Path, nargs="+", required=True,
                    help="study config file(s), later ones overriding earlier ones (as snakemake --configfile)")
     args = p.parse_args(argv)
@@ -378,4 +373,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
