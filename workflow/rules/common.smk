@@ -192,8 +192,8 @@ def bench_args():
 
 def all_outputs():
     """The reports, and every grid point's evaluation itself: a run added to the grid is then a missing
-    target of `rule all`, which no --rerun-triggers setting can skip (an up-to-date report may miss inputs:
-    Snakemake takes them for deleted temp() files; README, "Re-running")."""
+    target of the default target, which no --rerun-triggers setting can skip (an up-to-date report may miss
+    inputs, since Snakemake takes them for deleted temp() files; README, "Re-running")."""
     reports = [f"{REPORT_DIR}/{name}" for name in ("models.md", "models.csv", "models.png", "training.md")]
     if sweep.is_sweep(TRAIN):
         reports.append(f"{REPORT_DIR}/sweep.md")
