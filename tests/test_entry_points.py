@@ -113,7 +113,9 @@ def test_train_defaults_pass_the_schema():
     from opd.engines import train
 
     args = train.parse_args(TRAIN)
-    assert cli.flag_problems(args, {**cli.COMMON, **train.FLAGS}) == []
+    flags = {**cli.COMMON, **cli.section_flags(args, "train"), **train.FLAGS}
+    assert "clip_eps" in flags and "keep_checkpoints" in flags  # found by name in config `train`
+    assert cli.flag_problems(args, flags) == []
 
 
 def test_a_bad_flag_is_one_line_on_the_command_line(tmp_path):

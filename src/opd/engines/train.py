@@ -78,42 +78,23 @@ class StepResult:
     release_B: list[int | None]
 
 
-# Flag -> the config key it stands for (or a schema of its own): `opd.infra.cli` checks each value with the
-# schema's range and message. One line per flag.
+# Flags not named as a key of config `train` (those are found by name) -> their config key (opd.infra.cli).
 FLAGS = {
     "method": "train.methods[]",
     "top_k": "train.top_k[]",
     "ratio": "train.ratio[]",
     "seed": "train.seeds[]",
-    "steps": "train.steps",
-    "prompts_per_step": "train.prompts_per_step",
-    "samples": "train.samples",
-    "max_new_tokens": "train.max_new_tokens",
-    "temperature": "train.temperature",
     "top_p": "diagnose.top_p",
-    "lr": "train.lr",
     "warmup_steps": cli.NONNEGATIVE,
-    "clip_eps": "train.clip_eps",
-    "loss": "train.loss",
-    "aggregation": "train.aggregation",
-    "signal_mode": "train.signal_mode",
-    "checkpoint_every": "train.checkpoint_every",
     "batch_size": cli.POSITIVE,
-    "rollout_backend": "train.rollout_backend",
-    "device": "train.device",
-    "dtype": "train.dtype",
-    "vllm_memory_fraction": "train.vllm_memory_fraction",
     "prompt_format": "data.prompt_format",
-    "sharding": "train.sharding",
-    "save_dtype": "train.save_dtype",
-    "keep_checkpoints": "train.keep_checkpoints",
     **RELEASE_FLAGS,
 }
 
 
 def check_args(args: argparse.Namespace, world: int = 1) -> None:
     """Refuse flags that would fail (or silently mean something else) only after the first step."""
-    cli.validate(args, FLAGS)
+    cli.validate(args, FLAGS, section="train")
     distributed.check_share(args.prompts_per_step, world)
     distributed.check_sharding(args.sharding, world)
     release_rule(args)
@@ -133,8 +114,7 @@ def setup(args: argparse.Namespace, world: worlds.World | None = None,
     worlds.check_answers(world, records, args.prompts)
     if args.prompts_per_step > len(records):
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} > {len(records)} prompts in {args.prompts}")
-    for flag in ("student", "teacher"):  # local directories, checked before transformers looks at the hub
-        modeldirs.check_dir(getattr(args, flag), f"--{flag}")
+    modeldirs.check_flag_dirs(args, "student", "teacher")  # local, before transformers looks at the hub
     tokenizer = AutoTokenizer.from_pretrained(str(args.student))
     check_tokenizers(tokenizer, AutoTokenizer.from_pretrained(str(args.teacher)), str(args.student), str(args.teacher))
     modeldirs.check_top_k(args.top_k, len(tokenizer), "--top-k", args.student)

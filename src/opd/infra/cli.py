@@ -1,7 +1,8 @@
 """One validation for every entry point: a flag is checked against the config key it stands for.
 
 Each `python -m opd.*` module keeps a small table `FLAGS = {dest: "section.key"}` (one line per flag) and calls
-`validate(args, FLAGS)` right after argparse, before any model loads. Every value is validated against that
+`validate(args, FLAGS)` right after argparse, before any model loads; with `section="train"`, a flag named as
+a key of that config section (`--lr` = `train.lr`) needs no line at all. Every value is validated against that
 key's part of config.schema.yaml with the config's own messages (`opd.infra.config`), so `--lr -1` and
 `train.lr: -1` are refused alike, naming the flag, the value, what is allowed and the config key. Key syntax:
 `train.top_k[]` = one item of the list `train.top_k`; `models.*.lr` = the key of any model. A flag that no
@@ -91,11 +92,21 @@ def check_flags(args: argparse.Namespace, flags: dict[str, str | dict]) -> None:
         raise FlagError(f"invalid flag{'s' if len(problems) > 1 else ''}: " + "; ".join(problems))
 
 
-def validate(args: argparse.Namespace, flags: dict[str, str | dict]) -> argparse.Namespace:
-    """The flags against the schema, then the tracking store: both before any model loads; returns `args`."""
+def section_flags(args: argparse.Namespace, section: str) -> dict[str, str]:
+    """dest -> "section.dest" for each flag named as a key of that config section."""
+    keys = load_schema()["properties"][section]["properties"]
+    return {dest: f"{section}.{dest}" for dest in vars(args) if dest in keys}
+
+
+def validate(args: argparse.Namespace, flags: dict[str, str | dict], section: str | None = None) -> argparse.Namespace:
+    """The flags against the schema, then the tracking store: both before any model loads; returns `args`.
+
+    `flags` wins over the keys of `section` (e.g. `--top-k` is one item of the list train.top_k).
+    """
     from opd.infra import tracking
 
-    check_flags(args, {**COMMON, **flags})
+    named = section_flags(args, section) if section else {}
+    check_flags(args, {**COMMON, **named, **flags})
     tracking.check_reachable()
     return args
 

@@ -36,6 +36,12 @@ def check_dir(path: Path | str, flag: str, need: tuple[str, ...] = MODEL_FILES) 
     return path
 
 
+def check_flag_dirs(args, *dests: str) -> None:
+    """`check_dir` on the model directory of each named flag (e.g. "student" = --student)."""
+    for dest in dests:
+        check_dir(getattr(args, dest), "--" + dest.replace("_", "-"))
+
+
 def vocab_size(directory: Path | str) -> int | None:
     """Distinct token ids of directory/tokenizer.json (vocabulary and added tokens); None without the file."""
     tokenizer = _tokenizer_json(directory)

@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     rollouts = Rollouts.load(args.rollouts)
     scores = load_scores(args.scores, rollouts, args.rollouts)
-    student = AutoModelForCausalLM.from_pretrained(str(modeldirs.check_dir(args.student, "--student"))).eval()
-    teacher = AutoModelForCausalLM.from_pretrained(str(modeldirs.check_dir(args.teacher, "--teacher"))).eval()
+    modeldirs.check_flag_dirs(args, "student", "teacher")
+    student = AutoModelForCausalLM.from_pretrained(str(args.student)).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(str(args.teacher)).eval()
     with tracking.run(args.study, f"fixed_context[{args.name}]", params=vars(args), tags={"model": args.name}) as run:
         rows = run_bank(student, teacher, rollouts, scores, args.selectors, args.ratio, args.steps, args.lr,
                         args.clip_eps, args.seed, args.mode)
