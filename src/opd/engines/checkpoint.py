@@ -94,7 +94,8 @@ def save_checkpoint(out_dir: Path, step: int, args: argparse.Namespace, model_st
     tmp.mkdir(parents=True)
     torch.save(model_state, tmp / "model.pt")
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": _rng_states()}, tmp / "trainer.pt")
-    state = {"step": step, "run_id": run_id, "metrics": metrics, "flags": _resume_flags(args)}
+    state = {"step": step, "run_id": run_id, "metrics": metrics, "flags": _resume_flags(args),
+             "files": file_sizes(tmp)}  # checked at load: a truncated file is found before torch.load
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     if final.exists():  # an incomplete leftover (no state.json) or an older copy of this very step
         _discard(final)
