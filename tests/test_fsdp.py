@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from opd.engines import distributed, train
+from opd.engines.score import score_rollouts
 from test_distributed import _argv, _free_port
 
 # fp32 on both sides; the ranks' gradients are summed in another order than one process's backward sums
@@ -33,7 +34,7 @@ def _one_update(rank: int, world: int, port: int, argv: list[str], out: str) -> 
     tr = train.setup(train.parse_args(argv), ctx=ctx)
     alone = train.dataclasses.replace(tr, dist=distributed.Context())
     rollouts, _ = train.sample(alone, t=1)
-    scores = train.score_rollouts(tr.teacher, rollouts, tr.args.top_k, 8, student=train.inference_student(tr))
+    scores = score_rollouts(tr.teacher, rollouts, tr.args.top_k, 8, student=train.inference_student(tr))
     sig = train.batch_signals(rollouts.tensors, scores, "exact", "top2")
     mask_BT = sig.valid_BT.clone()
     half = mask_BT.shape[0] // world

@@ -83,6 +83,7 @@ def test_weights_pushed_into_a_live_engine_give_hf_rollouts_of_the_updated_model
     seeded sampling; an error inside the block shuts the worker and its engine process down."""
     from transformers import AutoModelForCausalLM
 
+    from opd.engines import vllm_engine as engine
     from opd.engines.vllm_engine import VllmEngine
     from opd.engines.rollout import generate_hf
 
@@ -99,13 +100,19 @@ def test_weights_pushed_into_a_live_engine_give_hf_rollouts_of_the_updated_model
                 gen = torch.Generator().manual_seed(0)
                 for p in model.parameters():
                     p.add_(0.05 * torch.randn(p.shape, generator=gen))
-            eng.push_weights(model)
+            pushed = eng.push_weights(model, version=3)
             assert (work / "weights" / "model.safetensors").is_file()
+            assert pushed["push_bytes"] == (work / "weights" / "model.safetensors").stat().st_size > 0
+            ids_only = eng.generate(prompts, 0, 0.0, 1.0, max_new, seed=0)  # K = 0: sampled ids and logprobs
+            engine.write_weights(model, work / "weights", torch.float32, version=2)  # a stale file
+            with pytest.raises(RuntimeError, match="is for step 2, not 4"):
+                eng._call(cmd="load_weights", path=str(work / "weights"), version=4)
             v = eng.generate(prompts, K, 0.0, 1.0, max_new, seed=0)
             same = [eng.generate([prompts[0]] * 4, K, 1.0, 1.0, max_new, seed=11) for _ in range(2)]
             worker, engine_procs = eng.proc, _descendants(eng.proc.pid)
             eng._call(cmd="nope")
-    assert worker.poll() is not None and engine_procs and not any(map(_alive, engine_procs))
+    # the engine core runs inside the worker (deterministic scheduling); any child vLLM started is gone too
+    assert worker.poll() is not None and not any(map(_alive, engine_procs))
     assert not work.exists()  # weights and rollouts files deleted with the worker
 
     h = generate_hf(model, tok, prompts, K, 0.0, 1.0, max_new, seed=0, batch_size=6)
@@ -116,7 +123,9 @@ def test_weights_pushed_into_a_live_engine_give_hf_rollouts_of_the_updated_model
     assert torch.equal(v["s_topk_ids_NK"].long(), h["s_topk_ids_NK"].long())
     assert torch.allclose(v["s_logprob_N"], h["s_logprob_N"], atol=2e-3)
     assert torch.allclose(v["s_topk_logprobs_NK"], h["s_topk_logprobs_NK"], atol=2e-3)
-    # per-request seeds from the step seed: the same call replays, copies of one prompt still differ
+    assert torch.equal(ids_only["tokens_N"], v["tokens_N"]) and torch.equal(ids_only["s_logprob_N"], v["s_logprob_N"])
+    assert ids_only["s_topk_ids_NK"].shape == (len(v["tokens_N"]), 0)
+    # one seed per generate command: the same call replays, copies of one prompt still differ
     assert all(torch.equal(same[0][k], same[1][k]) for k in same[0])
     off = same[0]["offsets_B1"].tolist()
     assert len({tuple(same[0]["tokens_N"][off[i]:off[i + 1]].tolist()) for i in range(4)}) > 1
@@ -131,9 +140,9 @@ def test_training_with_vllm_rollouts_pushes_weights_every_step(tiny_world, tmp_p
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     pushes, real = [], engine.VllmEngine.push_weights
 
-    def spy(self, model):
-        pushes.append(self.proc)
-        return real(self, model)
+    def spy(self, model, **kw):
+        pushes.append((self.proc, self.weights_dir, kw))
+        return real(self, model, **kw)
 
     monkeypatch.setattr(engine.VllmEngine, "push_weights", spy)
     out = tmp_path / "out"
@@ -141,9 +150,14 @@ def test_training_with_vllm_rollouts_pushes_weights_every_step(tiny_world, tmp_p
                         "--world", "miniature", "--prompts", str(tiny_world["prompts"]), "--out-dir", str(out), "--method", "ta_opd",
                         "--ratio", "0.3", "--steps", "2", "--top-k", "4", "--prompts-per-step", "2", "--samples", "2",
                         "--max-new-tokens", "12", "--lr", "1e-3", "--study", "test_vllm", "--rollout-backend", "vllm",
-                        "--vllm-python", VLLM_PYTHON, "--vllm-memory-fraction", "0.1"])
+                        "--vllm-python", VLLM_PYTHON, "--vllm-memory-fraction", "0.1", "--recompute-rollout-logprobs"])
     assert final["step"] == 2 and all(isinstance(v, (int, float)) for v in final.values())
     assert json.loads((out / "metrics.json").read_text()) == final
     assert len(pushes) == 2  # before step 1 (the start weights) and after step 1's update
-    assert pushes[0].poll() is not None  # the worker is gone after training
+    assert [kw["version"] for _, _, kw in pushes] == [1, 2]  # each push names the step it is for
+    assert pushes[0][0].poll() is not None  # the worker is gone after training
+    assert pushes[0][1] == engine.shm_weights_dir(out) and not pushes[0][1].exists()  # one copy in RAM, removed
     assert not (out / "rollout_weights").exists()
+    assert final["push_bytes"] > 0 and final["push_seconds"] > 0
+    # the engine's logprobs (vLLM's CPU kernels) vs the trainer's forward: close, not equal
+    assert 0.0 <= final["rollout_logprob_mismatch"] <= final["rollout_logprob_mismatch_max"] < 5e-3

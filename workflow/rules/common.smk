@@ -152,7 +152,20 @@ def train_args(wildcards):
     keys = ["steps", "prompts_per_step", "samples", "max_new_tokens", "temperature", "lr", "clip_eps",
             "loss", "aggregation", "signal_mode", "checkpoint_every", "rollout_backend", "device", "dtype",
             "vllm_memory_fraction", "sharding", "save_dtype", "keep_checkpoints"]
-    return " ".join(f"--{k.replace('_', '-')} {TRAIN[k]}" for k in keys) + f" {prompt_args()} {release_args()}"
+    flags = " ".join(f"--{k.replace('_', '-')} {TRAIN[k]}" for k in keys)
+    return f"{flags} {prompt_args()} {release_args()}{engine_args()}"
+
+
+def engine_args():
+    """Rollout/teacher engine flags, only where they differ from the defaults (an unchanged command line
+    for configs that do not set them, so existing runs are not re-run)."""
+    defaults = {"vllm_weight_push": "shm", "vllm_enforce_eager": "auto", "teacher_placement": "in_process"}
+    flags = [
+        f"--{k.replace('_', '-')} {str(TRAIN[k]).lower()}" for k, d in defaults.items() if str(TRAIN[k]).lower() != d
+    ]
+    flags += [f"--{k.replace('_', '-')}" for k in ("vllm_sleep", "recompute_rollout_logprobs") if TRAIN[k]]
+    flags += [f"--teacher-device {TRAIN['teacher_device']}"] if TRAIN["teacher_device"] else []
+    return "".join(f" {f}" for f in flags)
 
 
 def train_gpus(wildcards):

@@ -43,7 +43,9 @@ class CheckpointError(RuntimeError):
 
 # May change on resumption: they do not change what is computed (study only names the MLflow experiment).
 RESUME_EXEMPT = ("threads", "out_dir", "checkpoint_every", "restart_if_flags_changed", "study", "vllm_python",
-                 "vllm_memory_fraction", "save_dtype", "keep_checkpoints")
+                 "vllm_memory_fraction", "save_dtype", "keep_checkpoints",
+                 # where the engines run and how weights reach them: the same numbers either way
+                 "vllm_weight_push", "vllm_sleep", "vllm_enforce_eager", "teacher_placement", "teacher_device")
 
 
 def _rng_states() -> dict:

@@ -27,13 +27,13 @@ import torch
 from torch import Tensor
 
 from opd import worlds
-from opd.engines import accel, distributed
+from opd.engines import accel, distributed, recompute, teacher_worker
 from opd.engines import vllm_engine as engine
 from opd.engines.checkpoint import (KEEP_CHECKPOINTS, changed_flags, load_latest_checkpoint, prune_finished,
                                     restore_rng_states, save_checkpoint, set_aside_replaced)
 from opd.engines.forward import response_logits
 from opd.engines.rollout import Rollouts, generate_hf
-from opd.engines.score import check_tokenizers, score_rollouts
+from opd.engines.score import check_tokenizers
 from opd.engines.signals import (RELEASE_FLAGS, BatchSignals, add_release_args, batch_signals,
                                 release_indices, release_rule)
 from opd.infra import cli, modeldirs
@@ -66,6 +66,7 @@ class Trainer:
     rollout_weights_stale: bool = True  # the engine still has weights older than the student's
     replica: Any = None  # --sharding fsdp: the unsharded student that rollouts and scoring use
     replica_step: int = -1  # the scheduler step whose weights the replica holds
+    engine_metrics: dict = dataclasses.field(default_factory=dict)  # the last push's and recompute's figures
 
 
 @dataclasses.dataclass
@@ -122,8 +123,7 @@ def setup(args: argparse.Namespace, world: worlds.World | None = None,
     device = accel.resolve_device(args.device)
     # fp32 master weights for the student whatever --dtype says (see opd.engines.accel); a bf16 teacher with bf16.
     student = AutoModelForCausalLM.from_pretrained(str(args.student), dtype=torch.float32).to(device)
-    teacher = AutoModelForCausalLM.from_pretrained(str(args.teacher), dtype=accel.teacher_dtype(args.dtype))
-    teacher = teacher.to(device).eval().requires_grad_(False)
+    teacher = teacher_worker.in_process_teacher(args, device)  # None with --teacher-placement worker
     ddp, replica = distributed.wrap_student(student, ctx, args.sharding, args.dtype, lambda: AutoModelForCausalLM.
                                             from_pretrained(str(args.student), dtype=accel.teacher_dtype(args.dtype)))
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
@@ -157,7 +157,7 @@ def sample(tr: Trainer, t: int) -> tuple[Rollouts, list[dict]]:
     prompts, seed = [tr.prompt_ids[i] for i in index], distributed.step_seed(args.seed, t, tr.dist.rank)
     if tr.engine is not None:  # vLLM: bring the engine up to the current weights first
         if tr.rollout_weights_stale:
-            tr.engine.push_weights(inference_student(tr))
+            tr.engine_metrics = tr.engine.push_weights(inference_student(tr), version=t)  # this step's figures
             tr.rollout_weights_stale = False
         tensors = tr.engine.generate(prompts, args.top_k, args.temperature, args.top_p, args.max_new_tokens, seed)
     else:
@@ -166,7 +166,7 @@ def sample(tr: Trainer, t: int) -> tuple[Rollouts, list[dict]]:
         with accel.autocast(tr.device, args.dtype):
             tensors = generate_hf(student, tr.tokenizer, prompts, args.top_k, args.temperature, args.top_p,
                                   args.max_new_tokens, seed=seed, batch_size=args.batch_size)
-    return Rollouts(ids, tensors), [tr.records[i] for i in index]
+    return recompute.for_step(tr, Rollouts(ids, tensors), inference_student(tr)), [tr.records[i] for i in index]
 
 
 def build_mask(method: str, rollouts: Rollouts, sig: BatchSignals, tokenizer, ratio: float, rule: ReleaseRule,
@@ -262,15 +262,14 @@ def run_step(tr: Trainer, t: int) -> StepResult:
     args, start = tr.args, time.perf_counter()
     rollouts, records = sample(tr, t)
     with accel.autocast(tr.device, args.dtype):
-        scores = score_rollouts(tr.teacher, rollouts, args.top_k, args.batch_size,
-                                student=inference_student(tr) if args.signal_mode == "exact" else None)
+        scores = teacher_worker.teacher_scores(tr, rollouts, inference_student(tr))  # in process or worker
     sig = batch_signals(rollouts.tensors, scores, args.signal_mode, args.margin)
     mask_BT, release_B = build_mask(args.method, rollouts, sig, tr.tokenizer, args.ratio, release_rule(args),
                                     seed=distributed.step_seed(args.seed, t, tr.dist.rank))
     lr = tr.optimizer.param_groups[0]["lr"]
     loss = update_step(tr, rollouts, scores, mask_BT, t)
     metrics = {"loss": loss, **step_metrics(tr, rollouts, scores, records, mask_BT[sig.valid_BT], release_B),
-               "lr": lr, "tokens_per_second": int(sig.valid_BT.sum()) / (time.perf_counter() - start)}
+               "lr": lr, "tokens_per_second": int(sig.valid_BT.sum()) / (time.perf_counter() - start), **tr.engine_metrics}
     return StepResult(distributed.reduce_metrics(tr.dist, metrics), rollouts, sig, mask_BT, release_B)
 
 
@@ -357,6 +356,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_release_args(p)
     worlds.add_args(p)
     engine.add_args(p)
+    teacher_worker.add_args(p)
     return p.parse_args(argv)
 
 
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
                 args.study, f"train[{args.name}]", params=None if ckpt else vars(args),
                 tags={"model": args.name, "method": args.method}, run_id=ckpt["run_id"] if ckpt else None,
                 resume_step=ckpt["step"] if ckpt else None)) as run, \
-                engine.for_trainer(tr):  # a no-op for --rollout-backend hf
+                engine.for_trainer(tr), teacher_worker.for_trainer(tr):  # no-ops for hf / in_process
             metrics = train_loop(tr, run, start, metrics)
             final = {"step": args.steps, **metrics}
             student = inference_student(tr)

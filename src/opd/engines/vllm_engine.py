@@ -2,36 +2,59 @@
 
 vLLM cannot be imported next to the trainer's CPU torch stack, so the engine lives in a worker process
 (`python -m opd.engines.vllm_worker`, started with `--vllm-python`) that stays up for the whole run and speaks
-JSON lines over its stdin/stdout. Each step's rollouts come from the current student: after an optimizer
-step the trainer writes the weights atomically to OUT/rollout_weights/rank{r}/model.safetensors and the
-worker reloads them in place (vLLM's `reload_weights` through `collective_rpc`; no engine restart).
-Rollouts come back as a safetensors file with the tensors of `opd.rollout.generate_hf`.
+the JSON-lines protocol of `opd.engines.worker_proc`. Each step's rollouts come from the current student:
+after an optimizer step the weights go to one safetensors file and every engine reloads them in place
+(vLLM's `reload_weights` through `collective_rpc`; no engine restart). Rollouts come back as a safetensors
+file with the tensors of `opd.rollout.generate_hf`.
 
-The worker runs in its own process group: `close()` (on exit, on an exception) asks it to shut down and
-then kills the group, so no engine process outlives the trainer; if the trainer is killed outright, the
-worker sees the end of its stdin and shuts itself down.
+Weight push (`--vllm-weight-push`):
+- `shm` (default): ONE copy per node in shared memory (/dev/shm/opd-weights-UID-HASH/, HASH of the run
+  directory), written by local rank 0 only; after a barrier every local engine reads it. Under DDP every
+  rank holds the same weights after a step, so one copy serves them all. The file carries the step it
+  belongs to in its metadata, and the worker refuses a file of another step (stale or partial: one
+  clear error, never rollouts from old weights).
+- `per_rank`: each rank writes its own copy under OUT/rollout_weights/rank{r}/ (the old behaviour, on
+  whatever disk the run directory is on).
+Each push returns its time and bytes (logged per step as `push_seconds`, `push_bytes`).
+
+On CUDA, `--vllm-sleep` puts the engine to sleep (vLLM sleep mode, level 1: weights offloaded to CPU RAM,
+KV cache released) after each step's rollouts and wakes it before the next push, so the update gets the
+GPU memory back; CUDA graphs are on by default on GPUs (`--vllm-enforce-eager auto`). Neither has run
+on a GPU yet (docs/training.md). The CPU build keeps enforce_eager and refuses sleep mode.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import getpass
+import hashlib
 import os
 import shutil
-import signal
-import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 import opd
+from opd.engines import distributed
+from opd.engines.vllm_worker import VERSION_KEY
+from opd.engines.worker_proc import WorkerProcess
 from opd.infra.io import atomic_path
 
 VLLM_PYTHON_ENV = "OPD_VLLM_PYTHON"
 BACKENDS = ("hf", "vllm")
+PUSH_MODES = ("shm", "per_rank")
+SHM_ROOT = Path("/dev/shm")
+
+
+def _tristate(value: str) -> str:
+    value = str(value).lower()
+    if value not in ("auto", "true", "false"):
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {value!r}")
+    return value
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +67,29 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vllm-memory-fraction", type=float, default=0.3,
                         help="vLLM gpu_memory_utilization: the engine's share of the GPU it shares with the "
                              "trainer (CPU build: share of host RAM for its KV cache)")
+    parser.add_argument("--vllm-weight-push", choices=PUSH_MODES, default="shm",
+                        help="shm: one weights file per node in /dev/shm, written by local rank 0; "
+                             "per_rank: one file per rank in the run directory")
+    parser.add_argument("--vllm-sleep", action="store_true",
+                        help="CUDA only: vLLM sleep mode (level 1) between rollouts and the next push")
+    parser.add_argument("--vllm-enforce-eager", type=_tristate, default="auto",
+                        help="auto: eager on CPU, CUDA graphs on GPUs; true/false force it")
+    parser.add_argument("--recompute-rollout-logprobs", action="store_true",
+                        help="the rollouts' log p_S and top-K from the trainer's forward (opd.engines.recompute); "
+                             "the engine returns only token ids and, for a mismatch diagnostic, their logprobs")
+
+
+def check_args(args: argparse.Namespace, device: torch.device | None = None) -> None:
+    """Refuse sleep mode where vLLM has none (the CPU build): before the engine starts."""
+    if args.rollout_backend == "vllm" and args.vllm_sleep and (
+            args.device == "cpu" or (device is not None and device.type != "cuda")):
+        where = device.type if device is not None else args.device
+        raise ValueError(f"--vllm-sleep (train.vllm_sleep) needs CUDA: vLLM's sleep mode exists only on CUDA "
+                         f"builds, and this run's device is {where}")
+
+
+def enforce_eager(flag: str, device: torch.device) -> bool:
+    return device.type != "cuda" if flag == "auto" else flag == "true"
 
 
 def vllm_python(flag: str | None) -> str:
@@ -62,12 +108,12 @@ def worker_env(device: torch.device) -> dict[str, str]:
     return env
 
 
-def write_weights(model, directory: Path, dtype: torch.dtype) -> Path:
+def write_weights(model, directory: Path, dtype: torch.dtype, version: int | None = None) -> Path:
     """The model's weights as directory/model.safetensors, renamed into place (never seen half-written).
 
     A tied LM head shares its tensor with the embedding and is written once, as in the model's own
     checkpoint; vLLM ties it again. The temporary name does not end in .safetensors, so a reload never
-    picks it up.
+    picks it up. `version` (the step) goes into the metadata, for the reader to check.
     """
     from safetensors.torch import save_file
 
@@ -79,83 +125,94 @@ def write_weights(model, directory: Path, dtype: torch.dtype) -> Path:
         seen.add(tensor.data_ptr())
         state[name] = tensor.detach().to("cpu", dtype).contiguous()
     final = directory / "model.safetensors"
+    meta = {"format": "pt", **({VERSION_KEY: str(version)} if version is not None else {})}
     with atomic_path(final) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+        save_file(state, str(tmp), metadata=meta)
     return final
 
 
-class VllmEngine:
-    """A running `opd.engines.vllm_worker`: `push_weights`, `generate`, `close` (also a context manager)."""
+def shm_weights_dir(out_dir: Path) -> Path:
+    """This run's node-local weights directory in shared memory (one per run directory and user)."""
+    digest = hashlib.sha256(str(Path(out_dir).resolve()).encode()).hexdigest()[:12]
+    return SHM_ROOT / f"opd-weights-{getpass.getuser()}-{digest}"
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+class VllmEngine(WorkerProcess):
+    """A running `opd.engines.vllm_worker`: `push_weights`, `generate`, `close` (also a context manager).
+
+    `weights_dir` (default work_dir/weights) is where pushes go; with `writer=False` this engine only
+    reads what another rank of its node wrote there (after the barrier of `ctx`).
+    """
+
+    name = "vLLM worker"
 
     def __init__(self, python: str, model_dir: Path, work_dir: Path, *, dtype: str, max_model_len: int,
-                 max_logprobs: int, memory_fraction: float, device: torch.device, seed: int = 0):
+                 max_logprobs: int, memory_fraction: float, device: torch.device, seed: int = 0,
+                 weights_dir: Path | None = None, writer: bool = True, sleep: bool = False,
+                 eager: bool | None = None, ids_only: bool = False, ctx: distributed.Context = distributed.Context()):
         self.work_dir, self.dtype = Path(work_dir), dtype
-        self.weights_dir, self.rollouts_file = self.work_dir / "weights", self.work_dir / "rollouts.safetensors"
+        self.weights_dir = Path(weights_dir) if weights_dir is not None else self.work_dir / "weights"
+        self.rollouts_file = self.work_dir / "rollouts.safetensors"
+        self.writer, self.shared, self.ctx = writer, weights_dir is not None, ctx
+        self.sleep_mode, self.asleep, self.ids_only = sleep, False, ids_only
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        eager = enforce_eager("auto", device) if eager is None else eager
         cmd = [python, "-m", "opd.engines.vllm_worker", "--model", str(model_dir), "--dtype", dtype,
                "--max-model-len", str(max_model_len), "--max-logprobs", str(max_logprobs),
-               "--memory-fraction", str(memory_fraction), "--seed", str(seed)]
-        # Own process group: close() can end the worker and vLLM's engine-core process together.
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env=worker_env(device), start_new_session=True)
-        try:
-            self.info = self._answer()
-        except BaseException:
-            self.close()
-            raise
+               "--memory-fraction", str(memory_fraction), "--seed", str(seed),
+               *(["--enforce-eager"] if eager else []), *(["--sleep-mode"] if sleep else [])]
+        super().__init__(cmd, worker_env(device))
 
-    def _answer(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            code = self.proc.wait()
-            raise RuntimeError(f"the vLLM worker exited (code {code}) without answering; its log is on stderr")
-        reply = json.loads(line)
-        if not reply.get("ok"):
-            raise RuntimeError(f"the vLLM worker failed:\n{reply.get('error')}")
-        return reply
+    def _wake(self) -> None:
+        if self.asleep:
+            self._call(cmd="wake_up")
+            self.asleep = False
 
-    def _call(self, **cmd) -> dict:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        return self._answer()
+    def push_weights(self, model, version: int | None = None) -> dict[str, float]:
+        """The model's current weights into the live engine: {push_seconds, push_bytes, ...} of this rank.
 
-    def push_weights(self, model) -> dict:
-        """Write the model's current weights and reload them into the live engine."""
-        write_weights(model, self.weights_dir, getattr(torch, self.dtype))
-        return self._call(cmd="load_weights", path=str(self.weights_dir))
+        `version` (the step about to sample) is written into the file and checked by the worker.
+        """
+        self._wake()  # level-1 sleep keeps the weights in CPU RAM: they come back, then get replaced
+        start, nbytes = time.perf_counter(), 0
+        if self.writer:
+            nbytes = write_weights(model, self.weights_dir, getattr(torch, self.dtype), version).stat().st_size
+        written = time.perf_counter()
+        if self.shared:
+            distributed.barrier(self.ctx)  # the node's one copy is complete before any engine reads it
+        reply = self._call(cmd="load_weights", path=str(self.weights_dir), version=version)
+        return {"push_seconds": time.perf_counter() - start, "push_write_seconds": written - start,
+                "push_load_seconds": float(reply["seconds"]), "push_bytes": float(nbytes)}
 
     def generate(self, prompts: list[list[int]], K: int, temperature: float, top_p: float,
                  max_new_tokens: int, seed: int) -> dict[str, Tensor]:
-        """Rollouts of the engine's current weights: the tensors `opd.rollout.generate_hf` returns."""
+        """Rollouts of the engine's current weights: the tensors `opd.rollout.generate_hf` returns.
+
+        K = 0, or any K on an engine started with `ids_only`: only the sampled tokens and their logprobs (the
+        top-K comes from the trainer, `opd.engines.recompute`). With sleep mode the engine goes to sleep
+        once they are back.
+        """
         from safetensors.torch import load_file
 
-        self._call(cmd="generate", prompts=prompts, K=K, temperature=temperature, top_p=top_p,
+        self._wake()
+        self._call(cmd="generate", prompts=prompts, K=0 if self.ids_only else K, temperature=temperature, top_p=top_p,
                    max_new_tokens=max_new_tokens, seed=seed, out=str(self.rollouts_file))
-        return load_file(str(self.rollouts_file))
+        tensors = load_file(str(self.rollouts_file))
+        if self.sleep_mode:  # the update that follows gets the engine's GPU memory
+            self._call(cmd="sleep", level=1)
+            self.asleep = True
+        return tensors
 
     def close(self, timeout: float = 60.0) -> None:
-        """Shut the worker down (politely, then by signal to its whole group) and delete its files."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(OSError, ValueError):
-                self.proc.stdin.write(json.dumps({"cmd": "shutdown"}) + "\n")
-                self.proc.stdin.close()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout)
-        for sig in (signal.SIGTERM, signal.SIGKILL):  # the group: vLLM's engine-core process too
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(10)
-        for stream in (self.proc.stdin, self.proc.stdout):
-            with contextlib.suppress(OSError, ValueError):
-                stream.close()
+        """Shut the worker down and delete its files (the shared weights too, by the rank that wrote them)."""
+        super().close(timeout)
         shutil.rmtree(self.work_dir, ignore_errors=True)
-
-    def __enter__(self) -> "VllmEngine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        if self.shared and self.writer:
+            shutil.rmtree(self.weights_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -166,12 +223,21 @@ def for_trainer(tr):
     if args.rollout_backend != "vllm":
         yield None
         return
+    check_args(args, tr.device)
+    shared = args.vllm_weight_push == "shm"
+    if shared and not SHM_ROOT.is_dir():
+        raise ValueError(f"--vllm-weight-push shm (train.vllm_weight_push) needs {SHM_ROOT}, which this "
+                         f"machine does not have: use per_rank")
     root = args.out_dir / "rollout_weights"
     max_model_len = max(map(len, tr.prompt_ids)) + args.max_new_tokens
     try:
         with VllmEngine(vllm_python(args.vllm_python), args.student, root / f"rank{tr.dist.rank}", dtype=args.dtype,
                         max_model_len=max_model_len, max_logprobs=args.top_k,
-                        memory_fraction=args.vllm_memory_fraction, device=tr.device, seed=args.seed) as eng:
+                        memory_fraction=args.vllm_memory_fraction, device=tr.device, seed=args.seed,
+                        weights_dir=shm_weights_dir(args.out_dir) if shared else None,
+                        writer=not shared or local_rank() == 0, sleep=args.vllm_sleep,
+                        eager=enforce_eager(args.vllm_enforce_eager, tr.device),
+                        ids_only=args.recompute_rollout_logprobs, ctx=tr.dist) as eng:
             tr.engine, tr.rollout_weights_stale = eng, True
             yield eng
     finally:

@@ -4,43 +4,47 @@ Runs under the vLLM environment's python (vLLM cannot share an environment with 
 
     python -m opd.engines.vllm_worker --model STUDENT_DIR --dtype float32 --max-model-len 512 --max-logprobs 16
 
-It reads one JSON command per line on stdin and answers one JSON line per command:
+It speaks the JSON-lines protocol of `opd.engines.worker_proc`:
 
-    {"cmd": "load_weights", "path": DIR}     reload every weight in place from DIR/*.safetensors
+    {"cmd": "load_weights", "path": DIR, "version": V}
+                                             reload every weight in place from DIR/*.safetensors, after
+                                             checking that the file is the one written for step V
     {"cmd": "generate", "prompts": [[ids]], "K", "temperature", "top_p", "max_new_tokens", "seed", "out"}
                                              rollouts of the current weights -> `out` (.safetensors, the
-                                             tensors of `opd.rollout.generate_hf`)
+                                             tensors of `opd.rollout.generate_hf`; K = 0: no top-K)
+    {"cmd": "sleep", "level": 1} / {"cmd": "wake_up"}
+                                             vLLM sleep mode (CUDA builds, engine started with --sleep-mode)
     {"cmd": "shutdown"}                      (or end of stdin: the trainer is gone) engine down, exit
 
-Answers are {"ok": true, ...} or {"ok": false, "error": traceback}; the first line, once the engine is
-up, is {"ok": true, "ready": true, "vllm": version}. The protocol owns the original stdout: everything
-else printed to stdout (vLLM's logs, its engine-core process) is sent to stderr, which the trainer
-passes through to its own log.
+The first line, once the engine is up, is {"ok": true, "ready": true, "vllm": version}.
+
+Sampling seeds: ONE per generate command (the trainer's step seed of its rank). It seeds the global
+torch generator of the process that runs the model just before the batch, and the requests carry no
+seed of their own, so vLLM samples the whole batch from one stream (its fast path; a per-request seed
+makes it draw per request) and copies of one prompt still differ. The engine core runs in this process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0), so the batch is scheduled the same way every time.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
-import json
 import os
-import signal
-import sys
 import time
-import traceback
 
+from opd.engines import worker_proc
 from opd.infra.io import atomic_path
 
+VERSION_KEY = "opd_weights_version"  # safetensors metadata of a pushed weights file: the step it is for
 
-def request_seeds(seed: int, n: int) -> list[int]:
-    """One sampling seed per request, a pure function of (step seed, request index).
 
-    Each request gets its own generator: copies of one prompt then sample independently (one shared
-    seed would give identical copies), and the samples do not depend on how vLLM batches. Hashing keeps
-    the streams of neighbouring steps unrelated (seed + j would reuse step t's streams at step t+1).
+def batch_seed(seed: int) -> int:
+    """The generator seed of one generate command: a pure function of the step seed, in [0, 2**63).
+
+    Hashing keeps the streams of neighbouring steps unrelated (seed t+1 would otherwise be a seed a
+    neighbouring run or rank used).
     """
-    return [int.from_bytes(hashlib.sha256(f"{seed}:{j}".encode()).digest()[:8], "little") >> 1 for j in range(n)]
+    return int.from_bytes(hashlib.sha256(f"opd-rollouts:{seed}".encode()).digest()[:8], "little") >> 1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,22 +55,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-logprobs", type=int, default=20, help="largest K a generate command may ask for")
     p.add_argument("--memory-fraction", type=float, default=0.3,
                    help="vLLM gpu_memory_utilization (the CPU build: share of host RAM for the KV cache)")
-    p.add_argument("--seed", type=int, default=0, help="engine seed (each request also carries its own)")
+    p.add_argument("--seed", type=int, default=0, help="engine seed (each generate command reseeds it)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs (the CPU build; on GPUs, graphs are captured unless this is set)")
+    p.add_argument("--sleep-mode", action="store_true", help="enable vLLM sleep mode (CUDA builds only)")
     return p.parse_args(argv)
 
 
 def start_engine(args: argparse.Namespace):
+    # The engine core in this process: one generate then schedules its whole batch before the first step
+    # (a separate engine-core process may start on the first requests while the rest are still arriving),
+    # so one seed per batch replays exactly. On one device the model runs in this process too.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
 
-    # enforce_eager: no CUDA-graph capture, whose start-up cost and memory a rollout engine that shares
-    # its GPU with the trainer cannot afford to pay for every batch shape.
-    return LLM(model=args.model, dtype=args.dtype, seed=args.seed, enforce_eager=True,
+    # CUDA graphs (enforce_eager=False) pay a capture at start-up for much faster decoding; with sleep
+    # mode the engine hands its memory back during the update, so they are affordable on GPUs.
+    extra = {"enable_sleep_mode": True} if args.sleep_mode else {}
+    return LLM(model=args.model, dtype=args.dtype, seed=args.seed, enforce_eager=args.enforce_eager,
                max_logprobs=max(args.max_logprobs, 20), gpu_memory_utilization=args.memory_fraction,
-               max_model_len=args.max_model_len, worker_extension_cls=f"{__name__}.WeightReload")
+               max_model_len=args.max_model_len, worker_extension_cls=f"{__name__}.WeightReload", **extra)
 
 
 class WeightReload:
     """Mixed into vLLM's worker class (`worker_extension_cls`): runs in the process that holds the model."""
+
+    def opd_seed(self, seed: int) -> None:
+        """Seed the generator that vLLM's sampler draws unseeded requests from (this process's global one)."""
+        import torch
+
+        torch.manual_seed(seed)  # seeds CUDA's default generators too
 
     def opd_reload_weights(self, path: str) -> None:
         """Every weight from path/*.safetensors, in place (vLLM's layerwise `reload_weights`).
@@ -86,8 +104,29 @@ class WeightReload:
                 head.quant_method.process_weights_after_loading(head)
 
 
-def load_weights(llm, path: str) -> dict:
+def check_version(path: str, version) -> None:
+    """The weights file under `path` is the complete one written for `version`, or one clear error."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    if version is None:
+        return
+    file = Path(path) / "model.safetensors"
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            found = (fh.metadata() or {}).get(VERSION_KEY)
+    except Exception as e:  # missing, truncated or not safetensors
+        raise RuntimeError(f"weights file {file} is missing or unreadable ({e}): refusing to sample "
+                           f"from old weights") from None
+    if found != str(version):
+        raise RuntimeError(f"weights file {file} is for step {found}, not {version} (stale or partial push): "
+                           f"refusing to sample from old weights")
+
+
+def load_weights(llm, path: str, version=None) -> dict:
     """In-place reload of every weight into the running engine (no restart)."""
+    check_version(path, version)
     start = time.perf_counter()
     llm.collective_rpc("opd_reload_weights", args=(path,))
     # Cached prompt KV was computed by the old weights: drop it, or new rollouts would reuse it.
@@ -102,9 +141,9 @@ def generate(llm, cmd: dict) -> dict:
     from opd.engines.rollout import vllm_outputs_to_tensors
 
     prompts, K, temperature = cmd["prompts"], cmd["K"], cmd["temperature"]
-    params = [SamplingParams(temperature=temperature, top_p=cmd["top_p"] if temperature > 0 else 1.0,
-                             max_tokens=cmd["max_new_tokens"], logprobs=K, seed=s, detokenize=False)
-              for s in request_seeds(cmd["seed"], len(prompts))]
+    params = SamplingParams(temperature=temperature, top_p=cmd["top_p"] if temperature > 0 else 1.0,
+                            max_tokens=cmd["max_new_tokens"], logprobs=K, detokenize=False)
+    llm.collective_rpc("opd_seed", args=(batch_seed(cmd["seed"]),))
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     tensors = vllm_outputs_to_tensors(prompts, outs, K)
     with atomic_path(cmd["out"]) as tmp:  # the trainer never reads a half-written file
@@ -112,50 +151,31 @@ def generate(llm, cmd: dict) -> dict:
     return {"tokens": int(tensors["offsets_B1"][-1])}
 
 
-def serve(llm, lines, reply) -> None:
-    """Answer commands until `shutdown` or the end of input."""
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            cmd = json.loads(line)
-            if cmd["cmd"] == "shutdown":
-                reply({"ok": True})
-                return
-            if cmd["cmd"] == "load_weights":
-                reply({"ok": True, **load_weights(llm, cmd["path"])})
-            elif cmd["cmd"] == "generate":
-                reply({"ok": True, **generate(llm, cmd)})
-            else:
-                raise ValueError(f"unknown command {cmd['cmd']!r}")
-        except Exception:  # the trainer decides what to do: it raises with this traceback
-            reply({"ok": False, "error": traceback.format_exc()})
+def handlers(llm) -> dict:
+    """The commands of this worker, on a running engine."""
+    def sleep(cmd: dict) -> dict:
+        llm.sleep(level=int(cmd.get("level", 1)))
+        return {}
+
+    def wake_up(cmd: dict) -> dict:
+        llm.wake_up(tags=cmd.get("tags"))
+        return {}
+
+    return {"load_weights": lambda cmd: load_weights(llm, cmd["path"], cmd.get("version")),
+            "generate": lambda cmd: generate(llm, cmd), "sleep": sleep, "wake_up": wake_up}
+
+
+def start(args: argparse.Namespace):
+    """(handlers, ready info, cleanup): the engine-core process goes down with us, not as an orphan."""
+    import vllm
+
+    llm = start_engine(args)
+    return handlers(llm), {"vllm": vllm.__version__}, lambda: llm.llm_engine.engine_core.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # fd 1 (and every child's stdout) now goes to stderr: the protocol stream stays clean
-    # SIGTERM from the trainer: leave through `finally`, so vLLM shuts its engine-core process down.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-    def reply(obj: dict) -> None:
-        proto.write(json.dumps(obj) + "\n")
-
-    llm = None
-    try:
-        llm = start_engine(args)
-        import vllm
-
-        reply({"ok": True, "ready": True, "vllm": vllm.__version__})
-        serve(llm, sys.stdin, reply)
-    except Exception:
-        reply({"ok": False, "error": traceback.format_exc()})
-        raise
-    finally:
-        if llm is not None:  # the engine-core process goes down with us, not as an orphan
-            with contextlib.suppress(Exception):
-                llm.llm_engine.engine_core.shutdown()
+    worker_proc.run(lambda: start(args))
 
 
 if __name__ == "__main__":  # vLLM spawns its engine-core process: the guard is required
