@@ -53,7 +53,8 @@ def test_sleep_mode_on_a_cpu_run_is_refused_before_the_engine_starts():
     engine.check_args(SimpleNamespace(**{**vars(args), "vllm_sleep": False}))
     engine.check_args(SimpleNamespace(**{**vars(args), "device": "cuda"}), torch.device("cuda", 0))
     assert engine.enforce_eager("auto", torch.device("cpu")) and not engine.enforce_eager("auto", torch.device("cuda"))
-    assert engine.enforce_eager("true", torch.device("cuda")) and not engine.enforce_eager("false", torch.device("cpu"))
+    assert engine.enforce_eager(True, torch.device("cuda")) and not engine.enforce_eager(False, torch.device("cpu"))
+    assert engine._tristate("True") is True and engine._tristate("false") is False and engine._tristate("AUTO") == "auto"
 
 
 def test_weights_file_holds_each_tensor_once_and_is_renamed_into_place(tiny_world, tmp_path):

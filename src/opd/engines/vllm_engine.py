@@ -50,11 +50,12 @@ PUSH_MODES = ("shm", "per_rank")
 SHM_ROOT = Path("/dev/shm")
 
 
-def _tristate(value: str) -> str:
+def _tristate(value: str) -> str | bool:
+    """auto, or a boolean (as config `train.vllm_enforce_eager` holds it)."""
     value = str(value).lower()
     if value not in ("auto", "true", "false"):
         raise argparse.ArgumentTypeError(f"expected auto, true or false, got {value!r}")
-    return value
+    return value if value == "auto" else value == "true"
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -88,8 +89,8 @@ def check_args(args: argparse.Namespace, device: torch.device | None = None) -> 
                          f"builds, and this run's device is {where}")
 
 
-def enforce_eager(flag: str, device: torch.device) -> bool:
-    return device.type != "cuda" if flag == "auto" else flag == "true"
+def enforce_eager(flag: str | bool, device: torch.device) -> bool:
+    return device.type != "cuda" if flag == "auto" else bool(flag)
 
 
 def vllm_python(flag: str | None) -> str:
