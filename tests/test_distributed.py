@@ -70,6 +70,8 @@ def test_torchrun_two_ranks_train_one_model_and_log_one_run(tiny_world, tmp_path
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     metrics = json.loads((out / "metrics.json").read_text())
+    signals = metrics.pop("signals")  # the resolved paper/official settings (opd.math.variant)
+    assert signals["variant"] == "paper" and signals["aggregation"] == "token_mean"
     assert metrics["step"] == 2 and all(isinstance(v, (int, float)) for v in metrics.values())
     assert (out / "model" / "model.safetensors").is_file()
     assert [p.name for p in checkpoint.complete_checkpoints(out / "checkpoints")] == ["step_000002"]

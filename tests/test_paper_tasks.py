@@ -149,5 +149,105 @@ def test_extraction_helpers(utils):
     assert checker.final_response("plain") == "plain"
     assert checker.final_response("<think>a</think>b</think>c") == "c"
     assert checker.final_response("<think>a") is None
+    assert checker.final_response("no tags at all") == "no tags at all"
     assert checker.strip_dollars(" $$x$$ ") == "x"
     assert (utils.format_number(3.0), utils.format_number(2.5), utils.format_number(" 7 ")) == ("3", "2.5", "7")
+
+
+# Every task of paper.yaml (config/paper.yaml evaluation.benchmarks), built from our YAMLs with hand-made rows.
+TABLE_TASKS = ("minerva_math500", "aime24", "aime25", "amc23", "olympiadbench", "gpqa_diamond_cot_zeroshot", "ifeval")
+TABLE_ROWS = {
+    "Maxwell-Jia/AIME_2024": [{"ID": "2024-I-1", "Problem": "Find 3+4.", "Answer": "7", "Solution": "7"}],
+    "math-ai/aime25": [{"id": "0", "problem": "Find 3+4.", "answer": "7"}],
+    "HuggingFaceH4/MATH-500": [{"problem": "Find 3+4.", "solution": "So $\\boxed{7}$.", "answer": "7",
+                                "subject": "Algebra", "level": 1, "unique_id": "x"}],
+    "AI-MO/aimo-validation-amc": [{"id": 1, "problem": "Find 3+4.", "answer": 7.0,
+                                   "url": "https://artofproblemsolving.com/wiki/index.php/2023_AMC_12A_Problems/Problem_1"}],
+    "Hothan/OlympiadBench": [{"id": 7, "question": "Find 3+4.", "final_answer": ["$7$"], "unit": None}],
+    "Idavidrein/gpqa": [{"Question": "Which is 7?", "Correct Answer": "seven", "Incorrect Answer 1": "one",
+                         "Incorrect Answer 2": "two", "Incorrect Answer 3": "three"}],
+}
+
+
+@pytest.fixture
+def table_tasks(paper_dir, monkeypatch):
+    import datasets
+    from lm_eval.tasks import TaskManager
+
+    def fake_load(path, name=None, **kwargs):
+        return datasets.DatasetDict({s: datasets.Dataset.from_list(TABLE_ROWS[path]) for s in ("train", "test")})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    tm = TaskManager(include_path=str(paper_dir), include_defaults=False)
+    return tm.load([t for t in TABLE_TASKS if t != "ifeval"])["tasks"]  # ifeval's checks need langdetect
+
+
+def _table_score(task, doc: dict, response: str) -> int:
+    """The task's headline metric (config/paper.yaml evaluation.metrics) for one response, as lm-eval scores it."""
+    if task.config.filter_list:  # gpqa: filters, then exact_match against the target letter
+        from lm_eval.api.instance import Instance
+
+        inst = Instance("generate_until", doc, ("", {}), 0)
+        inst.resps = [response]
+        flexible = next(f for f in task._filters if f.name == "flexible-extract")
+        flexible.apply([inst])
+        return int(inst.filtered_resps["flexible-extract"] == task.doc_to_target(doc))
+    metric = "math_verify" if task.config.task == "minerva_math500" else "exact_match"
+    return int(task.process_results(doc, [response])[metric])
+
+
+@needs_math_verify
+def test_unfinished_thinking_scores_zero_on_every_paper_task(paper_dir, table_tasks):
+    import yaml
+
+    benchmarks = yaml.safe_load((paper_dir.parents[2] / "config/paper.yaml").read_text())["evaluation"]["benchmarks"]
+    assert tuple(benchmarks) == TABLE_TASKS
+    for name, task in table_tasks.items():
+        assert task.config.metadata["version"] >= 1.0
+        # One doc per task: gpqa's process_docs shuffles the choices again on every read.
+        doc = next(iter(task.eval_docs))
+        if name.startswith("gpqa"):  # the letter of "seven" after the shuffle
+            right = f"The answer is {task.doc_to_target(doc)}."
+        else:
+            right = "So the answer is $\\boxed{7}$."
+        # A correct answer written mid-reasoning, thinking never closed: 0 on every task.
+        assert _table_score(task, doc, f"<think>Let me see. {right} Hmm, but wait") == 0, name
+        # The same answer after a closed trace counts (lm-eval's hf backend keeps the trace, vllm drops it).
+        assert _table_score(task, doc, f"<think>Let me see.</think>\n\n{right}") == 1, name
+        assert _table_score(task, doc, right) == 1, name
+
+
+def test_unfinished_rule_on_an_ifeval_like_scorer(utils):
+    # ifeval's scorer needs langdetect (envs/eval.yaml); the wrapper is the same for every built-in.
+    def builtin(doc, results):
+        return {"prompt_level_strict_acc": True, "inst_level_strict_acc": [True, True], "score": 1.0,
+                "seen": results[0]}
+
+    zero = utils.unfinished_scores_zero(builtin, {}, ["<think>I will answer in lowercase"])
+    assert zero == {"prompt_level_strict_acc": False, "inst_level_strict_acc": [False, False], "score": 0,
+                    "seen": 0}
+    assert utils.unfinished_scores_zero(builtin, {}, ["<think>x</think>\n\n done"])["seen"] == "done"
+    assert utils.unfinished_scores_zero(builtin, {}, [" no tags"])["seen"] == " no tags"
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    cfg = load_yaml(paper_dir_of(utils) / "ifeval.yaml")
+    assert cfg["task"] == "ifeval" and cfg["process_results"].__name__ == "process_results_ifeval"
+    assert cfg["metadata"]["version"] == 5.0
+
+
+def paper_dir_of(utils):
+    from pathlib import Path
+
+    return Path(utils.__file__).parent
+
+
+def test_unfinished_counts_and_rate(tmp_path):
+    from opd.infra.lmeval_results import THINKING_KEY, read_unfinished_rate, thinking_counts
+
+    counts = thinking_counts(["<think>a", "b", "<think>c</think>d", "<think>e"], thinking_mode=True)
+    assert counts == {"thinking_mode": True, "responses": 4, "opened": 3, "unfinished": 2}
+    path = tmp_path / "t.json"
+    path.write_text(__import__("json").dumps({THINKING_KEY: counts}))
+    assert read_unfinished_rate(path) == 0.5
+    path.write_text(__import__("json").dumps({THINKING_KEY: thinking_counts(["a", "b"], thinking_mode=False)}))
+    assert read_unfinished_rate(path) is None  # no thinking at all: the report leaves it out

@@ -87,7 +87,7 @@ def test_self_scoring_gives_the_student_back(tiny_world, student, files):
     assert torch.allclose(s["t_logprob_N"], r.tensors["s_logprob_N"], atol=1e-4)
     assert torch.allclose(s["t_on_s_logprobs_NK"], r.tensors["s_topk_logprobs_NK"], atol=1e-4)
     assert torch.equal(s["t_topk_ids_NK"].long(), r.tensors["s_topk_ids_NK"].long())
-    sig = batch_signals(r.tensors, s, mode="exact")
+    sig = batch_signals(r.tensors, s)
     assert sig.disagreement_BT[sig.valid_BT].abs().max() < 1e-4
     assert torch.allclose(sig.compatibility_BT[sig.valid_BT],
                           r.tensors["s_topk_logprobs_NK"].exp().sum(-1), atol=1e-4)
@@ -127,3 +127,23 @@ def test_model_generation_defaults_do_not_truncate_sampling(tiny_world):
     b = generate_hf(hub_like, tok, _prompts(tok, 4), K, 1.0, 1.0, 16, seed=7, batch_size=4)
     assert torch.equal(a["tokens_N"], b["tokens_N"])
     assert not torch.equal(a["tokens_N"], a["s_topk_ids_NK"][:, 0])  # really sampled, not greedy
+
+
+@pytest.mark.parametrize("variant, headline", [("paper", "gain_abs"), ("official", "gain_rel")])
+def test_fixed_context_follows_the_signal_variant(tiny_world, files, tmp_path, variant, headline, monkeypatch):
+    """opd.studies.fixed_context --signal-variant: `gain` is the variant's gain (absolute / relative)."""
+    import csv
+
+    from opd.studies import fixed_context
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    out = tmp_path / "fc.csv"
+    fixed_context.main(["--rollouts", str(files / "r.safetensors"), "--scores", str(files / "s.safetensors"),
+                        "--student", str(tiny_world["student"]), "--teacher", str(tiny_world["teacher"]),
+                        "--out", str(out), "--selectors", "ta_opd", "dincompat_high", "random", "--ratio", "0.2",
+                        "--steps", "1", "--signal-variant", variant, "--study", "test_fc"])
+    rows = list(csv.DictReader(out.open()))
+    assert [r["selector"] for r in rows] == ["ta_opd", "dincompat_high", "random"]
+    assert all(float(r["gain"]) == float(r[headline]) for r in rows)
+    n = int(rows[0]["n_positions"])  # paper: ⌈0.2 N − 1e-9⌉; official: exact ⌈0.2 N⌉ plus the min-keep top-up
+    assert all(int(r["n_selected"]) >= -(-n // 5) for r in rows)

@@ -6,7 +6,7 @@ import torch
 from opd.math.select import SELECTORS, ScoreOptions, Signals, budget_size, select_mask, selector_score
 
 T_, F_ = True, False
-MINMAX = ScoreOptions(q=0.0, eps=0.0)  # Norm = (z - min) / (max - min): easy to do by hand
+MINMAX = ScoreOptions(quantiles=(0.0, 1.0), eps=0.0)  # Norm = (z - min) / (max - min): easy to do by hand
 
 
 def _t(rows) -> torch.Tensor:
@@ -56,7 +56,7 @@ def test_ta_opd_ent_code_variant_normalises_the_raw_product():
         compatibility_BT=_t([[0.5, 0.3, 1.0, 0.0]]),
     )
     paper = select_mask("ta_opd_ent", sig, 0.25, options=MINMAX)
-    code = select_mask("ta_opd_ent", sig, 0.25, options=ScoreOptions(ent_variant="code", q=0.0, eps=0.0))
+    code = select_mask("ta_opd_ent", sig, 0.25, options=ScoreOptions(ent_variant="norm_dc", quantiles=(0.0, 1.0), eps=0.0))
     assert _picked(paper) == [(0, 1)]
     assert _picked(code) == [(0, 2)]
 
@@ -69,7 +69,7 @@ def test_budget_is_ceil_rho_n_over_the_whole_batch():
     # Valid D: .9 .1 .5 .3 | .8 .2 -> order .9 (0,0), .8 (1,0), .5 (0,2), ...; N = 6, rho = .5 -> n = 3.
     sig = Signals(VALID, disagreement_BT=_t([[0.9, 0.1, 0.5, 0.3], [0.8, 0.2, 5.0, 5.0]]))
     assert _picked(select_mask("kl", sig, 0.5)) == [(0, 0), (0, 2), (1, 0)]
-    assert budget_size(0.1, 30) == 3  # 0.1 * 30 = 3.0000000000000004 must not round up to 4
+    assert budget_size(0.1, 30) == 3  # 0.1 * 30 is exactly 3.0 in floating point
     assert budget_size(0.05, 41) == 3  # ceil(2.05)
 
 
@@ -90,7 +90,7 @@ def test_code_budget_tops_up_with_ta_opd_ent_and_can_exceed_n():
         disagreement_BT=_t([[0.9, 0.1, 0.5, 0.3], [0.2, 0.15, 5.0, 5.0]]),
         compatibility_BT=torch.ones(2, 4),
     )
-    mask = select_mask("kl", sig, 0.5, budget="code")
+    mask = select_mask("kl", sig, 0.5, budget="official")
     assert _picked(mask) == [(0, 0), (0, 2), (0, 3), (1, 1)]  # 4 > n = 3
 
 
@@ -105,7 +105,7 @@ def test_ties_go_to_the_earlier_position_then_the_lower_sample():
     expected = [(0, 0), (0, 1), (1, 0)]
     assert _picked(select_mask("kl", sig, 0.375)) == expected
     full = Signals(sig.valid_BT, torch.zeros(2, 4), sig.disagreement_BT, torch.ones(2, 4))
-    assert _picked(select_mask("kl", full, 0.375, budget="code")) == expected
+    assert _picked(select_mask("kl", full, 0.375, budget="official")) == expected
 
 
 def test_reserved_positions_win_over_a_tiny_budget():
@@ -131,4 +131,4 @@ def test_validation():
         select_mask("bogus", sig, 0.5)
     with pytest.raises(ValueError, match="entropy_BT"):
         selector_score("entropy", sig)
-    assert SELECTORS == ("ta_opd", "entropy", "kl", "tip", "c_only", "ta_opd_ent", "random", "full")
+    assert SELECTORS == ("ta_opd", "entropy", "kl", "tip", "c_only", "ta_opd_ent", "dincompat_high", "random", "full")

@@ -2,6 +2,7 @@ import argparse
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from opd.engines.rollout import Rollouts, token_char_offsets
 from opd.engines import checkpoint
 from opd.engines.signals import BatchSignals
 from opd.math.release import ReleaseRule
+from opd.math.variant import OFFICIAL
 
 SMALL = ["--top-k", "4", "--prompts-per-step", "2", "--samples", "2", "--max-new-tokens", "12",
          "--threads", "1", "--lr", "1e-3", "--study", "test_train"]
@@ -87,7 +89,7 @@ def _planted_release_batch(tok):
     margin = torch.where(t < release, 3.0, 0.2) + 0.05 * torch.sin(t)
     gen = torch.Generator().manual_seed(0)
     sig = BatchSignals(valid, *(torch.rand(2, T, generator=gen) * valid for _ in range(3)),
-                       margin_BT=margin.expand(2, T) * valid, reverse_kl_BT=torch.zeros(2, T), mode="exact")
+                       margin_BT=margin.expand(2, T) * valid, reverse_kl_BT=torch.zeros(2, T))
     return rollouts, sig, release
 
 
@@ -119,6 +121,48 @@ def test_update_computes_logits_only_at_supervised_positions(trainer, monkeypatc
     # every sequence is cut right after its last supervised token
     expected = [int(row.nonzero()[-1, 0]) + 1 for row in out.mask_BT if row.any()]
     assert lengths == expected and keep.numel() == sum(expected)
+
+
+def test_official_variant_runs_and_records_its_signals(tiny_world, tmp_path, mlflow_uri):
+    """--signal-variant official end to end on the miniature world: float64 signals, the official random
+    stream at counter t − 1, per-sample loss aggregation, and the resolved values in metrics.json."""
+    out = tmp_path / "official"
+    final = train.main(argv(tiny_world, out, "--method", "random", "--ratio", "0.3", "--steps", "2",
+                            "--signal-variant", "official", "--signal-quantiles", "0.1", "1.0", "--name", "official"))
+    recorded = json.loads((out / "metrics.json").read_text())["signals"]
+    assert recorded == final["signals"]
+    assert recorded["variant"] == "official" and recorded["overrides"] == "quantiles"
+    assert recorded["aggregation"] == "sequence_mean" and recorded["budget"] == "official"
+    assert recorded["quantiles"] == [0.1, 1.0] and recorded["precision"] == "float64"
+    assert math.isfinite(final["loss"])
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("test_train").experiment_id], "tags.model = 'official'")
+    params = run.data.params
+    assert (params["signal_variant"], params["signal_overrides"], params["aggregation"]) == \
+        ("official", "quantiles", "sequence_mean")
+    assert (params["signal_budget"], params["signal_random_stream"], params["signal_quantiles"]) == \
+        ("official", "official", "[0.1, 1.0]")
+
+
+def test_official_random_stream_in_a_training_step(trainer):
+    official = {f"signal_{k}": v for k, v in OFFICIAL.as_dict().items() if k != "aggregation"}
+    tr = with_flags(trainer, method="random", ratio=0.3, aggregation="sequence_mean", signal_variant="official",
+                    **official)
+    out = train.run_step(tr, t=3)
+    assert out.signals.entropy_BT.dtype == torch.float64
+    valid = out.signals.valid_BT
+    n = math.ceil(0.3 * int(valid.sum()))
+    # The first n of random.Random(42 + 2)'s shuffle of the valid positions (row-major), then every sequence
+    # left without a position gets its best by the ta_opd_ent score.
+    order = [tuple(ix) for ix in valid.nonzero().tolist()]
+    random.Random(42 + 2).shuffle(order)
+    drawn = set(order[:n])
+    kept = {tuple(ix) for ix in out.mask_BT.nonzero().tolist()}
+    assert drawn <= kept
+    assert all(b in {p[0] for p in drawn} or sum(1 for p in kept if p[0] == b) == 1 for b in range(valid.shape[0]))
+    assert len(kept - drawn) == sum(1 for b in range(valid.shape[0]) if b not in {p[0] for p in drawn})
 
 
 def _final_state(out):

@@ -151,7 +151,7 @@ def test_training_with_vllm_rollouts_pushes_weights_every_step(tiny_world, tmp_p
                         "--ratio", "0.3", "--steps", "2", "--top-k", "4", "--prompts-per-step", "2", "--samples", "2",
                         "--max-new-tokens", "12", "--lr", "1e-3", "--study", "test_vllm", "--rollout-backend", "vllm",
                         "--vllm-python", VLLM_PYTHON, "--vllm-memory-fraction", "0.1", "--recompute-rollout-logprobs"])
-    assert final["step"] == 2 and all(isinstance(v, (int, float)) for v in final.values())
+    assert final["step"] == 2 and all(isinstance(v, (int, float)) for k, v in final.items() if k != "signals")
     assert json.loads((out / "metrics.json").read_text()) == final
     assert len(pushes) == 2  # before step 1 (the start weights) and after step 1's update
     assert [kw["version"] for _, _, kw in pushes] == [1, 2]  # each push names the step it is for

@@ -96,6 +96,18 @@ def release_args():
             f" --min-prefix-segments {r['min_prefix_segments']} --sigma2 {r['sigma2']}")
 
 
+def signal_args(aggregation_flag="--signal-aggregation"):
+    """--signal-variant and an override flag per signals.* key that is set (opd.engines.signals.add_signal_args)."""
+    sig = config["signals"]
+    flags = [f"--signal-variant {sig['variant']}"]
+    for key, value in sig.items():
+        if key == "variant" or value is None:
+            continue
+        flag = aggregation_flag if key == "aggregation" else f"--signal-{key.replace('_', '-')}"
+        flags.append(f"{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}")
+    return " ".join(flags)
+
+
 def sft_args(wildcards):
     """Command-line flags of opd.worlds.miniature.sft for one model, from its config block."""
     m = config["models"][wildcards.model]
@@ -138,22 +150,22 @@ def rollout_args(wildcards):
 
 
 def fixed_context_args(wildcards):
-    d, f = config["diagnose"], config["diagnose"]["fixed_context"]
+    f = config["diagnose"]["fixed_context"]
     return (f"--selectors {' '.join(f['selectors'])} --ratio {f['ratio']} --steps {f['steps']}"
-            f" --lr {f['lr']} --mode {d['signal_mode']} --seed {config['seed']}")
+            f" --lr {f['lr']} --seed {config['seed']} {signal_args()}")
 
 
 def diagnose_args(wildcards):
     d = config["diagnose"]
-    return f"--bins {d['bins']} --mode {d['signal_mode']} {release_args()}"
+    return f"--bins {d['bins']} {release_args()} {signal_args()}"
 
 
 def train_args(wildcards):
     keys = ["steps", "prompts_per_step", "samples", "max_new_tokens", "temperature", "lr", "clip_eps",
-            "loss", "aggregation", "signal_mode", "checkpoint_every", "rollout_backend", "device", "dtype",
-            "vllm_memory_fraction", "sharding", "save_dtype", "keep_checkpoints"]
+            "loss", "checkpoint_every", "rollout_backend", "device", "dtype", "vllm_memory_fraction", "sharding",
+            "save_dtype", "keep_checkpoints"]
     flags = " ".join(f"--{k.replace('_', '-')} {TRAIN[k]}" for k in keys)
-    return f"{flags} {prompt_args()} {release_args()}{engine_args()}"
+    return f"{flags} {prompt_args()} {release_args()} {signal_args('--aggregation')}{engine_args()}"
 
 
 def engine_args():

@@ -99,7 +99,7 @@ def teacher_scores(tr, rollouts: Rollouts, student) -> dict[str, Tensor]:
     """The step's scores, from the teacher in this process or from the teacher worker (`tr.teacher`);
     `student` (the model rollouts come from) supplies the exact signals' log p_S."""
     args = tr.args
-    student = student if args.signal_mode == "exact" else None
+    student = student if args.signal_disagreement == "exact" else None  # exact D needs log p_S at T_K
     if not isinstance(tr.teacher, TeacherWorker):
         return score_rollouts(tr.teacher, rollouts, args.top_k, args.batch_size, student=student)
     scores = tr.teacher.score(rollouts, args.top_k, args.batch_size)

@@ -34,17 +34,17 @@ from opd.engines.checkpoint import (KEEP_CHECKPOINTS, changed_flags, load_latest
 from opd.engines.forward import response_logits
 from opd.engines.rollout import Rollouts, generate_hf
 from opd.engines.score import check_tokenizers
-from opd.engines.signals import (RELEASE_FLAGS, BatchSignals, add_release_args, batch_signals,
-                                release_indices, release_rule)
+from opd.engines.signals import (RELEASE_FLAGS, BatchSignals, add_release_args, add_signal_args, batch_signals,
+                                release_indices, release_rule, resolve_signal_args, selection_kwargs, signal_flags,
+                                signal_options, signal_record)
 from opd.infra import cli, modeldirs
 from opd.infra.io import read_jsonl, save_model_dir, write_json
-from opd.math.loss import AGGREGATIONS, DISTRIBUTION_LOSSES, aggregate, distribution_loss, opd_loss
+from opd.math.loss import DISTRIBUTION_LOSSES, aggregate, distribution_loss, opd_loss
 from opd.math.release import ReleaseRule, release_mask
 from opd.math.select import SELECTORS, select_mask
 
 RELEASE_METHODS = ("release", "release+ta_opd")
 METHODS = SELECTORS + RELEASE_METHODS
-SIGNAL_MODES = ("exact", "topk")
 
 
 @dataclasses.dataclass
@@ -89,13 +89,13 @@ FLAGS = {
     "warmup_steps": cli.NONNEGATIVE,
     "batch_size": cli.POSITIVE,
     "prompt_format": "data.prompt_format",
-    **RELEASE_FLAGS,
+    **RELEASE_FLAGS, **signal_flags("aggregation"),
 }
 
 
 def check_args(args: argparse.Namespace, world: int = 1) -> None:
     """Refuse flags that would fail (or silently mean something else) only after the first step."""
-    cli.validate(args, FLAGS, section="train")
+    resolve_signal_args(cli.validate(args, FLAGS, section="train"))  # the variant fills unset --signal-*, --aggregation
     distributed.check_share(args.prompts_per_step, world)
     distributed.check_sharding(args.sharding, world)
     release_rule(args)
@@ -170,10 +170,11 @@ def sample(tr: Trainer, t: int) -> tuple[Rollouts, list[dict]]:
 
 
 def build_mask(method: str, rollouts: Rollouts, sig: BatchSignals, tokenizer, ratio: float, rule: ReleaseRule,
-               seed: int) -> tuple[Tensor, list[int | None]]:
-    """(mask_BT ⊆ valid_BT of the supervised positions, release index per rollout)."""
+               seed: int, rollout_counter: int = 0) -> tuple[Tensor, list[int | None]]:
+    """(mask_BT ⊆ valid_BT supervised, release index per rollout); `rollout_counter` = t − 1 (official random)."""
+    kw = selection_kwargs(sig.options, seed, rollout_counter)
     if method not in RELEASE_METHODS:
-        return select_mask(method, sig.for_selection(), ratio, seed=seed), [None] * len(rollouts.ids)
+        return select_mask(method, sig.for_selection(), ratio, **kw), [None] * len(rollouts.ids)
     release_B = release_indices(rollouts, sig, tokenizer, rule)
     pre_BT = release_mask(sig.valid_BT, release_B)
     if method == "release":
@@ -181,7 +182,7 @@ def build_mask(method: str, rollouts: Rollouts, sig: BatchSignals, tokenizer, ra
     # The released suffix is out of the batch for selection: Norm() quantiles and n = ⌈ρ·N⌉ count
     # pre-release positions only.
     pre_signals = dataclasses.replace(sig.for_selection(), valid_BT=pre_BT)
-    return select_mask("ta_opd", pre_signals, ratio, seed=seed), release_B
+    return select_mask("ta_opd", pre_signals, ratio, **kw), release_B
 
 
 def supervised_batch(seqs: list[tuple[list[int], list[int]]], mask_BT: Tensor):
@@ -259,13 +260,13 @@ def step_metrics(tr: Trainer, rollouts: Rollouts, scores: dict[str, Tensor], rec
 
 def run_step(tr: Trainer, t: int) -> StepResult:
     """Training step t: rollouts from the current student, teacher scores, mask, one update."""
-    args, start = tr.args, time.perf_counter()
+    args, start, opts = tr.args, time.perf_counter(), signal_options(tr.args)
     rollouts, records = sample(tr, t)
     with accel.autocast(tr.device, args.dtype):
         scores = teacher_worker.teacher_scores(tr, rollouts, inference_student(tr))  # in process or worker
-    sig = batch_signals(rollouts.tensors, scores, args.signal_mode, args.margin)
+    sig = batch_signals(rollouts.tensors, scores, opts, args.margin)
     mask_BT, release_B = build_mask(args.method, rollouts, sig, tr.tokenizer, args.ratio, release_rule(args),
-                                    seed=distributed.step_seed(args.seed, t, tr.dist.rank))
+                                    seed=distributed.step_seed(args.seed, t, tr.dist.rank), rollout_counter=t - 1)
     lr = tr.optimizer.param_groups[0]["lr"]
     loss = update_step(tr, rollouts, scores, mask_BT, t)
     metrics = {"loss": loss, **step_metrics(tr, rollouts, scores, records, mask_BT[sig.valid_BT], release_B),
@@ -335,10 +336,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--lr", type=float, default=1e-4, help="AdamW learning rate after warm-up")
     a("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: steps // 20, at least 1)")
     a("--clip-eps", type=float, default=0.2, help="PPO clip range ε")
-    a("--aggregation", default="token_mean", help=f"loss aggregation: {' or '.join(AGGREGATIONS)}")
     a("--loss", default="pg", help=f"pg (the papers: PPO-clip on the sampled-token reverse KL) or "
       f"{', '.join(DISTRIBUTION_LOSSES)} (on the stored top-K)")
-    a("--signal-mode", default="exact", help="teachability signals: exact (paper) or topk (official code)")
     a("--checkpoint-every", type=int, default=50, help="steps between checkpoints (and one at the end)")
     a("--batch-size", type=int, default=64, help="sequences per generate() call and per teacher forward")
     a("--seed", type=int, default=0, help="seed of prompt draws, sampling and the random selector")
@@ -354,6 +353,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
       help="newest complete checkpoints kept while training; a finished run keeps only its last one")
     accel.add_args(p)
     add_release_args(p)
+    add_signal_args(p, aggregation_flag="--aggregation")
     worlds.add_args(p)
     engine.add_args(p)
     teacher_worker.add_args(p)
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
                 resume_step=ckpt["step"] if ckpt else None)) as run, \
                 engine.for_trainer(tr), teacher_worker.for_trainer(tr):  # no-ops for hf / in_process
             metrics = train_loop(tr, run, start, metrics)
-            final = {"step": args.steps, **metrics}
+            final = {"step": args.steps, **metrics, "signals": signal_record(args)}
             student = inference_student(tr)
             if ctx.main:
                 save_model_dir(student, tr.tokenizer, args.out_dir / "model", dtype=getattr(torch, args.save_dtype))

@@ -6,6 +6,31 @@ import json
 from pathlib import Path
 
 METRIC = "exact_match,strict-match"  # lm-eval's 'name,filter' key of the miniature tasks' score
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # Qwen3's thinking tags (lm-eval's think_end_token)
+THINKING_KEY = "opd_thinking"  # our addition to a task's results file: how many responses never closed thinking
+
+
+def unfinished_thinking(text: str) -> bool:
+    """The response opened <think> and never closed it (cut by the token limit): it has no final answer."""
+    return THINK_OPEN in text and THINK_CLOSE not in text
+
+
+def thinking_counts(responses: list[str], thinking_mode: bool) -> dict:
+    """{thinking_mode, responses, opened (a <think> tag seen), unfinished} over one task's responses.
+
+    lm-eval (vllm, think_end_token) hands over only the text after </think>, so a finished trace shows no tag
+    and `opened` undercounts; an unfinished one is kept whole, so `unfinished` is exact.
+    """
+    return {"thinking_mode": thinking_mode, "responses": len(responses),
+            "opened": sum(THINK_OPEN in r for r in responses), "unfinished": sum(map(unfinished_thinking, responses))}
+
+
+def read_unfinished_rate(path: Path) -> float | None:
+    """Share of a task's responses whose thinking never closed; None for a run without thinking."""
+    counts = json.loads(Path(path).read_text()).get(THINKING_KEY)
+    if not counts or not (counts["thinking_mode"] or counts["opened"]):
+        return None
+    return counts["unfinished"] / max(1, counts["responses"])
 
 
 def read_score(path: Path, task: str, metric: str = METRIC) -> float:

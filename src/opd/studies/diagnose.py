@@ -24,8 +24,8 @@ from opd.infra.io import write_json, write_rows_csv, write_text
 from opd.math.release import ReleaseRule
 from opd.engines.rollout import Rollouts
 from opd.engines.score import load_scores
-from opd.engines.signals import (RELEASE_FLAGS, BatchSignals, add_release_args, batch_signals,
-                                release_indices, release_rule)
+from opd.engines.signals import (RELEASE_FLAGS, BatchSignals, add_release_args, add_signal_args, batch_signals,
+                                release_indices, release_rule, resolve_signal_args, signal_flags, signal_options)
 
 PROFILES = ("margin", "reverse_kl", "learnable", "incompatible")
 
@@ -129,7 +129,7 @@ def read_fixed_context(paths: list[Path], names: list[str]) -> list[dict]:
 
 FLAGS = {  # flag -> the config key it stands for (opd.infra.cli); one line per flag
     "bins": "diagnose.bins",
-    "mode": "diagnose.signal_mode",
+    **signal_flags(),
     **RELEASE_FLAGS,
 }
 
@@ -143,13 +143,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", type=Path, required=True, help="tokenizer directory (shared)")
     p.add_argument("--out-dir", type=Path, required=True, help="where figures and tables go")
     p.add_argument("--bins", type=int, default=10, help="relative-position bins")
-    p.add_argument("--mode", choices=["exact", "topk"], default=None, help="signal mode (default: exact if possible)")
     add_release_args(p)
+    add_signal_args(p)
     p.add_argument("--study", default="miniature", help="MLflow experiment name")
     args = p.parse_args(argv)
     if not len(args.students) == len(args.rollouts) == len(args.scores) == len(args.fixed_context):
         p.error("--students, --rollouts, --scores and --fixed-context need one entry per student")
-    return cli.validate(args, FLAGS)
+    resolve_signal_args(cli.validate(args, FLAGS))
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     prof, released, summary = {}, {}, []
     for name, r_path, s_path in zip(args.students, args.rollouts, args.scores):
         rollouts = Rollouts.load(r_path)
-        sig = batch_signals(rollouts.tensors, load_scores(s_path, rollouts, r_path), args.mode, args.margin)
+        sig = batch_signals(rollouts.tensors, load_scores(s_path, rollouts, r_path), signal_options(args), args.margin)
         prof[name] = profiles(sig, args.bins)
         released[name] = release_points(rollouts, sig, tokenizer, rule)
         summary.append(summary_row(name, rollouts, sig, released[name]))
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                                      for s, p in prof.items() for k, vals in p.items()])
     write_json(out / "release_points.json", released, indent=None)
     figures = plot_all(prof, released, out)
-    fc_cols = ("student", "selector", "n_selected", "gain_abs", "gain_rel", "gain_abs_selected")
+    fc_cols = ("student", "selector", "n_selected", "gain", "gain_abs", "gain_rel", "gain_abs_selected")
     write_text(
         out / "report.md", "# Diagnostic study (initial students)\n\n## Per student\n\n" + markdown(summary)
         + "\n## Fixed-context gain by selector\n\n" + markdown([{c: r[c] for c in fc_cols} for r in fixed], ".4f")

@@ -19,7 +19,7 @@ import yaml
 
 from opd.infra import cli, modeldirs
 from opd.infra.io import read_jsonl, write_jsonl, write_text
-from opd.infra.lmeval_results import METRIC
+from opd.infra.lmeval_results import METRIC, THINKING_KEY, thinking_counts
 
 # Flag -> the config key it stands for (opd.infra.cli); one line per flag.
 FLAGS = {
@@ -161,12 +161,13 @@ def _as_score(value) -> float:
     return float(value)
 
 
-def write_outputs(result: dict, task: str, out_dir: Path, metric: str = METRIC) -> Path:
+def write_outputs(result: dict, task: str, out_dir: Path, metric: str = METRIC, thinking_mode: bool = False) -> Path:
     """<out_dir>/<task>.json (lm-eval's result) and <task>.samples.jsonl (one row per problem); returns the JSON."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / f"{task}.samples.jsonl", sample_rows(result, task, metric))
     out = out_dir / f"{task}.json"
-    write_text(out, json.dumps(task_view(result, task), indent=2, default=str))
+    thinking = thinking_counts([s["resps"][0][0] for s in result.get("samples", {}).get(task, [])], thinking_mode)
+    write_text(out, json.dumps({**task_view(result, task), THINKING_KEY: thinking}, indent=2, default=str))
     return out
 
 
@@ -226,12 +227,12 @@ def main(argv: list[str] | None = None) -> None:
                              args.max_gen_toks, args.limit, args.device, parse_kv(args.model_arg, "--model-arg"),
                              parse_kv(args.gen_kwarg, "--gen-kwarg"), args.apply_chat_template, not args.online,
                              args.num_fewshot, args.data_root)
-        metrics = {}
+        metrics, thinking = {}, bool(parse_kv(args.model_arg, "--model-arg").get("enable_thinking"))
         for task in args.tasks:
             acc, stderr, n = score(result, task, task_metric.get(task, METRIC))
             prefix = "" if len(args.tasks) == 1 else f"{task}."
             metrics.update({f"{prefix}accuracy": acc, f"{prefix}accuracy_stderr": stderr, f"{prefix}n": n})
-            run.log_artifact(write_outputs(result, task, args.out_dir, task_metric.get(task, METRIC)))
+            run.log_artifact(write_outputs(result, task, args.out_dir, task_metric.get(task, METRIC), thinking))
         run.log_metrics({**metrics, "seconds": time.time() - start})
     if args.train_dir is not None:  # the scores of a trained student belong with its training run too
         tracking.log_to_run(training_run_id(args.train_dir),

@@ -13,7 +13,7 @@ import csv
 from pathlib import Path
 
 from opd.infra import cli
-from opd.infra.lmeval_results import METRIC, parse_metrics
+from opd.infra.lmeval_results import METRIC, parse_metrics, read_unfinished_rate
 from opd.studies import report_stats as rs
 from opd.studies.stats import Estimate
 
@@ -22,6 +22,18 @@ def to_markdown(ests: dict[str, dict[str, Estimate]], columns: list[str], level:
     head = "| model | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns) + "\n"
     body = "".join(f"| {m} | " + " | ".join(rs.cell(cols[c]) for c in columns) + " |\n" for m, cols in ests.items())
     return rs.explain(level, n_boot, comparisons=False) + "\n" + head + body
+
+
+def unfinished_table(results_dir: Path, models: list[str], tasks: list[str]) -> str:
+    """Markdown: % of responses whose thinking never closed (they score 0), per model and task; "" without thinking."""
+    rates = {m: [read_unfinished_rate(results_dir / m / f"{t}.json") for t in tasks] for m in models}
+    if all(v is None for row in rates.values() for v in row):
+        return ""
+    head = "| model | " + " | ".join(tasks) + " |\n|---|" + "---:|" * len(tasks) + "\n"
+    body = "".join(f"| {m} | " + " | ".join("-" if v is None else f"{100 * v:.1f}" for v in row) + " |\n"
+                   for m, row in rates.items())
+    return ("\nUnfinished thinking: % of responses that never closed </think> within max_gen_toks (scored 0,"
+            " docs/paper.md).\n\n" + head + body)
 
 
 def write_csv(ests: dict[str, dict[str, Estimate]], columns: list[str], path: Path) -> None:
@@ -80,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     columns = rs.columns_of(args.tasks, args.ood_tasks)
     ests = rs.estimates(scores, columns, args)
     args.out_md.parent.mkdir(parents=True, exist_ok=True)
-    args.out_md.write_text(to_markdown(ests, list(columns), args.level, args.n_boot))
+    args.out_md.write_text(to_markdown(ests, list(columns), args.level, args.n_boot)
+                           + unfinished_table(args.results_dir, args.models, args.tasks))
     write_csv(ests, list(columns), args.out_csv)
     plot(ests, args.tasks, args.out_png, args.level)
     with tracking.run(args.study, "report", params={"models": args.models, "tasks": args.tasks,

@@ -9,14 +9,15 @@ Qwen3 maths instruction our prompts and evaluation tasks use) or, when nothing i
 no final answer and scores 0, whatever it boxed while thinking.
 
 The paper study's own lm-eval tasks (workflow/tasks/paper/utils.py: amc23, olympiadbench) call `score`,
-so training's `train_accuracy` and the evaluation judge a response by the same rule.
+so training's `train_accuracy` and the evaluation judge a response by the same rule; our variants of the
+built-in tasks apply the same unfinished-thinking rule through `final_response` (docs/paper.md).
 """
 
 from __future__ import annotations
 
 import re
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+from opd.infra.lmeval_results import THINK_CLOSE, unfinished_thinking
 _BOX = re.compile(r"\\(?:boxed|fbox)")
 _BARE = re.compile(r"\s+([^\s$]+)")  # "\boxed 5", the brace-less form some models write
 
@@ -25,9 +26,7 @@ def final_response(text: str) -> str | None:
     """The answer part of a response: after the last </think>; None if thinking never finished."""
     if THINK_CLOSE in text:
         return text.rsplit(THINK_CLOSE, 1)[1]
-    if THINK_OPEN in text:
-        return None
-    return text
+    return None if unfinished_thinking(text) else text
 
 
 def last_boxed(text: str) -> str | None:
