@@ -35,7 +35,7 @@ def _one_update(rank: int, world: int, port: int, argv: list[str], out: str) -> 
     alone = train.dataclasses.replace(tr, dist=distributed.Context())
     rollouts, _ = train.sample(alone, t=1)
     scores = score_rollouts(tr.teacher, rollouts, tr.args.top_k, 8, student=train.inference_student(tr))
-    sig = train.batch_signals(rollouts.tensors, scores, "exact", "top2")
+    sig = train.batch_signals(rollouts.tensors, scores, margin="top2")  # the paper variant
     mask_BT = sig.valid_BT.clone()
     half = mask_BT.shape[0] // world
     mask_BT[: rank * half] = False
