@@ -131,7 +131,9 @@ MEASURES = {"update": measure_update, "score": measure_score, "rollout": measure
 def run_one(kind: str, L: int, old: bool, threads: int) -> float:
     cmd = [sys.executable, __file__, "--one", kind, str(L), "old" if old else "new", "--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mb"]
+    peak = json.loads(out.strip().splitlines()[-1])["peak_mb"]
+    print(f"{kind} L={L} {'old' if old else 'new'}: {peak:.0f} MB", file=sys.stderr, flush=True)  # as it goes
+    return peak
 
 
 def table(lengths: list[int], rollout_max: int, old_at: int, threads: int) -> dict:

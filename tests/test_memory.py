@@ -177,8 +177,10 @@ def test_generate_hf_records_what_output_logits_gives(tiny_world, temperature):
 
 
 def test_bad_memory_flags_name_the_flag(tiny_world, tmp_path):
-    with pytest.raises(ValueError, match="--logit-chunk .* must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"--logit-chunk: 0 .*train\.logit_chunk"):
         train.check_args(train.parse_args(_argv(tiny_world, tmp_path, "--logit-chunk", "0")))
+    with pytest.raises(ValueError, match="--logit-chunk .* must be >= 1, got 0"):  # the engines' own check
+        forward.chunk_positions(0, 100)
     with pytest.raises(ValueError, match=r"--max-tokens-per-microbatch \(train.max_tokens_per_microbatch\) 20 < "
                                          r"the longest prompt"):
         train.setup(train.parse_args(_argv(tiny_world, tmp_path, "--max-tokens-per-microbatch", "20")))
