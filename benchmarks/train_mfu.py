@@ -1,7 +1,7 @@
-"""Throughput and MFU of the OPD update (`opd.train.update_step`) on a Qwen3-0.6B-shaped model.
+"""Throughput and MFU of the OPD update (`opd.engines.update.update_step`) on a Qwen3-0.6B-shaped model.
 
 The step is the trainer's own: the student's logits at the supervised positions only
-(`opd.score.response_logits` with keep_N), the PPO-clip OPD loss of `opd.math.loss` (`--loss`), gradient
+(`opd.engines.forward.supervised_map` with keep_N, chunked), the PPO-clip OPD loss of `opd.math.loss` (`--loss`), gradient
 clipping, AdamW and the scheduler, under the trainer's precision policy (`--dtype bfloat16`: fp32
 master weights + bf16 autocast, see `opd.engines.accel`). Weights and rollouts are random: throughput does not
 depend on their values. Sequences are `--seq` tokens long, `--prompt-len` of them prompt; `--keep` is

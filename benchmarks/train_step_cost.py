@@ -1,6 +1,6 @@
 """Cost of one OPD update when 10% of positions are supervised vs all, measured in one run.
 
-Runs `opd.train.update_step` (the trainer's own code path: logits only at supervised positions, each
+Runs `opd.engines.update.update_step` (the trainer's own code path: logits only at supervised positions, each
 sequence cut after its last supervised token) on a random-weight Qwen3 model with a 32k vocabulary. Each
 variant runs in a fresh subprocess so that its peak memory is its own: peak RSS growth over the step on CPU,
 `torch.cuda.max_memory_allocated` on GPU. Prints step time and peak memory per variant and the ratios

@@ -4,8 +4,8 @@ from transformers import AutoModelForCausalLM
 
 from opd.infra import store
 from opd.engines.rollout import Rollouts, generate_hf, main as rollout_main, token_char_offsets
-from opd.engines.score import (TokenizerMismatch, check_tokenizers, load_scores, main as score_main,
-                       response_logits, score_rollouts)
+from opd.engines.score import TokenizerMismatch, check_tokenizers, load_scores, main as score_main, score_rollouts
+from opd.engines.forward import sampled_logprob, supervised_map
 from opd.engines.signals import batch_signals
 
 K = 4
@@ -38,8 +38,8 @@ def test_sampled_logprobs_match_a_teacher_forced_pass(tiny_world, student):
     r = Rollouts([f"r{i}" for i in range(4)], t)
     seqs = r.sequences()
     with torch.no_grad():
-        logp = torch.log_softmax(response_logits(student, [p for p, _ in seqs], [x for _, x in seqs]), -1)
-    again = logp.gather(-1, t["tokens_N"].long()[:, None])[:, 0]
+        (again,), _ = supervised_map(student, [p for p, _ in seqs], [x for _, x in seqs], None, sampled_logprob,
+                                     (t["tokens_N"],), chunk=5)
     assert torch.allclose(again, t["s_logprob_N"], atol=1e-4)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opd.engines import train
+from opd.engines import train, update
 from opd.engines.rollout import Rollouts, token_char_offsets
 from opd.engines import checkpoint
 from opd.engines.signals import BatchSignals
@@ -108,13 +108,13 @@ def test_release_methods_supervise_nothing_after_the_release_point(tiny_world):
 @pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean"])
 def test_update_computes_logits_only_at_supervised_positions(trainer, monkeypatch, aggregation):
     seen = []
-    real = train.response_logits
+    real = update.forward.supervised_map
 
-    def spy(model, prompts, responses, keep_N=None):
+    def spy(model, prompts, responses, keep_N, *rest):
         seen.append((keep_N.clone(), [len(r) for r in responses]))
-        return real(model, prompts, responses, keep_N)
+        return real(model, prompts, responses, keep_N, *rest)
 
-    monkeypatch.setattr(train, "response_logits", spy)
+    monkeypatch.setattr(update.forward, "supervised_map", spy)
     out = train.run_step(with_flags(trainer, method="ta_opd", ratio=0.2, aggregation=aggregation), t=2)
     (keep, lengths), = seen  # teacher scoring goes through opd.engines.score, not this name
     assert keep.dtype == torch.bool and int(keep.sum()) == int(out.mask_BT.sum())
@@ -292,14 +292,14 @@ def test_teacher_with_another_tokenizer_fails_before_any_step(tiny_world, tmp_pa
 
 
 def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tiny_world, tmp_path, mlflow_uri, monkeypatch):
-    real, calls = train.opd_loss, []
+    real, calls = update.opd_loss, []
 
     def poisoned(*args, **kw):
         calls.append(1)
         loss = real(*args, **kw)
         return loss * float("nan") if len(calls) == 2 else loss
 
-    monkeypatch.setattr(train, "opd_loss", poisoned)
+    monkeypatch.setattr(update, "opd_loss", poisoned)
     out = tmp_path / "out"
     with pytest.raises(FloatingPointError, match="at step 2"):
         train.main(argv(tiny_world, out, "--method", "full", "--steps", "3", "--checkpoint-every", "1"))

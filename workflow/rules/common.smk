@@ -143,16 +143,34 @@ def task_inputs(wildcards):
     return {f"data_{t}": res(f"data/{t}.jsonl") for t in tasks if t in WORLD.local_tasks}
 
 
+def memory_args(block):
+    """--logit-chunk / --max-tokens-per-microbatch of a config block (train or diagnose); a null chunk = the default."""
+    chunk = f" --logit-chunk {block['logit_chunk']}" if block["logit_chunk"] is not None else ""
+    return f"--max-tokens-per-microbatch {block['max_tokens_per_microbatch']}{chunk}"
+
+
+def diagnose_device_args():
+    """Where and in which precision the diagnostic jobs run (opd.engines.accel), as training."""
+    d = config["diagnose"]
+    return f"--device {d['device']} --dtype {d['dtype']}"
+
+
 def rollout_args(wildcards):
     d = config["diagnose"]
     keys = ["n_prompts", "samples", "top_k", "temperature", "top_p", "max_new_tokens", "backend"]
-    return " ".join(f"--{k.replace('_', '-')} {d[k]}" for k in keys) + f" --seed {config['seed']} {prompt_args()}"
+    return (" ".join(f"--{k.replace('_', '-')} {d[k]}" for k in keys) + f" --seed {config['seed']} {prompt_args()}"
+            f" {diagnose_device_args()}")
+
+
+def score_args(wildcards):
+    return f"--top-k {config['diagnose']['top_k']} {diagnose_device_args()} {memory_args(config['diagnose'])}"
 
 
 def fixed_context_args(wildcards):
     f = config["diagnose"]["fixed_context"]
     return (f"--selectors {' '.join(f['selectors'])} --ratio {f['ratio']} --steps {f['steps']}"
-            f" --lr {f['lr']} --seed {config['seed']} {signal_args()}")
+            f" --lr {f['lr']} --seed {config['seed']} {signal_args()} {diagnose_device_args()}"
+            f" {memory_args(config['diagnose'])}")
 
 
 def diagnose_args(wildcards):
@@ -165,7 +183,9 @@ def train_args(wildcards):
             "loss", "checkpoint_every", "rollout_backend", "device", "dtype", "vllm_memory_fraction", "sharding",
             "save_dtype", "keep_checkpoints"]
     flags = " ".join(f"--{k.replace('_', '-')} {TRAIN[k]}" for k in keys)
-    return f"{flags} {prompt_args()} {release_args()} {signal_args('--aggregation')}{engine_args()}"
+    checkpointing = " --gradient-checkpointing" if TRAIN["gradient_checkpointing"] else ""
+    return (f"{flags} {prompt_args()} {release_args()} {signal_args('--aggregation')} {memory_args(TRAIN)}"
+            f"{checkpointing}{engine_args()}")
 
 
 def engine_args():

@@ -36,7 +36,7 @@ rule score_initial:
     output:
         res("diagnose/{teacher}/{student}/scores.safetensors"),
     params:
-        k=config["diagnose"]["top_k"],
+        args=score_args,
         teacher_dir=lambda wc, input: os.path.dirname(input.teacher),
         student_dir=lambda wc, input: os.path.dirname(input.student),
     threads: THREADS
@@ -52,7 +52,7 @@ rule score_initial:
         res("benchmarks/score/{teacher}/{student}.tsv")
     shell:
         "python -m opd.engines.score --rollouts {input.rollouts} --teacher {params.teacher_dir}"
-        " --student {params.student_dir} --out {output} --top-k {params.k} --threads {threads}"
+        " --student {params.student_dir} --out {output} {params.args} --threads {threads}"
         " --name {wildcards.teacher}/{wildcards.student} --study $OPD_STUDY > {log} 2>&1"
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from opd.engines.forward import response_logits
+from opd.engines.forward import supervised_map
 
 CHECKSUM_ENV = "OPD_DEBUG_CHECKSUM_DIR"  # tests: every rank writes a digest of its final weights there
 RANK_SEED = 2**32  # rank r samples and selects with seeds offset by r·RANK_SEED: no other step's seed
@@ -117,14 +117,15 @@ def barrier(ctx: Context) -> None:
 
 
 class MaskedLogits(torch.nn.Module):
-    """Student logits at the kept response positions (`opd.score.response_logits`), as a module DDP wraps."""
+    """The update's chunked LM-head reductions at the kept response positions (`opd.engines.forward.supervised_map`),
+    as a module DDP wraps."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, prompts: list[list[int]], responses: list[list[int]], keep_N: Tensor) -> Tensor:
-        return response_logits(self.model, prompts, responses, keep_N)
+    def forward(self, prompts: list[list[int]], responses: list[list[int]], keep_N: Tensor, fn, per_pos, chunk: int):
+        return supervised_map(self.model, prompts, responses, keep_N, fn, per_pos, chunk)
 
 
 SHARDINGS = ("ddp", "fsdp")

@@ -21,13 +21,14 @@ from opd.engines.rollout import Rollouts
 from opd.engines.score import score_rollouts
 
 
-def recompute(student, rollouts: Rollouts, K: int, batch_size: int) -> tuple[Rollouts, dict[str, float]]:
+def recompute(student, rollouts: Rollouts, K: int, batch_size: int, logit_chunk: int | None = None,
+              max_tokens: int | None = None) -> tuple[Rollouts, dict[str, float]]:
     """(rollouts with the student's tensors from the trainer's forward, mismatch metrics)."""
     t = rollouts.tensors
     # score_rollouts gathers log p at the rollouts' s_topk ids too; one dummy id per token costs nothing.
     dummy = dataclasses.replace(rollouts, tensors={**t, "s_topk_ids_NK": torch.zeros(len(t["tokens_N"]), 1,
                                                                                      dtype=torch.int32)})
-    own = score_rollouts(student, dummy, K, batch_size)  # on the student: its "t_" outputs are log p_S
+    own = score_rollouts(student, dummy, K, batch_size, logit_chunk=logit_chunk, max_tokens=max_tokens)  # log p_S
     new = {**t, "engine_logprob_N": t["s_logprob_N"], "s_logprob_N": own["t_logprob_N"].float(),
            "s_topk_ids_NK": own["t_topk_ids_NK"].to(torch.int32), "s_topk_logprobs_NK": own["t_topk_logprobs_NK"].float()}
     diff_N = (t["s_logprob_N"].float() - new["s_logprob_N"]).abs()
@@ -44,6 +45,7 @@ def for_step(tr, rollouts: Rollouts, student) -> Rollouts:
         return rollouts
     student.eval()
     with accel.autocast(tr.device, args.dtype):  # the precision of the update's forward
-        rollouts, mismatch = recompute(student, rollouts, args.top_k, args.batch_size)
+        rollouts, mismatch = recompute(student, rollouts, args.top_k, args.batch_size, args.logit_chunk,
+                                       args.max_tokens_per_microbatch)
     tr.engine_metrics.update(mismatch)
     return rollouts

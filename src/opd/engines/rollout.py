@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 
 from opd import worlds
+from opd.engines import accel
+from opd.engines.forward import load_model
 from opd.infra import cli, modeldirs, store
 
 KIND, VERSION = "opd-rollouts", 1
@@ -75,6 +77,42 @@ def _cut_at_eos(seq_T: Tensor, eos_id: int) -> int:
     return int(hits[0, 0]) + 1 if len(hits) else int(seq_T.numel())
 
 
+class TopKRecorder:
+    """A logits processor that keeps, per decoding step, only the [B, K] top-K and the sampled token's logprob.
+
+    transformers runs user processors before its temperature/top-p warpers, on a float32 copy of the raw
+    logits: so this sees the student's own distribution p_S and returns the scores untouched (sampling
+    and its random stream are exactly those of a plain `generate`). The sampled token of step t is known
+    only at step t + 1 (as the last input id), so one step's [B, V] log-probs are kept until then:
+    memory is [B, V] + [B, T, K], never [B, T, V].
+    """
+
+    def __init__(self, K: int):
+        self.K = K
+        self.top_ids, self.top_lps, self.sampled = [], [], []
+        self.last_logp_BV: Tensor | None = None
+
+    def take_sampled(self, tokens_B: Tensor) -> None:
+        """Log p of the tokens just sampled from the previous step's distribution."""
+        self.sampled.append(self.last_logp_BV.gather(-1, tokens_B[:, None].to(self.last_logp_BV.device))[:, 0])
+
+    def __call__(self, input_ids_BL: Tensor, scores_BV: Tensor) -> Tensor:
+        if self.last_logp_BV is not None:
+            self.take_sampled(input_ids_BL[:, -1])
+        self.last_logp_BV = torch.log_softmax(scores_BV.float(), dim=-1)
+        top = self.last_logp_BV.topk(self.K, dim=-1)
+        self.top_ids.append(top.indices)
+        self.top_lps.append(top.values)
+        return scores_BV
+
+    def finish(self, seq_BT: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(logprob_BT, top_ids_BTK, top_lps_BTK) on the CPU, for the T generated tokens `seq_BT`."""
+        self.take_sampled(seq_BT[:, -1])
+        self.last_logp_BV = None
+        return (torch.stack(self.sampled, 1).cpu(), torch.stack(self.top_ids, 1).cpu(),
+                torch.stack(self.top_lps, 1).cpu())
+
+
 @torch.no_grad()
 def generate_hf(model, tokenizer, prompts: list[list[int]], K: int, temperature: float, top_p: float,
                 max_new_tokens: int, seed: int, batch_size: int) -> dict[str, Tensor]:
@@ -82,9 +120,10 @@ def generate_hf(model, tokenizer, prompts: list[list[int]], K: int, temperature:
 
     The generation config is built here, not taken from the model: a hub model's own defaults (Qwen3
     ships top_k=20, and transformers' global default is top_k=50) would truncate the sampling
-    distribution, and rollouts would no longer be on-policy samples of p_S.
+    distribution, and rollouts would no longer be on-policy samples of p_S. Per-token data comes from a
+    `TopKRecorder` (never the [B, T, V] logits of `output_logits`).
     """
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     torch.manual_seed(seed)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -92,23 +131,19 @@ def generate_hf(model, tokenizer, prompts: list[list[int]], K: int, temperature:
         "do_sample": False}
     # Explicit values win over the model's: transformers fills only the fields left at None.
     config = GenerationConfig(max_new_tokens=max_new_tokens, top_k=0, min_p=0.0, repetition_penalty=1.0,
-                              pad_token_id=pad, eos_token_id=eos, output_logits=True,
-                              return_dict_in_generate=True, **sampling)
+                              pad_token_id=pad, eos_token_id=eos, **sampling)
     responses, logprobs, topk_ids, topk_lps = [], [], [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         P = max(map(len, chunk))
         input_ids_BP = torch.tensor([[pad] * (P - len(p)) + p for p in chunk])  # left padding
         attn_BP = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in chunk])
+        recorder = TopKRecorder(K)
         out = model.generate(input_ids=input_ids_BP.to(model.device), attention_mask=attn_BP.to(model.device),
-                             generation_config=config)
-        seq_BT = out.sequences[:, P:]
-        # Raw logits (before temperature/top-p) = the student's own distribution p_S. The [B, T, V]
-        # reductions run where the model is; only the per-token results come back to the CPU.
-        logp_BTV = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)
-        top_BTK = logp_BTV.topk(K, dim=-1)
-        logprob_BT = logp_BTV.gather(-1, seq_BT[..., None])[..., 0].cpu()
-        seq_BT, top_ids_BTK, top_lps_BTK = seq_BT.cpu(), top_BTK.indices.cpu(), top_BTK.values.cpu()
+                             generation_config=config, logits_processor=LogitsProcessorList([recorder]))
+        seq_BT = out[:, P:]
+        logprob_BT, top_ids_BTK, top_lps_BTK = recorder.finish(seq_BT)
+        seq_BT = seq_BT.cpu()
         for b in range(len(chunk)):
             n = _cut_at_eos(seq_BT[b], eos)
             responses.append(seq_BT[b, :n].tolist())
@@ -193,6 +228,8 @@ FLAGS = {
     "batch_size": cli.POSITIVE,
     "backend": "diagnose.backend",
     "prompt_format": "data.prompt_format",
+    "device": "diagnose.device",
+    "dtype": "diagnose.dtype",
 }
 
 
@@ -214,12 +251,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", default="student", help="model name for tracking")
     p.add_argument("--study", default="miniature", help="MLflow experiment name")
     worlds.add_args(p)  # the same flags as opd.engines.train: diagnostic and training rollouts see one prompt text
+    accel.add_args(p)
     return cli.validate(p.parse_args(argv), FLAGS)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from opd.infra import tracking
 
@@ -238,8 +276,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.backend == "vllm":
             tensors = generate_vllm(args.model_dir, prompt_ids, *sampling)
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(args.model_dir)).eval()
-            tensors = generate_hf(model, tokenizer, prompt_ids, *sampling, batch_size=args.batch_size)
+            device = accel.resolve_device(args.device)  # no updates: bf16 weights with --dtype bfloat16
+            model = load_model(args.model_dir, device, accel.teacher_dtype(args.dtype))
+            with accel.autocast(device, args.dtype):
+                tensors = generate_hf(model, tokenizer, prompt_ids, *sampling, batch_size=args.batch_size)
         texts = [tokenizer.decode(r, skip_special_tokens=True)
                  for _, r in Rollouts(ids, tensors).sequences()]
         correct = [world.is_correct(t, r["answer"]) for t, r in zip(texts, records)]

@@ -22,7 +22,9 @@ from torch import Tensor
 
 from opd.infra import cli, modeldirs, store
 from opd.infra.io import InputError
-from opd.engines.forward import response_logits
+from opd.engines import accel, forward
+from opd.engines.forward import (chunk_positions, load_model, logprobs_at, sampled_logprob, supervised_map,
+                                 token_batches)
 from opd.engines.rollout import Rollouts
 
 KIND, VERSION = "opd-scores", 2  # 2: no full-vocabulary entropies (nothing read them)
@@ -49,39 +51,48 @@ def check_tokenizers(student, teacher, student_name: str = "student", teacher_na
                                     f"{teacher_name} has {getattr(teacher, attr)!r}")
 
 
+def _teacher_reductions(K: int):
+    def fn(logp_CV: Tensor, tokens_C: Tensor, s_topk_ids_CK: Tensor) -> tuple[Tensor, ...]:
+        top = logp_CV.topk(K, dim=-1)
+        return (*sampled_logprob(logp_CV, tokens_C), *logprobs_at(logp_CV, s_topk_ids_CK),
+                top.indices.to(torch.int32), top.values)
+    return fn
+
+
 @torch.no_grad()
-def score_batch(teacher, prompts, responses, s_topk_ids_NK: Tensor, K: int, student=None) -> dict[str, Tensor]:
+def score_batch(teacher, prompts, responses, s_topk_ids_NK: Tensor, K: int, student=None,
+                logit_chunk: int | None = None) -> dict[str, Tensor]:
     """Per-token teacher (and optionally student) quantities for one batch of rollouts.
 
-    The [N, V] log-softmax and its reductions run on the models' device; only the [N] and [N, K]
-    results come back to the CPU (a GPU would otherwise ship N·V floats per batch).
+    The LM head, log-softmax and reductions run `logit_chunk` positions at a time on the models' device
+    (`opd.engines.forward.head_map`); only the [N] and [N, K] results come back to the CPU.
     """
-    logp_NV = torch.log_softmax(response_logits(teacher, prompts, responses).float(), dim=-1)
-    dev = logp_NV.device
-    tokens_N = torch.tensor([t for r in responses for t in r], device=dev)
-    top = logp_NV.topk(K, dim=-1)
-    out = {
-        "t_logprob_N": logp_NV.gather(-1, tokens_N[:, None])[:, 0],
-        "t_on_s_logprobs_NK": logp_NV.gather(-1, s_topk_ids_NK.long().to(dev)),
-        "t_topk_ids_NK": top.indices.to(torch.int32),
-        "t_topk_logprobs_NK": top.values,
-    }
+    tokens_N = torch.tensor([t for r in responses for t in r])
+    chunk = chunk_positions(logit_chunk, teacher.lm_head.out_features)
+    (t_lp, t_on_s, t_ids, t_lps), _ = supervised_map(teacher, prompts, responses, None, _teacher_reductions(K),
+                                                        (tokens_N, s_topk_ids_NK), chunk)
+    out = {"t_logprob_N": t_lp, "t_on_s_logprobs_NK": t_on_s, "t_topk_ids_NK": t_ids, "t_topk_logprobs_NK": t_lps}
     if student is not None:
-        s_logp_NV = torch.log_softmax(response_logits(student, prompts, responses).float(), dim=-1)
-        out["s_on_t_logprobs_NK"] = s_logp_NV.gather(-1, top.indices.to(s_logp_NV.device))
+        chunk = chunk_positions(logit_chunk, student.lm_head.out_features)
+        (out["s_on_t_logprobs_NK"],), _ = supervised_map(student, prompts, responses, None, logprobs_at, (t_ids,), chunk)
     return {k: v.cpu() for k, v in out.items()}
 
 
-def score_rollouts(teacher, rollouts: Rollouts, K: int, batch_size: int, student=None) -> dict[str, Tensor]:
-    """Score every rollout, `batch_size` sequences at a time; flat tensors aligned with the rollouts."""
+def score_rollouts(teacher, rollouts: Rollouts, K: int, batch_size: int, student=None,
+                   logit_chunk: int | None = None, max_tokens: int | None = None) -> dict[str, Tensor]:
+    """Score every rollout, at most `batch_size` sequences and `max_tokens` padded tokens per forward pass.
+
+    Flat tensors aligned with the rollouts.
+    """
     seqs = rollouts.sequences()
     offsets = rollouts.tensors["offsets_B1"]
     parts: list[dict[str, Tensor]] = []
-    for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start:start + batch_size]
-        lo, hi = int(offsets[start]), int(offsets[min(start + batch_size, len(seqs))])
+    for rows in token_batches([len(p) + len(r) for p, r in seqs], max_tokens, batch_size, forward.BUDGET_FLAG):
+        lo, hi = int(offsets[rows[0]]), int(offsets[rows[-1] + 1])
         s_topk = rollouts.tensors["s_topk_ids_NK"][lo:hi]
-        parts.append(score_batch(teacher, [p for p, _ in chunk], [r for _, r in chunk], s_topk, K, student))
+        chunk = [seqs[i] for i in rows]
+        parts.append(score_batch(teacher, [p for p, _ in chunk], [r for _, r in chunk], s_topk, K, student,
+                                 logit_chunk))
     out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     out["offsets_B1"] = offsets.clone()
     return out
@@ -111,6 +122,10 @@ def load_scores(path: Path | str, rollouts: Rollouts, rollouts_path: Path | str 
 FLAGS = {  # flag -> the config key it stands for (opd.infra.cli); one line per flag
     "top_k": "diagnose.top_k",
     "batch_size": cli.POSITIVE,
+    "device": "diagnose.device",
+    "dtype": "diagnose.dtype",
+    "logit_chunk": "diagnose.logit_chunk",
+    "max_tokens_per_microbatch": "diagnose.max_tokens_per_microbatch",
 }
 
 
@@ -123,30 +138,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="scores file to write (.safetensors)")
     p.add_argument("--top-k", type=int, default=16, help="K of the teacher's own top-K")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--name", default="student", help="name of the scored student, for tracking")
     p.add_argument("--study", default="miniature", help="MLflow experiment name")
+    add_job_args(p)
     return cli.validate(p.parse_args(argv), FLAGS)
+
+
+def add_job_args(p: argparse.ArgumentParser) -> None:
+    """Flags of every scoring-like job (this one, the fixed-context bank): threads, memory bounds, device, dtype."""
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    forward.add_memory_args(p)
+    accel.add_args(p)
+
+
+def start_job(args: argparse.Namespace) -> torch.device:
+    """Check the memory flags, set the threads; the device the job's models go to."""
+    forward.check_memory_args(args)
+    torch.set_num_threads(args.threads)
+    return accel.resolve_device(args.device)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from opd.infra import tracking
 
-    torch.set_num_threads(args.threads)
+    device = start_job(args)
     rollouts = Rollouts.load(args.rollouts)
     student_dir = modeldirs.check_dir(args.student or rollouts.meta["model_dir"], "--student")
     modeldirs.check_dir(args.teacher, "--teacher")
     tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
     check_tokenizers(tokenizer, AutoTokenizer.from_pretrained(str(args.teacher)), str(student_dir), str(args.teacher))
     modeldirs.check_top_k(args.top_k, len(tokenizer), "--top-k", args.teacher)
-    teacher = AutoModelForCausalLM.from_pretrained(str(args.teacher)).eval()
-    student = AutoModelForCausalLM.from_pretrained(str(args.student)).eval() if args.student else None
+    dtype = accel.teacher_dtype(args.dtype)  # no updates: bf16 weights with --dtype bfloat16
+    teacher = load_model(args.teacher, device, dtype)
+    student = load_model(args.student, device, dtype) if args.student else None
     with tracking.run(args.study, f"score[{args.name}]", params=vars(args), tags={"model": args.name}) as run:
         start = time.time()
-        tensors = score_rollouts(teacher, rollouts, args.top_k, args.batch_size, student)
+        with accel.autocast(device, args.dtype):
+            tensors = score_rollouts(teacher, rollouts, args.top_k, args.batch_size, student, args.logit_chunk,
+                                     args.max_tokens_per_microbatch)
         seconds = time.time() - start
         save_scores(args.out, rollouts, tensors, {"teacher": str(args.teacher), "K": args.top_k})
         n = int(tensors["offsets_B1"][-1])

@@ -101,7 +101,8 @@ def teacher_scores(tr, rollouts: Rollouts, student) -> dict[str, Tensor]:
     args = tr.args
     student = student if args.signal_disagreement == "exact" else None  # exact D needs log p_S at T_K
     if not isinstance(tr.teacher, TeacherWorker):
-        return score_rollouts(tr.teacher, rollouts, args.top_k, args.batch_size, student=student)
+        return score_rollouts(tr.teacher, rollouts, args.top_k, args.batch_size, student=student,
+                              logit_chunk=args.logit_chunk, max_tokens=args.max_tokens_per_microbatch)
     scores = tr.teacher.score(rollouts, args.top_k, args.batch_size)
     if student is not None:
         scores["s_on_t_logprobs_NK"] = student_on_teacher_topk(student, rollouts, scores["t_topk_ids_NK"],

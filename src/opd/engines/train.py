@@ -8,7 +8,8 @@ numbers. Methods: `full`; another selector of `opd.math.select` at budget ρ; `r
 rollout's release point); `release+ta_opd` (ta_opd at budget ρ among pre-release tokens only).
 Checkpoints OUT/checkpoints/step_{t:06d}/ (model.pt, trainer.pt, state.json) are written to a hidden
 temporary directory and renamed: a directory under its final name is always complete.
-Under `torchrun --nproc_per_node=N -m opd.engines.train`: data-parallel DDP training, see `opd.engines.distributed`.
+The update (micro-batches under a token budget, the chunked LM head, gradient checkpointing of the trunk):
+`opd.engines.update`. Under `torchrun --nproc_per_node=N -m opd.engines.train`: data-parallel DDP training, see `opd.engines.distributed`.
 Device and precision (`--device`, `--dtype`): `opd.engines.accel`; rollouts from a persistent vLLM engine
 (`--rollout-backend vllm`): `opd.engines.vllm_engine`; prompt text (`--prompt-format`): `opd.worlds.prompts`.
 """
@@ -27,19 +28,19 @@ import torch
 from torch import Tensor
 
 from opd import worlds
-from opd.engines import accel, distributed, recompute, teacher_worker
+from opd.engines import accel, distributed, forward, recompute, teacher_worker
 from opd.engines import vllm_engine as engine
 from opd.engines.checkpoint import (KEEP_CHECKPOINTS, changed_flags, load_latest_checkpoint, prune_finished,
                                     restore_rng_states, save_checkpoint, set_aside_replaced)
-from opd.engines.forward import response_logits
 from opd.engines.rollout import Rollouts, generate_hf
 from opd.engines.score import check_tokenizers
 from opd.engines.signals import (RELEASE_FLAGS, BatchSignals, add_release_args, add_signal_args, batch_signals,
                                 release_indices, release_rule, resolve_signal_args, selection_kwargs, signal_flags,
                                 signal_options, signal_record)
 from opd.infra import cli, modeldirs
+from opd.engines.update import update_step
 from opd.infra.io import read_jsonl, save_model_dir, write_json
-from opd.math.loss import DISTRIBUTION_LOSSES, aggregate, distribution_loss, opd_loss
+from opd.math.loss import DISTRIBUTION_LOSSES
 from opd.math.release import ReleaseRule, release_mask
 from opd.math.select import SELECTORS, select_mask
 
@@ -99,6 +100,16 @@ def check_args(args: argparse.Namespace, world: int = 1) -> None:
     distributed.check_share(args.prompts_per_step, world)
     distributed.check_sharding(args.sharding, world)
     release_rule(args)
+    forward.check_memory_args(args)
+
+
+def check_fits(args: argparse.Namespace, prompt_ids: list[list[int]]) -> None:
+    """The longest prompt plus a full-length response must fit one micro-batch (checked before any step)."""
+    longest = max(map(len, prompt_ids)) + args.max_new_tokens
+    if longest > args.max_tokens_per_microbatch:
+        raise ValueError(f"--max-tokens-per-microbatch (train.max_tokens_per_microbatch) {args.max_tokens_per_microbatch}"
+                         f" < the longest prompt ({longest - args.max_new_tokens} tokens) + --max-new-tokens "
+                         f"{args.max_new_tokens}: raise it to at least {longest}")
 
 
 def setup(args: argparse.Namespace, world: worlds.World | None = None,
@@ -119,18 +130,21 @@ def setup(args: argparse.Namespace, world: worlds.World | None = None,
     tokenizer = AutoTokenizer.from_pretrained(str(args.student))
     check_tokenizers(tokenizer, AutoTokenizer.from_pretrained(str(args.teacher)), str(args.student), str(args.teacher))
     modeldirs.check_top_k(args.top_k, len(tokenizer), "--top-k", args.student)
+    prompt_ids = [world.encode_prompt(tokenizer, r["question"], args.prompt_format, args.enable_thinking)
+                  for r in records]
+    check_fits(args, prompt_ids)
     torch.set_num_threads(args.threads)
     device = accel.resolve_device(args.device)
     # fp32 master weights for the student whatever --dtype says (see opd.engines.accel); a bf16 teacher with bf16.
     student = AutoModelForCausalLM.from_pretrained(str(args.student), dtype=torch.float32).to(device)
     teacher = teacher_worker.in_process_teacher(args, device)  # None with --teacher-placement worker
+    if args.gradient_checkpointing:  # non-reentrant: works under DDP/FSDP and with the chunked head's checkpoints
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ddp, replica = distributed.wrap_student(student, ctx, args.sharding, args.dtype, lambda: AutoModelForCausalLM.
                                             from_pretrained(str(args.student), dtype=accel.teacher_dtype(args.dtype)))
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
-    prompt_ids = [world.encode_prompt(tokenizer, r["question"], args.prompt_format, args.enable_thinking)
-                  for r in records]
     return Trainer(args, world, student, teacher, tokenizer, records, prompt_ids, optimizer, scheduler, ctx, ddp,
                    device, replica=replica)
 
@@ -183,62 +197,6 @@ def build_mask(method: str, rollouts: Rollouts, sig: BatchSignals, tokenizer, ra
     # pre-release positions only.
     pre_signals = dataclasses.replace(sig.for_selection(), valid_BT=pre_BT)
     return select_mask("ta_opd", pre_signals, ratio, **kw), release_B
-
-
-def supervised_batch(seqs: list[tuple[list[int], list[int]]], mask_BT: Tensor):
-    """(prompts, responses cut after their last supervised token, keep_N on them, sequence of each kept token).
-
-    A released suffix then costs no forward pass, and a sequence with nothing supervised none at all.
-    """
-    prompts, responses, keeps, seq_index = [], [], [], []
-    for b, (prompt, response) in enumerate(seqs):
-        m_T = mask_BT[b, : len(response)]
-        hits = m_T.nonzero()
-        if len(hits) == 0:
-            continue
-        cut = int(hits[-1, 0]) + 1
-        prompts.append(prompt)
-        responses.append(response[:cut])
-        keeps.append(m_T[:cut])
-        seq_index += [b] * int(m_T.sum())
-    return prompts, responses, torch.cat(keeps), torch.tensor(seq_index, dtype=torch.long)
-
-
-def update_step(tr: Trainer, rollouts: Rollouts, scores: dict[str, Tensor], mask_BT: Tensor, step: int) -> float:
-    """One optimizer step on the OPD loss of the masked positions; FloatingPointError on NaN/Inf."""
-    args, seqs = tr.args, rollouts.sequences()
-    mask_N = torch.cat([mask_BT[b, : len(r)] for b, (_, r) in enumerate(seqs)])
-    scale = distributed.loss_scale(tr.dist, mask_BT, args.aggregation, f"step {step}: the {args.method!r} mask")
-    prompts, responses, keep_N, seq_index_M = supervised_batch(seqs, mask_BT)
-    tr.student.train()
-    with accel.autocast(tr.device, args.dtype):  # the forward only: backward follows autocast's dtypes
-        if tr.ddp is None:
-            logits_MV = response_logits(tr.student, prompts, responses, keep_N)
-        else:  # through DDP's forward: backward then averages the gradients over ranks
-            logits_MV = tr.ddp(prompts, responses, keep_N)
-    dev = logits_MV.device
-    tokens_M = rollouts.tensors["tokens_N"].long()[mask_N].to(dev)
-    s_logp_MV = torch.log_softmax(logits_MV.float(), -1)
-    if args.loss == "pg":  # the papers' objective
-        new_logprob_M = s_logp_MV.gather(-1, tokens_M[:, None])[:, 0]
-        old_logprob_M, t_logprob_M = (x[mask_N].to(dev) for x in (rollouts.tensors["s_logprob_N"], scores["t_logprob_N"]))
-        loss = opd_loss(new_logprob_M, old_logprob_M, t_logprob_M, torch.ones_like(tokens_M, dtype=torch.bool),
-                        args.clip_eps, args.aggregation, seq_index_M.to(dev)) * scale
-    else:
-        loss_M = distribution_loss(args.loss, s_logp_MV, rollouts.tensors, scores, mask_N)
-        loss = aggregate(loss_M, torch.ones_like(tokens_M, dtype=torch.bool), seq_index_M.to(dev), args.aggregation) * scale
-    problem = ("non-finite student logits" if not bool(torch.isfinite(logits_MV).all()) else
-               f"non-finite OPD loss ({loss.item()})" if not bool(torch.isfinite(loss)) else None)
-    distributed.raise_if_any(tr.dist, problem, f"at step {step}")  # every rank stops, none hangs
-    tr.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(tr.student.parameters(), 1.0)
-    if not bool(torch.isfinite(grad_norm)):
-        raise FloatingPointError(f"non-finite gradient norm at step {step}")
-    tr.optimizer.step()
-    tr.scheduler.step()
-    tr.rollout_weights_stale = True
-    return loss.item()
 
 
 def step_metrics(tr: Trainer, rollouts: Rollouts, scores: dict[str, Tensor], records: list[dict],
@@ -352,6 +310,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--keep-checkpoints", type=int, default=KEEP_CHECKPOINTS,
       help="newest complete checkpoints kept while training; a finished run keeps only its last one")
     accel.add_args(p)
+    forward.add_memory_args(p)
+    a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+      help="recompute the student trunk's layers in backward instead of keeping their activations")
     add_release_args(p)
     add_signal_args(p, aggregation_flag="--aggregation")
     worlds.add_args(p)

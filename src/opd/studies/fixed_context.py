@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -26,39 +27,101 @@ from opd.infra import cli, modeldirs
 from opd.infra.io import write_rows_csv
 from opd.math.loss import forward_kl_full, opd_loss
 from opd.engines.rollout import Rollouts
-from opd.engines.score import load_scores, response_logits
+from opd.engines import accel, forward
+from opd.engines.score import add_job_args, load_scores, start_job
 from opd.math.select import SELECTORS, select_mask
 from opd.engines.signals import add_signal_args, batch_signals, resolve_signal_args, selection_kwargs, signal_flags
 from opd.math.variant import PAPER, SignalOptions
 
 
+@dataclasses.dataclass
+class Bank:
+    """The frozen contexts, and how a pass over them is split (memory bounds of opd.engines.forward)."""
+    seqs: list[tuple[list[int], list[int]]]
+    chunk: int | None  # LM-head positions per chunk (None: forward.chunk_positions' default)
+    max_tokens: int  # padded tokens per forward pass
+
+    def batches(self) -> list[list[int]]:
+        return forward.token_batches([len(p) + len(r) for p, r in self.seqs], self.max_tokens, flag=forward.BUDGET_FLAG)
+
+    def part(self, rows: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+        return [self.seqs[i][0] for i in rows], [self.seqs[i][1] for i in rows]
+
+
+def _forward_kl(s_logp_CV: Tensor, t_logp_CV: Tensor) -> tuple[Tensor]:
+    """KL(p_T ‖ p_S) per position (head_map passes the mapped model's log-probs first)."""
+    return (forward_kl_full(t_logp_CV, s_logp_CV),)
+
+
 @torch.no_grad()
-def bank_logprobs(model, seqs) -> Tensor:
-    """log p over the vocabulary at every response position of the bank: logp_NV."""
-    return torch.log_softmax(response_logits(model, [p for p, _ in seqs], [r for _, r in seqs]).float(), -1)
+def bank_forward_kl(teacher, model, bank: Bank) -> Tensor:
+    """KL(p_T ‖ p_model) over the full vocabulary at every response position of the bank: kl_N.
+
+    Both models' hidden states for one batch of sequences, then both LM heads a chunk at a time: never
+    more than a chunk of [positions, V] log-probs per model.
+    """
+    parts = []
+    for rows in bank.batches():
+        prompts, responses = bank.part(rows)
+        t_hidden_NH = forward.response_hidden(teacher, prompts, responses)
+        s_hidden_NH = forward.response_hidden(model, prompts, responses)
+        chunk = forward.chunk_positions(bank.chunk, teacher.lm_head.out_features)
+        for lo in range(0, len(t_hidden_NH), chunk):
+            t_logp_CV = torch.log_softmax(teacher.lm_head(t_hidden_NH[lo:lo + chunk]).float(), -1)
+            (kl_C,), _ = forward.head_map(model.lm_head, s_hidden_NH[lo:lo + chunk], _forward_kl, (t_logp_CV,), chunk)
+            parts.append(kl_C.cpu())
+    return torch.cat(parts)
 
 
-def sampled_logprob(model, seqs, tokens_N: Tensor, keep_N: Tensor) -> Tensor:
-    """log p_S(y_t) at the kept positions, with gradients (LM head only where kept)."""
-    logits_MV = response_logits(model, [p for p, _ in seqs], [r for _, r in seqs], keep_N)
-    return torch.log_softmax(logits_MV.float(), -1).gather(-1, tokens_N[keep_N][:, None])[:, 0]
+def _masked_batches(bank: Bank, mask_N: Tensor):
+    """(prompts, responses, their slice of the flat positions, keep_N) per batch of the bank with a masked position."""
+    start, out = 0, []
+    for rows in bank.batches():
+        prompts, responses = bank.part(rows)
+        flat = slice(start, start + sum(map(len, responses)))
+        start = flat.stop
+        if bool(mask_N[flat].any()):
+            out.append((prompts, responses, flat, mask_N[flat]))
+    return out
 
 
-def opd_steps(model, seqs, tokens_N: Tensor, mask_N: Tensor, t_logprob_N: Tensor, steps: int,
-              lr: float, clip_eps: float, aggregation: str = "token_mean") -> None:
-    """τ OPD updates of `model` in place on the masked positions of a frozen bank."""
+def sampled_logprob(model, bank: Bank, prompts, responses, keep_N: Tensor, tokens_M: Tensor) -> Tensor:
+    """log p(y_t) at the kept positions of one batch, with gradients (LM head only where kept, chunked)."""
+    chunk = forward.chunk_positions(bank.chunk, model.lm_head.out_features)
+    (logprob_M,), _ = forward.supervised_map(model, prompts, responses, keep_N, forward.sampled_logprob, (tokens_M,),
+                                             chunk)
+    return logprob_M
+
+
+def _seq_index(responses, keep_N: Tensor) -> Tensor:
+    """The batch-local sequence of each kept position (for the per-sequence aggregation)."""
+    lengths_B = torch.tensor([len(r) for r in responses])
+    return torch.repeat_interleave(torch.arange(len(responses)), lengths_B)[keep_N.cpu()]
+
+
+def opd_steps(model, bank: Bank, tokens_N: Tensor, mask_N: Tensor, t_logprob_N: Tensor, steps: int,
+              lr: float, clip_eps: float, device: torch.device, dtype: str, aggregation: str = "token_mean") -> None:
+    """τ OPD updates of `model` in place on the masked positions of a frozen bank.
+
+    Each step accumulates the gradient batch by batch (forward, backward, free), each batch's loss
+    weighted by its share of the masked positions (token_mean) or of the sequences with one
+    (sequence_mean): exactly the whole bank's loss (a single batch, as before, when the bank fits).
+    """
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    with torch.no_grad():
-        old_M = sampled_logprob(model, seqs, tokens_N, mask_N)
-    t_M = t_logprob_N[mask_N]
-    lengths_B = torch.tensor([len(r) for _, r in seqs])
-    seq_index_M = torch.repeat_interleave(torch.arange(len(seqs)), lengths_B)[mask_N]
+    batches = _masked_batches(bank, mask_N)
+    with torch.no_grad(), accel.autocast(device, dtype):
+        old = [sampled_logprob(model, bank, p, r, keep, tokens_N[flat][keep]) for p, r, flat, keep in batches]
+    seq_index = [_seq_index(r, keep) for _, r, _, keep in batches]
+    share = ([len(s) for s in seq_index] if aggregation == "token_mean" else [len(s.unique()) for s in seq_index])
     for _ in range(steps):
-        new_M = sampled_logprob(model, seqs, tokens_N, mask_N)
-        loss = opd_loss(new_M, old_M, t_M, torch.ones_like(new_M, dtype=torch.bool), clip_eps, aggregation,
-                        seq_index_M)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for (prompts, responses, flat, keep_N), old_M, seq_M, n in zip(batches, old, seq_index, share):
+            with accel.autocast(device, dtype):
+                new_M = sampled_logprob(model, bank, prompts, responses, keep_N, tokens_N[flat][keep_N])
+            t_M = t_logprob_N[flat][keep_N].to(new_M.device)
+            loss = opd_loss(new_M, old_M, t_M, torch.ones_like(new_M, dtype=torch.bool), clip_eps, aggregation,
+                            seq_M.to(new_M.device))
+            (loss * (n / sum(share)) if len(batches) > 1 else loss).backward()
         opt.step()
 
 
@@ -77,23 +140,24 @@ def gains(base_N: Tensor, new_N: Tensor, mask_N: Tensor, gain: str = "absolute")
     }
 
 
-def run_bank(student, teacher, rollouts: Rollouts, scores: dict, selectors: list[str], rho: float,
-             steps: int, lr: float, clip_eps: float, seed: int, opts: SignalOptions = PAPER) -> list[dict]:
+def run_bank(student, teacher, bank: Bank, rollouts: Rollouts, scores: dict, args: argparse.Namespace,
+             device: torch.device, opts: SignalOptions = PAPER) -> list[dict]:
     """One row per selector: its budget, positions kept and gains on the frozen bank (the bank is one
     rollout batch: the official random stream's counter is 0)."""
-    seqs = rollouts.sequences()
     tokens_N = rollouts.tensors["tokens_N"].long()
-    t_logp_NV = bank_logprobs(teacher, seqs)
-    base_N = forward_kl_full(t_logp_NV, bank_logprobs(student, seqs))
+    with accel.autocast(device, args.dtype):
+        base_N = bank_forward_kl(teacher, student, bank)
     sig = batch_signals(rollouts.tensors, scores, opts)
     rows = []
-    for name in selectors:
-        mask_N = select_mask(name, sig.for_selection(), rho, seed=seed, **selection_kwargs(opts))[sig.valid_BT]
+    for name in args.selectors:
+        mask_N = select_mask(name, sig.for_selection(), args.ratio, seed=args.seed, **selection_kwargs(opts))[sig.valid_BT]
         model = copy.deepcopy(student).train()
-        torch.manual_seed(seed)
-        opd_steps(model, seqs, tokens_N, mask_N, scores["t_logprob_N"], steps, lr, clip_eps, opts.aggregation)
-        new_N = forward_kl_full(t_logp_NV, bank_logprobs(model.eval(), seqs))
-        rows.append({"selector": name, "rho": rho if name != "full" else 1.0, "steps": steps,
+        torch.manual_seed(args.seed)
+        opd_steps(model, bank, tokens_N, mask_N, scores["t_logprob_N"], args.steps, args.lr, args.clip_eps, device,
+                  args.dtype, opts.aggregation)
+        with accel.autocast(device, args.dtype):
+            new_N = bank_forward_kl(teacher, model.eval(), bank)
+        rows.append({"selector": name, "rho": args.ratio if name != "full" else 1.0, "steps": args.steps,
                      "n_selected": int(mask_N.sum()), "n_positions": int(mask_N.numel()),
                      **gains(base_N, new_N, mask_N, opts.gain)})
     return rows
@@ -107,10 +171,14 @@ FLAGS = {  # flag -> the config key it stands for (opd.infra.cli); one line per 
     "clip_eps": "train.clip_eps",
     **signal_flags(),
     "seed": "seed",
+    "device": "diagnose.device",
+    "dtype": "diagnose.dtype",
+    "logit_chunk": "diagnose.logit_chunk",
+    "max_tokens_per_microbatch": "diagnose.max_tokens_per_microbatch",
 }
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = cli.ArgumentParser(description="Fixed-context gain of each selector (TA-OPD diagnostic).")
     p.add_argument("--rollouts", type=Path, required=True, help="the frozen context bank (rollouts file)")
     p.add_argument("--scores", type=Path, required=True, help="teacher scores of those rollouts")
@@ -123,25 +191,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=2e-5, help="Adam learning rate of the τ steps")
     p.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range ε")
     p.add_argument("--seed", type=int, default=0, help="seed of the random selector and of training")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--name", default="student", help="student name, for tracking")
     p.add_argument("--study", default="miniature", help="MLflow experiment name")
+    add_job_args(p)
     add_signal_args(p)
-    args = cli.validate(p.parse_args(argv), FLAGS)
-    opts = resolve_signal_args(args)
-    from transformers import AutoModelForCausalLM
+    return cli.validate(p.parse_args(argv), FLAGS)
 
+
+def main(argv: list[str] | None = None) -> None:
     from opd.infra import tracking
 
-    torch.set_num_threads(args.threads)
+    args = parse_args(argv)
+    opts = resolve_signal_args(args)
+    device = start_job(args)
     rollouts = Rollouts.load(args.rollouts)
     scores = load_scores(args.scores, rollouts, args.rollouts)
     modeldirs.check_flag_dirs(args, "student", "teacher")
-    student = AutoModelForCausalLM.from_pretrained(str(args.student)).eval()
-    teacher = AutoModelForCausalLM.from_pretrained(str(args.teacher)).eval()
+    bank = Bank(rollouts.sequences(), args.logit_chunk, args.max_tokens_per_microbatch)
+    # The student is trained (τ steps): fp32 master weights under autocast, as in opd.engines.train.
+    student = forward.load_model(args.student, device, torch.float32)
+    teacher = forward.load_model(args.teacher, device, accel.teacher_dtype(args.dtype))
     with tracking.run(args.study, f"fixed_context[{args.name}]", params=vars(args), tags={"model": args.name}) as run:
-        rows = run_bank(student, teacher, rollouts, scores, args.selectors, args.ratio, args.steps, args.lr,
-                        args.clip_eps, args.seed, opts)
+        rows = run_bank(student, teacher, bank, rollouts, scores, args, device, opts)
         write_rows_csv(args.out, rows)
         run.log_metrics({f"{r['selector']}.{k}": r[k] for r in rows for k in ("gain_abs", "gain_rel")})
         run.log_artifact(args.out)
