@@ -20,6 +20,7 @@ include: "workflow/rules/common.smk"
 include: f"workflow/rules/worlds/{WORLD.name}.smk"
 include: "workflow/rules/models.smk"
 
+
 wildcard_constraints:
     model="|".join(MODELS),
     task="|".join(BENCHMARKS),
@@ -38,6 +39,6 @@ include: "workflow/rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_outputs(),
-    default_target: True

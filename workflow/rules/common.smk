@@ -29,8 +29,10 @@ SRC_DIR = Path(workflow.basedir) / "src"
 # them. Jobs in the conda envs of envs/ (--sdm conda) import opd from the source tree, not from an install.
 # Absolute paths go here, never into params: a params change reruns a job, so a copied or moved project
 # would rerun every lm-eval job (OPD_TASKS_DIR: our task YAMLs, read by eval_args' --include-path).
-shell.prefix(f"export OPD_STUDY={shlex.quote(STUDY)} OPD_RESULTS={shlex.quote(RESULTS)} OPD_TASKS_DIR={shlex.quote(str(TASKS_DIR))}"
-             f" PYTHONPATH={shlex.quote(str(SRC_DIR))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+shell.prefix(
+    f"export OPD_STUDY={shlex.quote(STUDY)} OPD_RESULTS={shlex.quote(RESULTS)} OPD_TASKS_DIR={shlex.quote(str(TASKS_DIR))}"
+    f" PYTHONPATH={shlex.quote(str(SRC_DIR))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+)
 
 
 def res(path):
@@ -92,8 +94,10 @@ def prompt_args():
 def release_args():
     """The release rule's flags (opd.engines.signals.add_release_args), shared by diagnose and training."""
     r = config["release"]
-    return (f"--margin {r['margin']} --release-lambda {r['lambda']} --min-segments {r['min_segments']}"
-            f" --min-prefix-segments {r['min_prefix_segments']} --sigma2 {r['sigma2']}")
+    return (
+        f"--margin {r['margin']} --release-lambda {r['lambda']} --min-segments {r['min_segments']}"
+        f" --min-prefix-segments {r['min_prefix_segments']} --sigma2 {r['sigma2']}"
+    )
 
 
 def signal_args(aggregation_flag="--signal-aggregation"):
@@ -158,8 +162,10 @@ def diagnose_device_args():
 def rollout_args(wildcards):
     d = config["diagnose"]
     keys = ["n_prompts", "samples", "top_k", "temperature", "top_p", "max_new_tokens", "backend"]
-    return (" ".join(f"--{k.replace('_', '-')} {d[k]}" for k in keys) + f" --seed {config['seed']} {prompt_args()}"
-            f" {diagnose_device_args()}")
+    return (
+        " ".join(f"--{k.replace('_', '-')} {d[k]}" for k in keys) + f" --seed {config['seed']} {prompt_args()}"
+        f" {diagnose_device_args()}"
+    )
 
 
 def score_args(wildcards):
@@ -168,9 +174,11 @@ def score_args(wildcards):
 
 def fixed_context_args(wildcards):
     f = config["diagnose"]["fixed_context"]
-    return (f"--selectors {' '.join(f['selectors'])} --ratio {f['ratio']} --steps {f['steps']}"
-            f" --lr {f['lr']} --seed {config['seed']} {signal_args()} {diagnose_device_args()}"
-            f" {memory_args(config['diagnose'])}")
+    return (
+        f"--selectors {' '.join(f['selectors'])} --ratio {f['ratio']} --steps {f['steps']}"
+        f" --lr {f['lr']} --seed {config['seed']} {signal_args()} {diagnose_device_args()}"
+        f" {memory_args(config['diagnose'])}"
+    )
 
 
 def diagnose_args(wildcards):
@@ -179,13 +187,30 @@ def diagnose_args(wildcards):
 
 
 def train_args(wildcards):
-    keys = ["steps", "prompts_per_step", "samples", "max_new_tokens", "temperature", "lr", "clip_eps",
-            "loss", "checkpoint_every", "rollout_backend", "device", "dtype", "vllm_memory_fraction", "sharding",
-            "save_dtype", "keep_checkpoints"]
+    keys = [
+        "steps",
+        "prompts_per_step",
+        "samples",
+        "max_new_tokens",
+        "temperature",
+        "lr",
+        "clip_eps",
+        "loss",
+        "checkpoint_every",
+        "rollout_backend",
+        "device",
+        "dtype",
+        "vllm_memory_fraction",
+        "sharding",
+        "save_dtype",
+        "keep_checkpoints",
+    ]
     flags = " ".join(f"--{k.replace('_', '-')} {TRAIN[k]}" for k in keys)
     checkpointing = " --gradient-checkpointing" if TRAIN["gradient_checkpointing"] else ""
-    return (f"{flags} {prompt_args()} {release_args()} {signal_args('--aggregation')} {memory_args(TRAIN)}"
-            f"{checkpointing}{engine_args()}")
+    return (
+        f"{flags} {prompt_args()} {release_args()} {signal_args('--aggregation')} {memory_args(TRAIN)}"
+        f"{checkpointing}{engine_args()}"
+    )
 
 
 def engine_args():
@@ -223,9 +248,11 @@ def trained_evals():
 
 def grid_args():
     """The flags that tell opd.studies.report_train / opd.studies.report_sweep which runs make the grid."""
-    return (f"--pairs {' '.join(f'{t}:{s}' for t, s in PAIRS)} --methods {' '.join(TRAIN['methods'])}"
-            f" --top-k {' '.join(map(str, TRAIN['top_k']))} --ratios {' '.join(map(str, TRAIN['ratio']))}"
-            f" --seeds {' '.join(map(str, TRAIN['seeds']))} --tasks {' '.join(BENCHMARKS)} --results {RESULTS}")
+    return (
+        f"--pairs {' '.join(f'{t}:{s}' for t, s in PAIRS)} --methods {' '.join(TRAIN['methods'])}"
+        f" --top-k {' '.join(map(str, TRAIN['top_k']))} --ratios {' '.join(map(str, TRAIN['ratio']))}"
+        f" --seeds {' '.join(map(str, TRAIN['seeds']))} --tasks {' '.join(BENCHMARKS)} --results {RESULTS}"
+    )
 
 
 def bench_args():

@@ -9,20 +9,20 @@ rule rollout_initial:
         prompts=PROMPTS,
     output:
         res("diagnose/{model}/rollouts.safetensors"),
-    params:
-        args=rollout_args,
-        model_dir=lambda wc: model_dir(wc.model),
+    log:
+        res("logs/rollout/{model}.log"),
+    benchmark:
+        res("benchmarks/rollout/{model}.tsv")
+    conda:
+        ENV_ROLLOUT
     threads: THREADS
     resources:
         mem_mb=RES["diagnose"]["mem_mb"],
         runtime=RES["diagnose"]["runtime"],
         gpu=RES["diagnose"]["gpu"],
-    conda:
-        ENV_ROLLOUT
-    log:
-        res("logs/rollout/{model}.log"),
-    benchmark:
-        res("benchmarks/rollout/{model}.tsv")
+    params:
+        args=rollout_args,
+        model_dir=lambda wc: model_dir(wc.model),
     shell:
         "python -m opd.engines.rollout --model-dir {params.model_dir} --prompts {input.prompts} --out {output}"
         " {params.args} --threads {threads} --name {wildcards.model} --study $OPD_STUDY > {log} 2>&1"
@@ -35,21 +35,21 @@ rule score_initial:
         student=lambda wc: model_file(wc.student),
     output:
         res("diagnose/{teacher}/{student}/scores.safetensors"),
-    params:
-        args=score_args,
-        teacher_dir=lambda wc, input: os.path.dirname(input.teacher),
-        student_dir=lambda wc, input: os.path.dirname(input.student),
+    log:
+        res("logs/score/{teacher}/{student}.log"),
+    benchmark:
+        res("benchmarks/score/{teacher}/{student}.tsv")
+    conda:
+        ENV_CORE
     threads: THREADS
     resources:
         mem_mb=RES["diagnose"]["mem_mb"],
         runtime=RES["diagnose"]["runtime"],
         gpu=RES["diagnose"]["gpu"],
-    conda:
-        ENV_CORE
-    log:
-        res("logs/score/{teacher}/{student}.log"),
-    benchmark:
-        res("benchmarks/score/{teacher}/{student}.tsv")
+    params:
+        args=score_args,
+        teacher_dir=lambda wc, input: os.path.dirname(input.teacher),
+        student_dir=lambda wc, input: os.path.dirname(input.student),
     shell:
         "python -m opd.engines.score --rollouts {input.rollouts} --teacher {params.teacher_dir}"
         " --student {params.student_dir} --out {output} {params.args} --threads {threads}"
@@ -64,21 +64,21 @@ rule fixed_context:
         student=lambda wc: model_file(wc.student),
     output:
         res("diagnose/{teacher}/{student}/fixed_context.csv"),
-    params:
-        args=fixed_context_args,
-        teacher_dir=lambda wc, input: os.path.dirname(input.teacher),
-        student_dir=lambda wc, input: os.path.dirname(input.student),
+    log:
+        res("logs/fixed_context/{teacher}/{student}.log"),
+    benchmark:
+        res("benchmarks/fixed_context/{teacher}/{student}.tsv")
+    conda:
+        ENV_CORE
     threads: THREADS
     resources:
         mem_mb=RES["diagnose"]["mem_mb"],
         runtime=RES["diagnose"]["runtime"],
         gpu=RES["diagnose"]["gpu"],
-    conda:
-        ENV_CORE
-    log:
-        res("logs/fixed_context/{teacher}/{student}.log"),
-    benchmark:
-        res("benchmarks/fixed_context/{teacher}/{student}.tsv")
+    params:
+        args=fixed_context_args,
+        teacher_dir=lambda wc, input: os.path.dirname(input.teacher),
+        student_dir=lambda wc, input: os.path.dirname(input.student),
     shell:
         "python -m opd.studies.fixed_context --rollouts {input.rollouts} --scores {input.scores}"
         " --student {params.student_dir} --teacher {params.teacher_dir} --out {output} {params.args}"
@@ -94,20 +94,26 @@ rule diagnose:
     output:
         report=f"{REPORT_DIR}/diagnose/report.md",
         summary=report(f"{REPORT_DIR}/diagnose/summary.csv", caption="../report/diagnose.rst", category="Diagnostics"),
-        fixed=report(f"{REPORT_DIR}/diagnose/fixed_context.csv", caption="../report/diagnose.rst",
-                     category="Diagnostics", ),
-        figures=report(expand(f"{REPORT_DIR}/diagnose/{{fig}}.png", fig=DIAGNOSE_FIGURES),
-                       caption="../report/diagnose.rst", category="Diagnostics"),
+        fixed=report(
+            f"{REPORT_DIR}/diagnose/fixed_context.csv",
+            caption="../report/diagnose.rst",
+            category="Diagnostics",
+        ),
+        figures=report(
+            expand(f"{REPORT_DIR}/diagnose/{{fig}}.png", fig=DIAGNOSE_FIGURES),
+            caption="../report/diagnose.rst",
+            category="Diagnostics",
+        ),
+    log:
+        f"{RESULTS}/logs/{STUDY}/diagnose.log",
+    conda:
+        ENV_CORE
     params:
         args=diagnose_args,
         students=" ".join(pair_label(t, s) for t, s in PAIRS),
         tokenizer_dir=lambda wc, input: os.path.dirname(input.tokenizer),
         out_dir=lambda wc, output: os.path.dirname(output.report),
         study=STUDY,
-    conda:
-        ENV_CORE
-    log:
-        f"{RESULTS}/logs/{STUDY}/diagnose.log",
     shell:
         "python -m opd.studies.diagnose --students {params.students} --rollouts {input.rollouts}"
         " --scores {input.scores} --fixed-context {input.fixed} --tokenizer {params.tokenizer_dir}"

@@ -8,21 +8,21 @@ rule lm_eval:
     output:
         json=res("eval/{model}/{task}.json"),
         samples=res("eval/{model}/{task}.samples.jsonl"),
-    params:
-        args=eval_args,
-        model_dir=lambda wc: model_dir(wc.model),
-        out_dir=lambda wc, output: os.path.dirname(output.json),
+    log:
+        res("logs/lm_eval/{model}/{task}.log"),
+    benchmark:
+        res("benchmarks/lm_eval/{model}/{task}.tsv")
+    conda:
+        ENV_EVAL
     threads: THREADS
     resources:
         mem_mb=RES["eval"]["mem_mb"],
         runtime=RES["eval"]["runtime"],
         gpu=RES["eval"]["gpu"],
-    conda:
-        ENV_EVAL
-    log:
-        res("logs/lm_eval/{model}/{task}.log"),
-    benchmark:
-        res("benchmarks/lm_eval/{model}/{task}.tsv")
+    params:
+        args=eval_args,
+        model_dir=lambda wc: model_dir(wc.model),
+        out_dir=lambda wc, output: os.path.dirname(output.json),
     shell:
         "python -m opd.studies.evaluate --model-dir {params.model_dir} --model-name {wildcards.model}"
         " --tasks {wildcards.task} --out-dir {params.out_dir}"

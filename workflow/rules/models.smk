@@ -10,24 +10,24 @@ if MINIATURE_MODELS:
             tokenizer=rules.tokenizer.output,
         output:
             res("models/{model}/model.safetensors"),
+        log:
+            res("logs/sft/{model}.log"),
+        benchmark:
+            res("benchmarks/sft/{model}.tsv")
         wildcard_constraints:
             model="|".join(MINIATURE_MODELS) or "^$",
-        params:
-            args=sft_args,
-            out_dir=lambda wc: model_dir(wc.model),
-            tokenizer_dir=lambda wc, input: os.path.dirname(input.tokenizer[0]),
-            seed=config["seed"],
+        conda:
+            ENV_CORE
         threads: THREADS
         resources:
             mem_mb=RES["model"]["mem_mb"],
             runtime=RES["model"]["runtime"],
             gpu=RES["model"]["gpu"],
-        conda:
-            ENV_CORE
-        log:
-            res("logs/sft/{model}.log"),
-        benchmark:
-            res("benchmarks/sft/{model}.tsv")
+        params:
+            args=sft_args,
+            out_dir=lambda wc: model_dir(wc.model),
+            tokenizer_dir=lambda wc, input: os.path.dirname(input.tokenizer[0]),
+            seed=config["seed"],
         shell:
             "python -m opd.worlds.miniature.sft --data {input.data} --tokenizer {params.tokenizer_dir} --out-dir {params.out_dir}"
             " --name {wildcards.model} {params.args} --seed {params.seed} --threads {threads}"
@@ -37,19 +37,19 @@ if MINIATURE_MODELS:
 rule fetch_model:
     output:
         res("models/{model}/FETCHED.json"),
+    log:
+        res("logs/fetch/{model}.log"),
     wildcard_constraints:
         model="|".join(HUB_MODELS) or "^$",
+    conda:
+        ENV_CORE
+    resources:
+        mem_mb=RES["model"]["mem_mb"],
+        runtime=RES["model"]["runtime"],
     params:
         repo=lambda wc: config["models"][wc.model]["hub"],
         revision=lambda wc: config["models"][wc.model]["revision"],
         out_dir=lambda wc: model_dir(wc.model),
-    resources:
-        mem_mb=RES["model"]["mem_mb"],
-        runtime=RES["model"]["runtime"],
-    conda:
-        ENV_CORE
-    log:
-        res("logs/fetch/{model}.log"),
     shell:
         "python -m opd.infra.fetch --repo {params.repo} --revision {params.revision} --out-dir {params.out_dir}"
         " --name {wildcards.model} --study $OPD_STUDY > {log} 2>&1"

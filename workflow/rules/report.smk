@@ -13,16 +13,16 @@ rule report_models:
         md=f"{REPORT_DIR}/models.md",
         csv=report(f"{REPORT_DIR}/models.csv", caption="../report/models.rst", category="Models"),
         png=report(f"{REPORT_DIR}/models.png", caption="../report/models.rst", category="Models"),
+    log:
+        f"{RESULTS}/logs/{STUDY}/report_models.log",
+    conda:
+        ENV_CORE
     params:
         study=STUDY,
         results_dir=lambda wc, input: os.path.dirname(os.path.dirname(input[0])),  # <results>/eval
         models=" ".join(EVAL_MODELS),
         tasks=" ".join(BENCHMARKS),
         bench_args=bench_args(),
-    conda:
-        ENV_CORE
-    log:
-        f"{RESULTS}/logs/{STUDY}/report_models.log",
     shell:
         "python -m opd.studies.report --results-dir {params.results_dir} --models {params.models} --tasks {params.tasks} {params.bench_args}"
         " --out-md {output.md} --out-csv {output.csv} --out-png {output.png} --study {params.study} > {log} 2>&1"
@@ -46,14 +46,14 @@ rule report_training:
             caption="../report/training.rst",
             category="Training",
         ),
+    log:
+        f"{RESULTS}/logs/{STUDY}/report_training.log",
+    conda:
+        ENV_CORE
     params:
         grid=grid_args(),
         bench_args=bench_args(),
         study=STUDY,
-    conda:
-        ENV_CORE
-    log:
-        f"{RESULTS}/logs/{STUDY}/report_training.log",
     shell:
         "python -m opd.studies.report_train {params.grid} {params.bench_args} --study {params.study}"
         " --out-md {output.md} --out-csv {output.csv} --out-png {output.png}"
@@ -78,14 +78,14 @@ rule report_sweep:
             caption="../report/sweep.rst",
             category="Sweep",
         ),
+    log:
+        f"{RESULTS}/logs/{STUDY}/report_sweep.log",
+    conda:
+        ENV_CORE
     params:
         grid=grid_args(),
         bench_args=bench_args(),
         study=STUDY,
-    conda:
-        ENV_CORE
-    log:
-        f"{RESULTS}/logs/{STUDY}/report_sweep.log",
     shell:
         "python -m opd.studies.report_sweep {params.grid} {params.bench_args} --study {params.study}"
         " --out-md {output.md} --out-csv {output.csv} --out-png {output.png}"

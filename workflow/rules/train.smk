@@ -9,6 +9,17 @@ rule train_opd:
     output:
         model=f"{TRAIN_DIR}/model/model.safetensors",
         metrics=f"{TRAIN_DIR}/metrics.json",
+    log:
+        f"{RESULTS}/logs/train/{TRAIN_ID}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train/{TRAIN_ID}.tsv"
+    conda:
+        ENV_TRAIN
+    threads: THREADS
+    resources:
+        mem_mb=RES["train"]["mem_mb"],
+        runtime=RES["train"]["runtime"],
+        gpu=train_gpus,
     params:
         args=train_args,
         out_dir=lambda wc, output: os.path.dirname(output.metrics),
@@ -16,17 +27,6 @@ rule train_opd:
         teacher_dir=lambda wc, input: os.path.dirname(input.teacher),
         name=lambda wc: TRAIN_ID.format(**dict(wc.items())),
         launcher=train_launcher,
-    threads: THREADS
-    resources:
-        mem_mb=RES["train"]["mem_mb"],
-        runtime=RES["train"]["runtime"],
-        gpu=train_gpus,
-    conda:
-        ENV_TRAIN
-    log:
-        f"{RESULTS}/logs/train/{TRAIN_ID}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/train/{TRAIN_ID}.tsv"
     shell:
         "{params.launcher} -m opd.engines.train --student {params.student_dir} --teacher {params.teacher_dir}"
         " --prompts {input.prompts} --out-dir {params.out_dir} --method {wildcards.method}"
@@ -47,22 +47,22 @@ rule eval_trained:
             ext=[".json", ".samples.jsonl"],
             allow_missing=True,
         ),
-    params:
-        args=eval_args,
-        train_dir=lambda wc, input: os.path.dirname(input.metrics),
-        tasks=" ".join(BENCHMARKS),
-        name=lambda wc: TRAIN_ID.format(**dict(wc.items())),
+    log:
+        f"{RESULTS}/logs/eval_trained/{TRAIN_ID}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/eval_trained/{TRAIN_ID}.tsv"
+    conda:
+        ENV_EVAL
     threads: THREADS
     resources:
         mem_mb=RES["eval"]["mem_mb"],
         runtime=RES["eval"]["runtime"],
         gpu=RES["eval"]["gpu"],
-    conda:
-        ENV_EVAL
-    log:
-        f"{RESULTS}/logs/eval_trained/{TRAIN_ID}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/eval_trained/{TRAIN_ID}.tsv"
+    params:
+        args=eval_args,
+        train_dir=lambda wc, input: os.path.dirname(input.metrics),
+        tasks=" ".join(BENCHMARKS),
+        name=lambda wc: TRAIN_ID.format(**dict(wc.items())),
     shell:
         "python -m opd.studies.evaluate --model-dir {params.train_dir}/model --model-name"
         " {params.name}"

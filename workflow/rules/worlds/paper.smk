@@ -5,11 +5,11 @@ rule dapo_data:
     output:
         prompts=PROMPTS,
         stats=res("data/train_prompts.stats.json"),
-    params:
-        args=dapo_args,
-    conda:
-        ENV_CORE
     log:
         res("logs/dapo_data.log"),
+    conda:
+        ENV_CORE
+    params:
+        args=dapo_args,
     shell:
         "python -m opd.worlds.paper.dapo {params.args} --out {output.prompts} --stats {output.stats} > {log} 2>&1"
