@@ -9,7 +9,7 @@ import sys
 
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
-from opd.engines.forward import response_logits
+from opd.engines.forward import response_hidden
 
 
 def rss(field: str) -> int:
@@ -29,7 +29,7 @@ prompts = [torch.randint(0, V, (P,), generator=g).tolist() for _ in range(B)]
 responses = [torch.randint(0, V, (R,), generator=g).tolist() for _ in range(B)]
 tokens = torch.tensor([t for r in responses for t in r])
 for _ in range(2):
-    logits = response_logits(model, prompts, responses)
+    logits = model.lm_head(response_hidden(model, prompts, responses))  # unchunked: the planner's null chunk
     logp = torch.log_softmax(logits.float(), -1)
     loss = -logp.gather(-1, tokens[:, None]).mean()
     opt.zero_grad(set_to_none=True)

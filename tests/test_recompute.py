@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from opd.engines import recompute
-from opd.engines.forward import response_logits
+from opd.engines.forward import response_hidden
 from opd.engines.rollout import Rollouts, generate_hf
 
 
@@ -21,7 +21,7 @@ def test_recomputed_old_logprobs_and_topk_equal_the_trainers_forward(tiny_world)
     # what the update's forward (one pass over every sequence, no batching) gives
     seqs = rollouts.sequences()
     with torch.no_grad():
-        logp_NV = torch.log_softmax(response_logits(student, [p for p, _ in seqs], [r for _, r in seqs]).float(), -1)
+        logp_NV = torch.log_softmax(student.lm_head(response_hidden(student, [p for p, _ in seqs], [r for _, r in seqs])).float(), -1)
     tokens_N = tensors["tokens_N"].long()
     top = logp_NV.topk(K, -1)
     t = new.tensors
