@@ -64,11 +64,13 @@ def build_trainer(args, shape: dict, device: torch.device):
     """A `opd.train.Trainer` around the random model, and a random rollout batch with its mask."""
     from opd import worlds
     from opd.engines import train
+    from opd.engines.signals import resolve_signal_args
     from opd.engines.rollout import Rollouts
 
     targs = train.parse_args(["--student", "-", "--teacher", "-", "--world", "miniature", "--prompts", "-", "--out-dir", "-",
                               "--method", "full", "--dtype", args.dtype, "--loss", args.loss,
                               "--device", device.type])
+    resolve_signal_args(targs)  # the paper variant's aggregation etc., as train.check_args fills them
     model = build_model(shape, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)

@@ -70,7 +70,7 @@ def test_a_job_that_cannot_fit_stops_validation_naming_pair_estimate_and_fix():
     assert "qwen3_1p7b: estimated" not in msg  # the pairs that fit are not named
     raw["train"]["pairs"][1]["gpu"] = 1
     raw["train"]["sharding"] = "ddp"
-    raw["train"]["max_tokens_per_microbatch"] = None  # the whole share of 64 × 4 × 8.7k tokens at once
+    raw["train"]["max_tokens_per_microbatch"] = 10**8  # the whole share of 64 × 4 × 8.7k tokens at once
     with pytest.raises(ConfigError, match=r"train qwen3_8b -> qwen3_1p7b: estimated peak \d+\.\d GiB"):
         validate_config(copy.deepcopy(raw), checks=[plan.config_problems])
 

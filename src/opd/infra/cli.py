@@ -65,8 +65,18 @@ def flag_name(dest: str) -> str:
 
 
 def flag_problems(args: argparse.Namespace, flags: dict[str, str | dict], schema: dict | None = None) -> list[str]:
-    """One line per flag value that its config key (or own schema) refuses; flags left at None are not given."""
-    import jsonschema
+    """One line per flag value that its config key (or own schema) refuses; flags left at None are not given.
+
+    Without jsonschema (benchmarks/gpu_smoke.py on a GPU box with only torch + transformers + safetensors)
+    the flags are not checked, with one warning: a pinned install always has it.
+    """
+    try:
+        import jsonschema
+    except ImportError:
+        import warnings
+
+        warnings.warn("jsonschema is not installed: command-line flags are not checked against the schema")
+        return []
 
     schema = schema or load_schema()
     problems = []
