@@ -119,14 +119,14 @@ def load_scores(path: Path | str, rollouts: Rollouts, rollouts_path: Path | str 
     return tensors
 
 
-FLAGS = {  # flag -> the config key it stands for (opd.infra.cli); one line per flag
-    "top_k": "diagnose.top_k",
-    "batch_size": cli.POSITIVE,
+# The flags of add_job_args (the diagnostic jobs' device, precision and memory bounds) -> their config keys.
+JOB_FLAGS = {
     "device": "diagnose.device",
     "dtype": "diagnose.dtype",
     "logit_chunk": "diagnose.logit_chunk",
     "max_tokens_per_microbatch": "diagnose.max_tokens_per_microbatch",
 }
+FLAGS = {"top_k": "diagnose.top_k", "batch_size": cli.POSITIVE, **JOB_FLAGS}  # flag -> config key (opd.infra.cli)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

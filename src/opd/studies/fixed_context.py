@@ -28,7 +28,7 @@ from opd.infra.io import write_rows_csv
 from opd.math.loss import forward_kl_full, opd_loss
 from opd.engines.rollout import Rollouts
 from opd.engines import accel, forward
-from opd.engines.score import add_job_args, load_scores, start_job
+from opd.engines.score import JOB_FLAGS, add_job_args, load_scores, start_job
 from opd.math.select import SELECTORS, select_mask
 from opd.engines.signals import add_signal_args, batch_signals, resolve_signal_args, selection_kwargs, signal_flags
 from opd.math.variant import PAPER, SignalOptions
@@ -171,10 +171,7 @@ FLAGS = {  # flag -> the config key it stands for (opd.infra.cli); one line per 
     "clip_eps": "train.clip_eps",
     **signal_flags(),
     "seed": "seed",
-    "device": "diagnose.device",
-    "dtype": "diagnose.dtype",
-    "logit_chunk": "diagnose.logit_chunk",
-    "max_tokens_per_microbatch": "diagnose.max_tokens_per_microbatch",
+    **JOB_FLAGS,
 }
 
 
