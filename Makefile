@@ -58,7 +58,8 @@ test-slurm: $(SLURM_STAMP)
 
 # Snakemake's linter (no warnings allowed) and snakefmt (pinned in the test extra) on every workflow file.
 lint: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" snakemake --lint --cores 1 | tee /dev/stderr | grep -q "Congratulations"
+	out=$$(PATH="$(abspath $(VENV))/bin:$$PATH" snakemake --lint --cores 1 2>&1); echo "$$out"; \
+		echo "$$out" | grep -q "Congratulations"
 	PATH="$(abspath $(VENV))/bin:$$PATH" snakefmt --check Snakefile workflow/rules
 
 clean-results:
