@@ -190,7 +190,8 @@ for version in (1, 2):
         time.sleep(2)  # a reader that did not wait for the writer would find no file, or the old one
     pushed.append(eng.push_weights(Model(), version=version)["push_bytes"])
     torch.distributed.barrier()  # stands for the update's all-reduce between two pushes
-print(json.dumps({"rank": ctx.rank, "bytes": pushed}))
+sys.stdout.write(json.dumps({"rank": ctx.rank, "bytes": pushed}) + "\\n")  # one write: the ranks share the pipe
+sys.stdout.flush()
 """
 
 
