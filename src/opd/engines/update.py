@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from opd.engines import accel, distributed, forward
-from opd.math.loss import aggregate, opd_loss, topk_forward_kl, topk_jsd, topk_reverse_kl
+from opd.math.loss import TOPK_LOSSES, aggregate, opd_loss
 
 
 @dataclasses.dataclass
@@ -71,16 +71,9 @@ def micro_batches(seqs: list[tuple[list[int], list[int]]], mask_BT: Tensor, max_
     return out
 
 
-def _pg_reduction(logp_CV: Tensor, tokens_C: Tensor) -> tuple[Tensor]:
-    return forward.sampled_logprob(logp_CV, tokens_C)
-
-
-_TOPK_LOSSES = {"topk_reverse_kl": topk_reverse_kl, "topk_forward_kl": topk_forward_kl, "topk_jsd": topk_jsd}
-
-
 def _distribution_reduction(kind: str):
     """Per-token loss of a distribution-matching option on one chunk (opd.math.loss), from the chunk's log p_S."""
-    loss_fn = _TOPK_LOSSES[kind]
+    loss_fn = TOPK_LOSSES[kind]
     return lambda logp_CV, ids_CK, t_lps_CK: (loss_fn(logp_CV, ids_CK, t_lps_CK),)
 
 
@@ -97,7 +90,7 @@ def micro_loss(tr, mb: MicroBatch, rollout_t: dict[str, Tensor], score_t: dict[s
     """(the micro-batch's aggregated OPD loss, all-logits-finite flag), with the graph for backward."""
     args = tr.args
     if args.loss == "pg":
-        fn, per_pos = _pg_reduction, (rollout_t["tokens_N"][mb.pos_M],)
+        fn, per_pos = forward.sampled_logprob, (rollout_t["tokens_N"][mb.pos_M],)
     else:
         fn, per_pos = _distribution_reduction(args.loss), _distribution_inputs(args.loss, rollout_t, score_t, mb.pos_M)
     with accel.autocast(tr.device, args.dtype):  # the forward only: backward follows autocast's dtypes

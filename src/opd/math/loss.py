@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 AGGREGATIONS = ("token_mean", "sequence_mean")
-DISTRIBUTION_LOSSES = ("topk_reverse_kl", "topk_forward_kl", "topk_jsd")
 
 
 def reverse_kl_advantage(old_logprob_N: Tensor, t_logprob_N: Tensor) -> Tensor:
@@ -58,24 +57,6 @@ def opd_loss(new_logprob_N: Tensor, old_logprob_N: Tensor, t_logprob_N: Tensor, 
     """The OPD objective on the masked positions (sampled-token reverse KL advantage, PPO-clip)."""
     advantage_N = reverse_kl_advantage(old_logprob_N, t_logprob_N)
     return aggregate(ppo_clip_terms(new_logprob_N, old_logprob_N, advantage_N, clip_eps), mask_N, seq_index_N, how)
-
-
-def distribution_loss(kind: str, s_logp_MV: Tensor, rollout_t: dict[str, Tensor], score_t: dict[str, Tensor],
-                      mask_N: Tensor) -> Tensor:
-    """Per-token loss_M of a distribution-matching option at the supervised positions `mask_N`.
-
-    `rollout_t`/`score_t` are the flat stored tensors (opd.engines.rollout / opd.engines.score); `s_logp_MV` the current
-    student's log-probs at the same positions.
-    """
-    if kind == "topk_reverse_kl":
-        return topk_reverse_kl(s_logp_MV, *(t[mask_N].to(s_logp_MV.device) for t in
-                                            (rollout_t["s_topk_ids_NK"], score_t["t_on_s_logprobs_NK"])))
-    ids, lps = (t[mask_N].to(s_logp_MV.device) for t in (score_t["t_topk_ids_NK"], score_t["t_topk_logprobs_NK"]))
-    if kind == "topk_forward_kl":
-        return topk_forward_kl(s_logp_MV, ids, lps)
-    if kind == "topk_jsd":
-        return topk_jsd(s_logp_MV, ids, lps)
-    raise ValueError(f"unknown loss {kind!r}; allowed: pg, {', '.join(DISTRIBUTION_LOSSES)}")
 
 
 def forward_kl_full(t_logp_NV: Tensor, s_logp_NV: Tensor) -> Tensor:
@@ -119,3 +100,8 @@ def topk_jsd(s_logp_MV: Tensor, t_topk_ids_MK: Tensor, t_topk_logprobs_MK: Tenso
     kl_t = (t_MK.exp() * (t_MK - m_MK)).sum(-1)
     kl_s = (s_MK.exp() * (s_MK - m_MK)).sum(-1)
     return beta * kl_t + (1 - beta) * kl_s
+
+
+# The distribution-matching options of `train.loss` (besides pg), by name: per-token losses on the stored top-K.
+TOPK_LOSSES = {"topk_reverse_kl": topk_reverse_kl, "topk_forward_kl": topk_forward_kl, "topk_jsd": topk_jsd}
+DISTRIBUTION_LOSSES = tuple(TOPK_LOSSES)
