@@ -8,6 +8,7 @@ import yaml
 from opd import worlds
 from opd.infra.config import ConfigError
 from opd.infra.config import validate_config as _validate
+from opd.studies.validate import merge
 
 
 def validate_config(cfg: dict) -> dict:
@@ -20,19 +21,11 @@ def cfg(repo: Path) -> dict:
     return yaml.safe_load((repo / "config/config.yaml").read_text())
 
 
-def _overlay(base: dict, over: dict) -> dict:
-    """Snakemake's merge of several --configfile's: mappings recursively, anything else replaced."""
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        out[key] = _overlay(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def test_shipped_configs_are_valid(repo: Path, cfg):
     validate_config(copy.deepcopy(cfg))
     validate_config(yaml.safe_load((repo / "tests/config/smoke.yaml").read_text()))
     for overlay in ("full_methods", "sweep"):
-        merged = _overlay(cfg, yaml.safe_load((repo / f"config/{overlay}.yaml").read_text()))
+        merged = merge(copy.deepcopy(cfg), yaml.safe_load((repo / f"config/{overlay}.yaml").read_text()))
         assert merged["models"] == cfg["models"] and merged["study"] == f"miniature_{overlay}"
         validate_config(merged)
 
