@@ -176,6 +176,27 @@ def test_generate_hf_records_what_output_logits_gives(tiny_world, temperature):
         assert torch.equal(got["s_topk_logprobs_NK"][lo:lo + n], top.values)
 
 
+def test_recorder_writes_in_place_and_stops_early():
+    """3 steps of a 5-step budget: the [B, V] and [B, T, K] buffers are allocated once (no per-step blocks to
+    fragment the heap) and finish() returns the 3 steps' logprobs and top-2 worked out by hand."""
+    from opd.engines.rollout import TopKRecorder
+
+    rec = TopKRecorder(2, max_new_tokens=5)
+    scores = [torch.tensor([[0.0, 1.0, 2.0], [3.0, 0.0, 0.0]]), torch.tensor([[5.0, 1.0, 0.0], [0.0, 0.0, 0.0]]),
+              torch.tensor([[0.5, 0.0, 1.0], [1.0, 2.0, 3.0]])]
+    seq_BT = torch.tensor([[2, 0, 1], [0, 1, 2]])
+    ptrs = set()
+    for t, s_BV in enumerate(scores):
+        assert rec(seq_BT[:, :t], s_BV) is s_BV  # the scores go on untouched
+        ptrs.add((rec.logp_BV.data_ptr(), rec.top_ids_BTK.data_ptr()))
+    assert len(ptrs) == 1
+    lp_BT, ids_BTK, lps_BTK = rec.finish(seq_BT)
+    logp_BTV = torch.log_softmax(torch.stack(scores, 1), -1)
+    assert torch.equal(lp_BT, logp_BTV.gather(-1, seq_BT[..., None])[..., 0])
+    assert ids_BTK.shape == (2, 3, 2) and ids_BTK[0].tolist() == [[2, 1], [0, 1], [2, 0]]
+    assert torch.equal(lps_BTK, logp_BTV.topk(2, -1).values)
+
+
 def test_bad_memory_flags_name_the_flag(tiny_world, tmp_path):
     with pytest.raises(ValueError, match=r"--logit-chunk: 0 .*train\.logit_chunk"):
         train.check_args(train.parse_args(_argv(tiny_world, tmp_path, "--logit-chunk", "0")))
