@@ -19,6 +19,7 @@ during the student's pass, so its real peak was higher still), for rollouts tran
 
     PYTHONPATH=src python benchmarks/memory_scaling.py            # the table quoted in docs/training.md
     PYTHONPATH=src python benchmarks/memory_scaling.py --lengths 1024 2048 --old-at 2048   # quicker
+    PYTHONPATH=src python benchmarks/memory_scaling.py --jobs update score --lengths 1024 4096   # some rows
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def measure_update(L: int, old: bool) -> float:
     rollouts, scores = batch(L)
     args = train.parse_args(["--student", "-", "--teacher", "-", "--prompts", "-", "--out-dir", "-", "--method", "full",
                              "--world", "miniature"])
+    train.check_args(args)  # fills the method's defaults (--aggregation, --signal-*)
     args.max_tokens_per_microbatch, args.logit_chunk = (10**9, 10**9) if old else (BUDGET, None)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     tr = types.SimpleNamespace(args=args, student=model, ddp=None, device=torch.device("cpu"), optimizer=opt,
@@ -136,9 +138,9 @@ def run_one(kind: str, L: int, old: bool, threads: int) -> float:
     return peak
 
 
-def table(lengths: list[int], rollout_max: int, old_at: int, threads: int) -> dict:
+def table(jobs: list[str], lengths: list[int], rollout_max: int, old_at: int, threads: int) -> dict:
     rows = {}
-    for kind in MEASURES:
+    for kind in jobs:
         ls = [L for L in lengths if kind != "rollout" or L <= rollout_max]
         rows[kind] = {"new": {L: run_one(kind, L, False, threads) for L in ls},
                       "old": {old_at: run_one(kind, old_at, True, threads)}}
@@ -163,6 +165,7 @@ def main() -> None:
                    help="response lengths L of the update and scoring rows")
     p.add_argument("--rollout-max", type=int, default=4096, help="longest rollout measured")
     p.add_argument("--old-at", type=int, default=4096, help="response length of the old-code comparison")
+    p.add_argument("--jobs", nargs="+", choices=list(MEASURES), default=list(MEASURES), help="rows to measure")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--one", nargs=3, metavar=("KIND", "L", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -171,7 +174,7 @@ def main() -> None:
         kind, L, variant = args.one
         print(json.dumps({"peak_mb": MEASURES[kind](int(L), variant == "old")}))
         return
-    rows = table(args.lengths, args.rollout_max, args.old_at, args.threads)
+    rows = table(args.jobs, args.lengths, args.rollout_max, args.old_at, args.threads)
     report(rows, args.old_at)
 
 

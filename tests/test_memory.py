@@ -176,6 +176,35 @@ def test_generate_hf_records_what_output_logits_gives(tiny_world, temperature):
         assert torch.equal(got["s_topk_logprobs_NK"][lo:lo + n], top.values)
 
 
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
+def test_head_map_finite_flag(bad):
+    """The all-logits-finite flag (min/max reduction, no [chunk, V] mask) is False for one NaN/±inf logit in
+    any chunk, True otherwise, and True for an empty batch."""
+    head = torch.nn.Linear(2, 6, bias=False)
+    hidden_MH = torch.randn(7, 2)
+    if bad is not None:
+        with torch.no_grad():
+            head.weight[4, 0] = bad  # logit 4 of the positions whose hidden[0] != 0: every position
+    _, finite = forward.head_map(head, hidden_MH, forward.sampled_logprob, (torch.zeros(7, dtype=torch.long),), 3)
+    assert bool(finite) is (bad is None)
+    _, finite = forward.head_map(head, hidden_MH[:0], forward.sampled_logprob, (torch.zeros(0, dtype=torch.long),), 3)
+    assert bool(finite)
+
+
+def test_default_chunk_never_splits_the_miniature():
+    """The miniature's numbers stay bit-identical only if its batches are one LM-head chunk: 2**28 bytes of
+    float32 logits = 131,072 positions at V = 512, above its largest batch (diagnose: 64 prompts x 4 samples
+    x 160 tokens = 40,960 positions; the fixed-context bank <= 256 x 198 = 50,688); 441 at Qwen3's 151,936."""
+    import yaml
+
+    cfg = yaml.safe_load(open("config/config.yaml"))
+    d, t = cfg["diagnose"], cfg["train"]
+    largest = max(d["n_prompts"] * d["samples"] * d["max_new_tokens"], 256 * 198,
+                  t["prompts_per_step"] * t["samples"] * t["max_new_tokens"])
+    assert forward.chunk_positions(None, cfg["world"]["vocab_size"]) == 131_072 > largest == 50_688
+    assert forward.chunk_positions(None, 151_936) == 441
+
+
 def test_recorder_writes_in_place_and_stops_early():
     """3 steps of a 5-step budget: the [B, V] and [B, T, K] buffers are allocated once (no per-step blocks to
     fragment the heap) and finish() returns the 3 steps' logprobs and top-2 worked out by hand."""

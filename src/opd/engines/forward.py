@@ -22,9 +22,11 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 # Default chunk (logit_chunk = None): as many positions as make this many bytes of float32 logits, i.e.
-# 883 positions at Qwen3's vocabulary (about 1.9 GB at the update's peak of ~14 bytes per logit, see
-# docs/training.md) and 262,144 at the miniature world's 512, whose batches are then never split.
-CHUNK_BYTES = 2**29
+# 441 positions at Qwen3's vocabulary (about 0.95 GB at the update's peak of ~14 bytes per logit, see
+# docs/training.md) and 131,072 at the miniature world's 512, whose batches (at most 50,688 positions,
+# the fixed-context bank) are then never split. 2**29 (883 positions) left the update and scoring at
+# 0.23x the unchunked code at 4k tokens (benchmarks/memory_scaling.py), above the 0.2x target.
+CHUNK_BYTES = 2**28
 # Padded tokens per forward pass: one paper-scale sequence (prompt + 8,192 new tokens) with room to spare;
 # the Qwen3-1.7B update with gradient checkpointing needs about 8 GB of activations for it (docs/training.md).
 DEFAULT_MAX_TOKENS = 16384
@@ -87,7 +89,13 @@ def token_batches(lengths: list[int], max_tokens: int | None, max_seqs: int | No
 def _chunk_outputs(lm_head, fn: Callable, h_CH: Tensor, *per_pos_C: Tensor) -> tuple[Tensor, ...]:
     """fn's outputs on one chunk, plus whether the chunk's logits were all finite."""
     logits_CV = lm_head(h_CH)
-    finite = torch.isfinite(logits_CV).all().reshape(1)
+    # All finite <=> max and min finite (max/min propagate NaN): no [chunk, V] bool temporary, which at
+    # 4-32 MiB is served from glibc's heap and fragments it (measured: +1.2 GB peak at 220-position chunks).
+    if logits_CV.numel() == 0:  # an empty batch (no supervised position): aminmax has nothing to reduce
+        finite = torch.ones(1, dtype=torch.bool, device=logits_CV.device)
+    else:
+        lo_hi = torch.aminmax(logits_CV.detach())
+        finite = (torch.isfinite(lo_hi.min) & torch.isfinite(lo_hi.max)).reshape(1)
     return (*fn(torch.log_softmax(logits_CV.float(), dim=-1), *per_pos_C), finite)
 
 
@@ -138,8 +146,8 @@ def load_model(path, device: torch.device, dtype: torch.dtype):
 def add_memory_args(p: argparse.ArgumentParser) -> None:
     """The memory bounds of a forward pass (opd.engines.forward), shared by scoring, training and the diagnostics."""
     p.add_argument("--logit-chunk", type=int, default=None,
-                   help="positions per LM-head chunk (no [positions, V] tensor beyond it); default: 512 MiB of "
-                        "float32 logits (883 positions at V = 151,936)")
+                   help="positions per LM-head chunk (no [positions, V] tensor beyond it); default: 256 MiB of "
+                        "float32 logits (441 positions at V = 151,936)")
     p.add_argument("--max-tokens-per-microbatch", type=int, default=DEFAULT_MAX_TOKENS,
                    help="padded tokens (prompt + response) per forward pass; a longer sequence is an error")
 
