@@ -40,6 +40,27 @@ def test_terms_by_hand():
     assert ddp == {"student weights": 880, "gradients": 880, "AdamW state": 1760, "DDP buckets": 880}
 
 
+def test_null_logit_chunk_is_the_engines_default_and_fixed_context_phases_by_hand():
+    """logit_chunk null = 2**28 bytes of float32 logits per chunk, as opd.engines.forward (441 positions at
+    151,936, 131,072 at 512; at most the micro-batch); the fixed-context job holds its gradients and AdamW
+    only in the τ steps and its teacher only in the KL passes."""
+    from opd.engines import forward
+
+    st = plan.Settings(gpus=1, sharding="ddp", compute_bytes=4, rank_tokens=100_000, microbatch=16384,
+                       logit_chunk=None, checkpointing=False, vllm_fraction=0, kv_sequences=0, seq_tokens=10)
+    assert (st.chunk(151_936), st.chunk(512), st.chunk(10)) == (441, 16384, 16384)
+    assert forward.chunk_positions(None, 151_936) == 441
+    assert plan.dataclasses.replace(st, logit_chunk=7).chunk(151_936) == 7
+    small = plan.dataclasses.replace(st, microbatch=20, rank_tokens=20)
+    e = plan.fixed_context_estimate(("t", "s"), TINY, TINY, small, cap=None)
+    P = 220  # TINY's parameters
+    update = plan.activation_bytes(TINY, 20, 4, False) + 20 * 10 * 16  # activations, one 20-position chunk
+    scoring = 20 * (4 * 4 + 2 * 8 + 4 + 2 * 4) * 4 + 20 * 10 * (4 + 8)
+    assert e.static == {"student weights": 4 * P, "CUDA context": GIB}
+    assert e.peak == 4 * P + GIB + max(update + 12 * P, scoring + 4 * P)
+    assert e.terms()["teacher"] == 4 * P and e.terms()["AdamW state"] == 8 * P
+
+
 def test_qwen3_sizes_match_the_model_cards():
     config = paper()
     sizes = {n: plan.model_shape(config, n)[0].params() for n in config["models"]}
@@ -51,8 +72,10 @@ def test_qwen3_sizes_match_the_model_cards():
 def test_paper_config_fits_an_80gb_gpu_for_every_pair():
     config = paper()
     assert plan.config_problems(config) == []
-    trains = [e for e in plan.estimates(config)[0] if e.kind == "train"]
-    assert len(trains) == 3 and all(e.peak <= 79 * GIB for e in trains)
+    found = plan.estimates(config)[0]
+    trains = [e for e in found if e.kind == "train"]
+    assert len(trains) == 3 and all(e.peak <= 79 * GIB for e in found)
+    assert config["resources"]["diagnose"]["gpu_mem_gb"] == config["resources"]["train"]["gpu_mem_gb"] == 79
     assert {e.job: e.settings.gpus for e in trains} == {"train qwen3_8b -> qwen3_1p7b": 2,
                                                        "train qwen3_8b -> qwen3_4b": 4,
                                                        "train qwen3_4b -> qwen3_1p7b": 2}

@@ -178,6 +178,7 @@ def fixed_context_args(wildcards):
         f"--selectors {' '.join(f['selectors'])} --ratio {f['ratio']} --steps {f['steps']}"
         f" --lr {f['lr']} --seed {config['seed']} {signal_args()} {diagnose_device_args()}"
         f" {memory_args(config['diagnose'])}"
+        f"{' --gradient-checkpointing' if config['diagnose']['gradient_checkpointing'] else ''}"
     )
 
 

@@ -138,8 +138,8 @@ def setup(args: argparse.Namespace, world: worlds.World | None = None,
     # fp32 master weights for the student whatever --dtype says (see opd.engines.accel); a bf16 teacher with bf16.
     student = AutoModelForCausalLM.from_pretrained(str(args.student), dtype=torch.float32).to(device)
     teacher = teacher_worker.in_process_teacher(args, device)  # None with --teacher-placement worker
-    if args.gradient_checkpointing:  # non-reentrant: works under DDP/FSDP and with the chunked head's checkpoints
-        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if args.gradient_checkpointing:
+        forward.enable_checkpointing(student)
     ddp, replica = distributed.wrap_student(student, ctx, args.sharding, args.dtype, lambda: AutoModelForCausalLM.
                                             from_pretrained(str(args.student), dtype=accel.teacher_dtype(args.dtype)))
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)

@@ -10,6 +10,12 @@ Reported: the absolute gain (paper) — the mean of G_t — and the relative gai
 (mean base − mean new) / mean base; plus the gain on the selected positions alone. `gain` repeats the one
 the signal variant names (`signals.gain`: absolute for the paper, relative for the official code), and the
 signals, the selection and the τ steps' loss aggregation follow the variant too (`--signal-variant`).
+
+GPU memory: the teacher is needed only for the bank's KL, so it waits on the host during each selector's
+τ steps, and S0 (only the source of each selector's copy once its base KL is known) stays there: the τ
+steps hold one student with its gradients and AdamW state, the KL passes the teacher and one student
+(opd.studies.plan's two phases of this job). `--gradient-checkpointing` recomputes the trained copy's
+layers in backward, as in training. On the CPU the moves are no-ops.
 """
 
 from __future__ import annotations
@@ -140,23 +146,37 @@ def gains(base_N: Tensor, new_N: Tensor, mask_N: Tensor, gain: str = "absolute")
     }
 
 
+def trained_copy(student, device: torch.device, checkpointing: bool):
+    """A copy of S0 on `device` in training mode (S0 itself may wait on the host), layers checkpointed if asked."""
+    model = copy.deepcopy(student).to(device).train()
+    if checkpointing:
+        forward.enable_checkpointing(model)
+    return model
+
+
 def run_bank(student, teacher, bank: Bank, rollouts: Rollouts, scores: dict, args: argparse.Namespace,
              device: torch.device, opts: SignalOptions = PAPER) -> list[dict]:
     """One row per selector: its budget, positions kept and gains on the frozen bank (the bank is one
-    rollout batch: the official random stream's counter is 0)."""
+    rollout batch: the official random stream's counter is 0). Moves S0 to the host (module docstring)."""
     tokens_N = rollouts.tensors["tokens_N"].long()
+    host = torch.device("cpu")
     with accel.autocast(device, args.dtype):
         base_N = bank_forward_kl(teacher, student, bank)
+    student.to(host)
     sig = batch_signals(rollouts.tensors, scores, opts)
     rows = []
     for name in args.selectors:
         mask_N = select_mask(name, sig.for_selection(), args.ratio, seed=args.seed, **selection_kwargs(opts))[sig.valid_BT]
-        model = copy.deepcopy(student).train()
+        teacher.to(host)
+        model = trained_copy(student, device, args.gradient_checkpointing)
         torch.manual_seed(args.seed)
         opd_steps(model, bank, tokens_N, mask_N, scores["t_logprob_N"], args.steps, args.lr, args.clip_eps, device,
                   args.dtype, opts.aggregation)
+        model.zero_grad(set_to_none=True)  # the KL pass needs no gradients: room for the teacher
+        teacher.to(device)
         with accel.autocast(device, args.dtype):
             new_N = bank_forward_kl(teacher, model.eval(), bank)
+        del model
         rows.append({"selector": name, "rho": args.ratio if name != "full" else 1.0, "steps": args.steps,
                      "n_selected": int(mask_N.sum()), "n_positions": int(mask_N.numel()),
                      **gains(base_N, new_N, mask_N, opts.gain)})
@@ -171,6 +191,7 @@ FLAGS = {  # flag -> the config key it stands for (opd.infra.cli); one line per 
     "clip_eps": "train.clip_eps",
     **signal_flags(),
     "seed": "seed",
+    "gradient_checkpointing": "diagnose.gradient_checkpointing",
     **JOB_FLAGS,
 }
 
@@ -188,6 +209,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-5, help="Adam learning rate of the τ steps")
     p.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range ε")
     p.add_argument("--seed", type=int, default=0, help="seed of the random selector and of training")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the trained copies' decoder layers in backward (the same numbers, less memory)")
     p.add_argument("--name", default="student", help="student name, for tracking")
     p.add_argument("--study", default="miniature", help="MLflow experiment name")
     add_job_args(p)

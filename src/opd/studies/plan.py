@@ -16,10 +16,13 @@ key that contradicts config.json is an error. The terms, per GPU (G = resources.
 - activations of one micro-batch of `train.max_tokens_per_microbatch` tokens (all of a rank's batch when
   unset) kept for backward: `layer_elements` per token and layer without checkpointing; with
   `train.gradient_checkpointing`, each layer's input plus one layer recomputed;
-- one logit chunk: `train.logit_chunk` positions (all of a micro-batch when unset) × V × LOGIT_BYTES.
+- one logit chunk: `train.logit_chunk` positions (when unset, the engines' default for the model's vocabulary,
+  `opd.infra.memory.chunk_positions`; at most a micro-batch) × V × LOGIT_BYTES.
 The peak is the static terms plus the largest phase: the update (activations + logits), teacher scoring
-(a no-grad forward of one micro-batch) or hf rollouts (a KV cache). `tests/test_plan.py` checks the
-estimate against peaks measured on CPU.
+(a no-grad forward of one micro-batch) or hf rollouts (a KV cache); a term that is on the GPU during one
+phase only (the fixed-context job's teacher, on the host during the τ steps, and the τ steps' gradients
+and AdamW state) counts in that phase. The diagnostics use the `diagnose` block's memory keys.
+`tests/test_plan.py` checks the estimate against peaks measured on CPU.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import math
 from pathlib import Path
 
 from opd.infra import cli
+from opd.infra.memory import chunk_positions
 
 GIB = 2 ** 30
 NEEDS_SHAPE = "the memory planner needs the model's shape"
@@ -131,9 +135,9 @@ class Settings:
     def tokens(self) -> int:
         return min(self.microbatch or self.rank_tokens, self.rank_tokens)
 
-    @property
-    def chunk(self) -> int:
-        return min(self.logit_chunk or self.tokens, self.tokens)
+    def chunk(self, vocab: int) -> int:
+        """LM-head positions per chunk for this vocabulary: the engines' rule, at most one micro-batch."""
+        return min(chunk_positions(self.logit_chunk, vocab), self.tokens)
 
 
 def activation_bytes(s: Shape, tokens: int, compute_bytes: int, checkpointing: bool) -> int:
@@ -148,6 +152,12 @@ def activation_bytes(s: Shape, tokens: int, compute_bytes: int, checkpointing: b
 
 def logit_bytes(s: Shape, positions: int, compute_bytes: int) -> int:
     return positions * s.vocab_size * LOGIT_BYTES[compute_bytes]
+
+
+def update_bytes(s: Shape, st: Settings) -> int:
+    """A backward of one micro-batch: its activations and one logit chunk."""
+    return (activation_bytes(s, st.tokens, st.compute_bytes, st.checkpointing)
+            + logit_bytes(s, st.chunk(s.vocab_size), st.compute_bytes))
 
 
 def student_bytes(s: Shape, st: Settings) -> dict[str, float]:
@@ -166,7 +176,7 @@ def student_bytes(s: Shape, st: Settings) -> dict[str, float]:
 def scoring_bytes(models: list[Shape], st: Settings) -> float:
     """A no-grad forward of one micro-batch: the widest live tensors per token and one chunk's logits."""
     return max(st.tokens * (4 * m.hidden_size + 2 * m.intermediate_size + m.q + 2 * m.kv) * st.compute_bytes
-               + st.chunk * m.vocab_size * (st.compute_bytes + 8) for m in models)
+               + st.chunk(m.vocab_size) * m.vocab_size * (st.compute_bytes + 8) for m in models)
 
 
 def kv_cache_bytes(s: Shape, st: Settings) -> float:
@@ -181,10 +191,16 @@ class Estimate:
     phases: dict[str, float]
     cap_gib: float | None
     settings: Settings
+    held: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # phase -> terms only it holds
+
+    def terms(self) -> dict[str, float]:
+        """Every named term, static or held by one phase (the table's columns)."""
+        return {**self.static, **{k: v for terms in self.held.values() for k, v in terms.items()}}
 
     @property
     def peak(self) -> float:
-        return sum(self.static.values()) + max(self.phases.values(), default=0.0)
+        return sum(self.static.values()) + max((v + sum(self.held.get(p, {}).values()) for p, v in self.phases.items()),
+                                               default=0.0)
 
     @property
     def fits(self) -> bool:
@@ -223,9 +239,7 @@ def train_estimate(config: dict, pair: tuple[str, str], S: Shape, T: Shape, **ov
     st, cap = train_settings(config, pair, **override)
     static = {**student_bytes(S, st), "teacher": st.compute_bytes * T.params(),
               "vLLM share": st.vllm_fraction * (cap or 80) * GIB, "CUDA context": 1.0 * GIB}
-    phases = {"update": activation_bytes(S, st.tokens, st.compute_bytes, st.checkpointing)
-              + logit_bytes(S, st.chunk, st.compute_bytes),
-              "scoring": scoring_bytes([T, S], st),
+    phases = {"update": update_bytes(S, st), "scoring": scoring_bytes([T, S], st),
               "hf rollouts": kv_cache_bytes(S, st)}
     return Estimate(f"train {pair[0]} -> {pair[1]}", "train", static, phases, cap, st)
 
@@ -236,7 +250,8 @@ def diagnose_estimates(config: dict, pair: tuple[str, str], S: Shape, T: Shape) 
     cap = res.get("gpu_mem_gb")
     st, _ = train_settings(config, gpus=1, sharding="ddp", vllm_fraction=0.0,
                            kv_sequences=0 if d["backend"] == "vllm" else min(64, d["n_prompts"] * d["samples"]),
-                           seq_tokens=PROMPT_TOKENS + d["max_new_tokens"])
+                           seq_tokens=PROMPT_TOKENS + d["max_new_tokens"], microbatch=d["max_tokens_per_microbatch"],
+                           logit_chunk=d["logit_chunk"], checkpointing=bool(d.get("gradient_checkpointing")))
     st = dataclasses.replace(st, rank_tokens=d["n_prompts"] * d["samples"] * st.seq_tokens)
     ctx = {"CUDA context": 1.0 * GIB}
     weights = lambda m: st.compute_bytes * m.params()  # noqa: E731
@@ -248,11 +263,18 @@ def diagnose_estimates(config: dict, pair: tuple[str, str], S: Shape, T: Shape) 
         Estimate(f"score_initial {pair[0]} / {pair[1]}", "diagnose",
                  {"teacher": weights(T), "student weights": weights(S), **ctx}, {"scoring": scoring_bytes([T, S], st)},
                  cap, st),
-        Estimate(f"fixed_context {pair[0]} / {pair[1]}", "diagnose",
-                 {**student_bytes(S, st), "teacher": weights(T), **ctx},
-                 {"update": activation_bytes(S, st.tokens, st.compute_bytes, st.checkpointing)
-                  + logit_bytes(S, st.chunk, st.compute_bytes), "scoring": scoring_bytes([T, S], st)}, cap, st),
+        fixed_context_estimate(pair, S, T, st, cap),
     ]
+
+
+def fixed_context_estimate(pair: tuple[str, str], S: Shape, T: Shape, st: Settings, cap: float | None) -> Estimate:
+    """One fp32 student on the GPU throughout (S0 waits on the host); its gradients and AdamW state only in
+    the τ steps ("update"), the teacher only in the bank's KL passes ("scoring"; opd.studies.fixed_context)."""
+    student = student_bytes(S, st)
+    return Estimate(f"fixed_context {pair[0]} / {pair[1]}", "diagnose",
+                    {"student weights": student.pop("student weights"), "CUDA context": 1.0 * GIB},
+                    {"update": update_bytes(S, st), "scoring": scoring_bytes([T, S], st)}, cap, st,
+                    held={"update": student, "scoring": {"teacher": st.compute_bytes * T.params()}})
 
 
 def estimates(config: dict) -> tuple[list[Estimate], list[str]]:
@@ -289,8 +311,8 @@ def largest_microbatch(config: dict, e: Estimate) -> int | None:
 def fit_advice(config: dict, e: Estimate) -> str:
     """What would make a job fit: the largest micro-batch that does, or the GPUs FSDP needs."""
     if e.kind != "train":
-        return ("set train.max_tokens_per_microbatch / train.logit_chunk lower (diagnostics use them too) or "
-                "resources.diagnose.gpu_mem_gb higher")
+        return ("set diagnose.max_tokens_per_microbatch / diagnose.logit_chunk lower, diagnose.gradient_checkpointing "
+                "on, or resources.diagnose.gpu_mem_gb higher")
     best = largest_microbatch(config, e)
     if best:
         return f"fits with train.max_tokens_per_microbatch <= {best}"
@@ -330,7 +352,7 @@ def table(config: dict, found: list[Estimate]) -> str:
             "| peak | cap | largest fitting micro-batch |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for e in found:
-        st, s = e.settings, e.static
+        st, s = e.settings, e.terms()
         extra = sum(v for k, v in s.items() if k.startswith(("FSDP", "DDP")))
         shape = model_shape(config, e.job.split()[-1])[0]
         acts = [activation_bytes(shape, st.tokens, st.compute_bytes, c) for c in (False, True)]
@@ -338,11 +360,11 @@ def table(config: dict, found: list[Estimate]) -> str:
         best = largest_microbatch(config, e)
         rows.append(" | ".join([
             f"| {e.job}", str(st.gpus if e.kind == "train" else 1), st.sharding if e.kind == "train" else "-",
-            str(st.tokens), str(st.chunk), "on" if st.checkpointing else "off",
+            str(st.tokens), str(st.chunk(shape.vocab_size)), ("on" if st.checkpointing else "off") if update else "-",
             _gib(s.get("student weights", 0)), _gib(s.get("gradients", 0)), _gib(s.get("AdamW state", 0)),
             _gib(extra), _gib(s.get("teacher", 0)), _gib(s.get("vLLM share", 0)),
             f"{_gib(acts[0])} / {_gib(acts[1])}" if update else "-",
-            _gib(logit_bytes(shape, st.chunk, st.compute_bytes)) if update else "-",
+            _gib(logit_bytes(shape, st.chunk(shape.vocab_size), st.compute_bytes)) if update else "-",
             _gib(e.phases["scoring"]) if "scoring" in e.phases else "-", f"**{_gib(e.peak)}**",
             "-" if e.cap_gib is None else f"{e.cap_gib:g}" + ("" if e.fits else " (does not fit)"),
             "-" if best is None else str(best)]) + " |")
