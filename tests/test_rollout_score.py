@@ -147,3 +147,29 @@ def test_fixed_context_follows_the_signal_variant(tiny_world, files, tmp_path, v
     assert all(float(r["gain"]) == float(r[headline]) for r in rows)
     n = int(rows[0]["n_positions"])  # paper: ⌈0.2 N − 1e-9⌉; official: exact ⌈0.2 N⌉ plus the min-keep top-up
     assert all(int(r["n_selected"]) >= -(-n // 5) for r in rows)
+
+
+def test_fixed_context_gradient_checkpointing_gives_the_same_gains(tiny_world, files, tmp_path, monkeypatch):
+    """--gradient-checkpointing recomputes the τ steps' layers: the same arithmetic, so the same CSV bytes;
+    and S0 (moved to the host after its KL pass) is not changed by the selectors' training."""
+    from opd.studies import fixed_context
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    seen = []
+    real = fixed_context.trained_copy
+    def spy(student, device, checkpointing):
+        model = real(student, device, checkpointing)
+        seen.append((student, model.is_activation_checkpointing))
+        return model
+
+    monkeypatch.setattr(fixed_context, "trained_copy", spy)
+    argv = ["--rollouts", str(files / "r.safetensors"), "--scores", str(files / "s.safetensors"),
+            "--student", str(tiny_world["student"]), "--teacher", str(tiny_world["teacher"]),
+            "--selectors", "ta_opd", "full", "--ratio", "0.2", "--steps", "2", "--study", "test_fc"]
+    fixed_context.main([*argv, "--out", str(tmp_path / "plain.csv")])
+    fixed_context.main([*argv, "--out", str(tmp_path / "ckpt.csv"), "--gradient-checkpointing"])
+    assert [c for _, c in seen] == [False, False, True, True]
+    assert (tmp_path / "plain.csv").read_bytes() == (tmp_path / "ckpt.csv").read_bytes()
+    s0 = seen[0][0].state_dict()
+    assert all(torch.equal(v, seen[1][0].state_dict()[k]) for k, v in s0.items())
+
