@@ -6,12 +6,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from opd.engines import distributed, train
+from opd.engines import distributed, train, update
 from opd.engines.score import score_rollouts
 from test_distributed import _argv, _free_port
 
@@ -20,16 +21,21 @@ from test_distributed import _argv, _free_port
 ATOL = 1e-6
 
 
-def _one_update(rank: int, world: int, port: int, argv: list[str], out: str) -> None:
+def _one_update(rank: int, world: int, port: int, argv: list[str], out: str, uneven: bool = False) -> None:
     """Sample and score the whole batch as one process does, then take one update on this rank's half.
 
     Every rank draws the same rollouts (a 1-rank context), keeps the mask only on its own half of the
-    sequences and lets `loss_scale` weigh it: the sharded step must be the whole batch's step.
+    sequences and lets `loss_scale` weigh it: the sharded step must be the whole batch's step. `uneven`:
+    the last sequence supervises nothing, and on two ranks each rank's budget holds one sequence, so rank 0
+    runs two micro-batches and rank 1 one (their counts are written to mbs<rank>.json).
     """
+    import datetime
+
     import torch.distributed as dist
 
-    if world > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    if world > 1:  # a rank left waiting in a collective fails after a minute instead of hanging the test
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
     ctx = distributed.Context(rank, world)
     tr = train.setup(train.parse_args(argv), ctx=ctx)
     alone = train.dataclasses.replace(tr, dist=distributed.Context())
@@ -37,9 +43,17 @@ def _one_update(rank: int, world: int, port: int, argv: list[str], out: str) -> 
     scores = score_rollouts(tr.teacher, rollouts, tr.args.top_k, 8, student=train.inference_student(tr))
     sig = train.batch_signals(rollouts.tensors, scores, margin="top2")  # the paper variant
     mask_BT = sig.valid_BT.clone()
+    if uneven:
+        mask_BT[-1] = False
     half = mask_BT.shape[0] // world
     mask_BT[: rank * half] = False
     mask_BT[(rank + 1) * half:] = False
+    if uneven and world > 1:
+        seqs = rollouts.sequences()
+        cut = [len(seqs[b][0]) + int(mask_BT[b].nonzero().max()) + 1 for b in range(len(seqs)) if mask_BT[b].any()]
+        tr.args.max_tokens_per_microbatch = max(cut)
+        n = len(update.micro_batches(seqs, mask_BT, max(cut)))
+        (Path(out) / f"mbs{rank}.json").write_text(json.dumps(n))
     train.update_step(tr, rollouts, scores, mask_BT, step=1)
     if world > 1:
         state, _ = distributed.full_states(tr.student, tr.optimizer)
@@ -50,21 +64,27 @@ def _one_update(rank: int, world: int, port: int, argv: list[str], out: str) -> 
         torch.save({k: v.detach().cpu() for k, v in state.items()}, f"{out}/world{world}.pt")
 
 
-def test_fsdp_update_on_two_ranks_equals_one_process(tiny_world, tmp_path):
+@pytest.mark.parametrize("sharding, uneven", [("fsdp", False), ("fsdp", True), ("ddp", True)])
+def test_fsdp_update_on_two_ranks_equals_one_process(tiny_world, tmp_path, sharding, uneven):
+    """uneven: rank 0 runs 2 micro-batches, rank 1 one; FSDP's per-forward all-gathers then pair up only
+    if rank 1 runs a zero-weight micro-batch too (without it the step timed out in a reduce-scatter); DDP
+    needs none (one all-reduce per rank, in its last backward)."""
     import torch.multiprocessing as mp
 
     common = ["--method", "full", "--samples", "2", "--prompts-per-step", "2"]
-    _one_update(0, 1, 0, _argv(tiny_world, tmp_path / "one", *common), str(tmp_path))
+    _one_update(0, 1, 0, _argv(tiny_world, tmp_path / "one", *common), str(tmp_path), uneven)
     mp.start_processes(_one_update, args=(2, _free_port(), _argv(tiny_world, tmp_path / "two", *common, "--sharding",
-                                                                  "fsdp"), str(tmp_path)),
+                                                                  sharding), str(tmp_path), uneven),
                        nprocs=2, start_method="spawn", join=True)
+    if uneven:
+        assert [json.loads((tmp_path / f"mbs{r}.json").read_text()) for r in (0, 1)] == [2, 1]
     one, two = (torch.load(tmp_path / f"world{w}.pt", weights_only=True) for w in (1, 2))
     before = load_file(str(tiny_world["student"] / "model.safetensors"))
     assert set(before) <= set(two) <= set(one)  # FSDP's full state leaves out the tied LM head copy
     moved = max(float((one[k] - before[k]).abs().max()) for k in before)
     assert moved > 1e-4  # the step did change the weights (lr 1e-3): the comparison below is not vacuous
     worst = max(float((one[k] - two[k]).abs().max()) for k in two)
-    assert worst <= ATOL, f"FSDP weights differ from one process's by {worst:.2e}"
+    assert worst <= ATOL, f"{sharding} weights differ from one process's by {worst:.2e}"
 
 
 def test_fsdp_without_torchrun_is_refused(tiny_world, tmp_path):

@@ -62,8 +62,12 @@ class Context:
 
 
 def backend(device: torch.device) -> str:
-    """nccl for CUDA tensors, gloo for CPU ones (the in-process loop keeps its models on the CPU)."""
-    return "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+    """nccl for CUDA tensors, gloo for CPU ones (the in-process loop keeps its models on the CPU).
+
+    On CUDA both: the ranks' small agreements (`raise_if_any`, `loss_scale`, `max_over_ranks`) reduce CPU
+    tensors, which NCCL refuses; torch routes each collective by its tensor's device. Not yet run on a GPU.
+    """
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
 
 
 def init(device: torch.device = torch.device("cpu")) -> Context:
@@ -97,6 +101,15 @@ def raise_if_any(ctx: Context, problem: str | None, where: str) -> None:
     if flag.item() > 0:
         raise FloatingPointError(f"{problem or 'non-finite values on another rank'} {where} "
                                  f"({int(flag.item())} of {ctx.world} ranks)")
+
+
+def max_over_ranks(ctx: Context, n: int) -> int:
+    """The largest `n` over the ranks (every rank calls it at the same point)."""
+    if ctx.world == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def check_share(prompts_per_step: int, world: int) -> None:

@@ -11,7 +11,9 @@ Exactness: micro-batch i's loss is weighted by units_i / units, the share of the
 (supervised tokens for token_mean, supervised sequences for sequence_mean) it holds, so the summed
 gradient is the whole batch's for every loss and aggregation (sequences are never split across
 micro-batches). Under DDP only the last micro-batch's backward all-reduces (`no_sync` before), and
-`distributed.loss_scale` on top makes the average over ranks the global batch's gradient. When the
+`distributed.loss_scale` on top makes the average over ranks the global batch's gradient. Under FSDP every
+forward and backward all-gathers each layer, so the ranks must run as many micro-batches: a rank with
+fewer runs idle ones (one supervised token, weight 0: its gradient adds exact zeros) up to the most. When the
 whole batch fits one micro-batch (the miniature study), it is one forward and one backward in rollout
 order, as before: the same numbers bit for bit.
 """
@@ -36,9 +38,20 @@ class MicroBatch:
     keep_N: Tensor  # over the cut responses' tokens (flat): which get a loss
     pos_M: Tensor  # flat rollout positions (into the N response tokens) of the kept tokens, in order
     seq_M: Tensor  # the micro-batch's sequence (0, 1, ...) of each kept token
+    idle: bool = False  # only there to match another rank's collectives: no loss units, weight 0
 
     def units(self, aggregation: str) -> int:
+        if self.idle:
+            return 0
         return len(self.pos_M) if aggregation == "token_mean" else len(self.prompts)
+
+    def idle_copy(self) -> "MicroBatch":
+        """Its first sequence cut after its first supervised token (every sequence here has one), idle."""
+        first = int(self.keep_N.nonzero()[0, 0])
+        keep_N = torch.zeros(first + 1, dtype=torch.bool)
+        keep_N[-1] = True
+        return MicroBatch([self.prompts[0]], [self.responses[0][:first + 1]], keep_N, self.pos_M[:1], self.seq_M[:1],
+                          idle=True)
 
 
 def micro_batches(seqs: list[tuple[list[int], list[int]]], mask_BT: Tensor, max_tokens: int) -> list[MicroBatch]:
@@ -69,6 +82,14 @@ def micro_batches(seqs: list[tuple[list[int], list[int]]], mask_BT: Tensor, max_
             keep_N=torch.cat([mask_BT[b, :n] for b, n, _ in items]), pos_M=torch.cat([pos for _, _, pos in items]),
             seq_M=torch.cat([torch.full((len(pos),), j, dtype=torch.long) for j, (_, _, pos) in enumerate(items)])))
     return out
+
+
+def match_ranks(tr, mbs: list[MicroBatch]) -> list[MicroBatch]:
+    """Under FSDP, idle micro-batches up to the largest count over the ranks (module docstring); else `mbs`."""
+    if tr.dist.world == 1 or not hasattr(tr.ddp, "set_requires_gradient_sync"):
+        return mbs
+    most = distributed.max_over_ranks(tr.dist, len(mbs))
+    return mbs + [mbs[-1].idle_copy() for _ in range(most - len(mbs))]
 
 
 def _distribution_reduction(kind: str):
@@ -143,7 +164,7 @@ def update_step(tr, rollouts, scores: dict[str, Tensor], mask_BT: Tensor, step: 
     """One optimizer step on the OPD loss of the masked positions; FloatingPointError on NaN/Inf."""
     args = tr.args
     scale = distributed.loss_scale(tr.dist, mask_BT, args.aggregation, f"step {step}: the {args.method!r} mask")
-    mbs = micro_batches(rollouts.sequences(), mask_BT, args.max_tokens_per_microbatch)
+    mbs = match_ranks(tr, micro_batches(rollouts.sequences(), mask_BT, args.max_tokens_per_microbatch))
     rollout_t = {**rollouts.tensors, "tokens_N": rollouts.tensors["tokens_N"].long()}
     tr.student.train()
     tr.optimizer.zero_grad(set_to_none=True)
