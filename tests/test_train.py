@@ -323,6 +323,23 @@ def test_changed_flags_restart_afresh_only_when_asked(tiny_world, tmp_path):
     assert len(list(tmp_path.glob("checkpoints.replaced-*/step_000001/state.json"))) == 1
 
 
+def test_memory_flags_may_change_on_resume(tiny_world, tmp_path, mlflow_uri, monkeypatch):
+    """The micro-batch budget, the logit chunk and gradient checkpointing bound memory, not the math: a run
+    stopped after step 1 (a NaN at step 2) resumes with other bounds from its step-1 checkpoint, no restart."""
+    real, calls = update.opd_loss, []
+    monkeypatch.setattr(update, "opd_loss", lambda *a, **kw: real(*a, **kw) * (float("nan") if calls.append(1) or
+                                                                                len(calls) == 2 else 1.0))
+    base = argv(tiny_world, tmp_path, "--method", "full", "--steps", "2", "--checkpoint-every", "1")
+    with pytest.raises(FloatingPointError, match="at step 2"):
+        train.main(base)
+    resumed = []
+    monkeypatch.setattr(update, "opd_loss", lambda *a, **kw: resumed.append(1) or real(*a, **kw))
+    memory = ["--max-tokens-per-microbatch", "4096", "--logit-chunk", "3", "--gradient-checkpointing"]
+    assert train.main(base + memory)["step"] == 2
+    assert len(resumed) == 1  # step 2 only: it went on from the step-1 checkpoint
+    assert not list(tmp_path.glob("checkpoints.replaced-*"))
+
+
 @pytest.mark.parametrize("loss", ["topk_reverse_kl", "topk_forward_kl", "topk_jsd"])
 def test_distribution_losses_train_a_step(trainer, loss):
     before = [p.detach().clone() for p in trainer.student.parameters()]
