@@ -11,7 +11,7 @@ size just before the measured call, so no measurement inherits another's allocat
   that the old code's [L, V] blocks fit a small machine at 4k (about 7 GB);
 - score: `opd.engines.score.score_rollouts` with teacher and student (exact mode) on the same sequence;
 - rollout: `generate_hf` of one greedy response of L tokens (up to 4k; the KV cache is under 10 MB here).
-`new` = the defaults (logit_chunk 883 positions at this vocabulary); `old` = what the code did before
+`new` = the defaults (logit_chunk 441 positions at this vocabulary); `old` = what the code did before
 this change: for update/score the same code with one chunk and one micro-batch for the whole batch
 (`--logit-chunk`/budget = 10^9, i.e. [N, V] logits; the previous scoring also kept the teacher's [N, V]
 during the student's pass, so its real peak was higher still), for rollouts transformers'
