@@ -130,7 +130,7 @@ def planned(dims: dict, sizes: dict, vocab: int, bf16: bool) -> dict[str, float]
                        kv_sequences=dims["prompts_per_step"] * dims["samples"],
                        seq_tokens=dims["prompt_tokens"] + dims["new_tokens"])
     static = sum(plan.student_bytes(S, st).values()) + b * T.params()
-    update = plan.activation_bytes(S, st.tokens, b, True) + plan.logit_bytes(S, st.chunk, b)
+    update = plan.update_bytes(S, st)
     scoring = plan.scoring_bytes([T, S], st)
     gib = lambda x: float(f"{x / plan.GIB:.3g}")  # noqa: E731  (3 significant digits: --tiny's are small)
     return {"update": gib(static + update), "scoring": gib(static + scoring),
