@@ -223,6 +223,7 @@ def engine_args():
     ]
     flags += [f"--{k.replace('_', '-')}" for k in ("vllm_sleep", "recompute_rollout_logprobs") if TRAIN[k]]
     flags += [f"--teacher-device {TRAIN['teacher_device']}"] if TRAIN["teacher_device"] else []
+    flags += [f"--async-rollouts {TRAIN['async_rollouts']}"] if TRAIN["async_rollouts"] else []
     return "".join(f" {f}" for f in flags)
 
 

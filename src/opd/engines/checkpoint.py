@@ -86,11 +86,13 @@ def _resume_flags(args: argparse.Namespace) -> dict:
 
 
 def save_checkpoint(out_dir: Path, step: int, args: argparse.Namespace, model_state: dict, optimizer_state: dict,
-                    scheduler_state: dict, run_id: str, metrics: dict, keep: int = KEEP_CHECKPOINTS) -> Path:
+                    scheduler_state: dict, run_id: str, metrics: dict, keep: int = KEEP_CHECKPOINTS,
+                    extra=None) -> Path:
     """OUT/checkpoints/step_{step:06d}, written atomically; only the newest `keep` are kept.
 
     The states are CPU copies (a checkpoint loads on a machine without a GPU); `args` are the run's
-    flags, stored so that a resume with other flags is refused (`changed_flags`).
+    flags, stored so that a resume with other flags is refused (`changed_flags`). `extra(tmp)`, if given,
+    adds files to the temporary directory (the pending rollouts of `opd.engines.async_rollouts`).
     """
     root = out_dir / "checkpoints"
     final, tmp = root / f"step_{step:06d}", root / f".tmp_step_{step:06d}"
@@ -98,6 +100,8 @@ def save_checkpoint(out_dir: Path, step: int, args: argparse.Namespace, model_st
     tmp.mkdir(parents=True)
     torch.save(model_state, tmp / "model.pt")
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": _rng_states()}, tmp / "trainer.pt")
+    if extra is not None:
+        extra(tmp)
     state = {"step": step, "run_id": run_id, "metrics": metrics, "flags": _resume_flags(args),
              "files": file_sizes(tmp)}  # checked at load: a truncated file is found before torch.load
     (tmp / "state.json").write_text(json.dumps(state, indent=1))

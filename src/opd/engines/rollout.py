@@ -127,6 +127,29 @@ class TopKRecorder:
         return self.sampled_BT[:, :T].cpu(), self.top_ids_BTK[:, :T].cpu(), self.top_lps_BTK[:, :T].cpu()
 
 
+class SeededSampler:
+    """The last logits processor: draws each token with its own `torch.Generator`, never the global one.
+
+    transformers' sampling path draws from the global RNG (`torch.multinomial` without a generator), which a
+    sampling thread would share with the trainer's (`opd.engines.async_rollouts`). Generation runs greedy
+    and this processor does what the sampling path did, in its order (temperature, top-p, softmax,
+    multinomial: a CPU generator seeded with s draws what the global one after `torch.manual_seed(s)`
+    draws), then leaves only the drawn token finite, for the greedy argmax to pick.
+    """
+
+    def __init__(self, temperature: float, top_p: float, seed: int, device):
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        self.warpers = LogitsProcessorList(([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []) +
+                                           ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, input_ids_BL: Tensor, scores_BV: Tensor) -> Tensor:
+        probs_BV = torch.softmax(self.warpers(input_ids_BL, scores_BV), dim=-1)
+        drawn_B1 = torch.multinomial(probs_BV, num_samples=1, generator=self.generator)
+        return torch.full_like(scores_BV, -float("inf")).scatter_(1, drawn_B1, 0.0)
+
+
 @torch.no_grad()
 def generate_hf(model, tokenizer, prompts: list[list[int]], K: int, temperature: float, top_p: float,
                 max_new_tokens: int, seed: int, batch_size: int) -> dict[str, Tensor]:
@@ -139,13 +162,13 @@ def generate_hf(model, tokenizer, prompts: list[list[int]], K: int, temperature:
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
-    torch.manual_seed(seed)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
-        "do_sample": False}
-    # Explicit values win over the model's: transformers fills only the fields left at None.
-    config = GenerationConfig(max_new_tokens=max_new_tokens, top_k=0, min_p=0.0, repetition_penalty=1.0,
-                              pad_token_id=pad, eos_token_id=eos, **sampling)
+    # Greedy for transformers; with temperature > 0 the tokens are drawn by a `SeededSampler` (own generator).
+    sampler = [SeededSampler(temperature, top_p, seed, model.device)] if temperature > 0 else []
+    # Explicit values win over the model's: transformers fills only the fields left at None. Greedy mode
+    # applies no top-k/min-p (a hub model's own, e.g. Qwen3's top_k=20, never truncates the distribution).
+    config = GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=1.0, pad_token_id=pad,
+                              eos_token_id=eos, do_sample=False)
     responses, logprobs, topk_ids, topk_lps = [], [], [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
@@ -154,7 +177,7 @@ def generate_hf(model, tokenizer, prompts: list[list[int]], K: int, temperature:
         attn_BP = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in chunk])
         recorder = TopKRecorder(K, max_new_tokens)
         out = model.generate(input_ids=input_ids_BP.to(model.device), attention_mask=attn_BP.to(model.device),
-                             generation_config=config, logits_processor=LogitsProcessorList([recorder]))
+                             generation_config=config, logits_processor=LogitsProcessorList([recorder, *sampler]))
         seq_BT = out[:, P:]
         logprob_BT, top_ids_BTK, top_lps_BTK = recorder.finish(seq_BT)
         seq_BT = seq_BT.cpu()

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from opd import worlds
-from opd.engines import accel, distributed, forward, recompute, teacher_worker
+from opd.engines import accel, async_rollouts, distributed, forward, recompute, teacher_worker
 from opd.engines import vllm_engine as engine
 from opd.engines.checkpoint import (KEEP_CHECKPOINTS, changed_flags, load_latest_checkpoint, prune_finished,
                                     restore_rng_states, save_checkpoint, set_aside_replaced)
@@ -68,6 +68,7 @@ class Trainer:
     replica: Any = None  # --sharding fsdp: the unsharded student that rollouts and scoring use
     replica_step: int = -1  # the scheduler step whose weights the replica holds
     engine_metrics: dict = dataclasses.field(default_factory=dict)  # the last push's and recompute's figures
+    ahead: Any = None  # --async-rollouts 1: an `opd.engines.async_rollouts.RolloutsAhead` while training runs
 
 
 @dataclasses.dataclass
@@ -101,6 +102,7 @@ def check_args(args: argparse.Namespace, world: int = 1) -> None:
     distributed.check_sharding(args.sharding, world)
     release_rule(args)
     forward.check_memory_args(args)
+    async_rollouts.check_args(args, world)
 
 
 def check_fits(args: argparse.Namespace, prompt_ids: list[list[int]]) -> None:
@@ -219,7 +221,7 @@ def step_metrics(tr: Trainer, rollouts: Rollouts, scores: dict[str, Tensor], rec
 def run_step(tr: Trainer, t: int) -> StepResult:
     """Training step t: rollouts from the current student, teacher scores, mask, one update."""
     args, start, opts = tr.args, time.perf_counter(), signal_options(tr.args)
-    rollouts, records = sample(tr, t)
+    rollouts, records = tr.ahead.rollouts_for(t) if tr.ahead is not None else sample(tr, t)
     with accel.autocast(tr.device, args.dtype):
         scores = teacher_worker.teacher_scores(tr, rollouts, inference_student(tr))  # in process or worker
     sig = batch_signals(rollouts.tensors, scores, opts, args.margin)
@@ -265,13 +267,14 @@ def train_loop(tr: Trainer, run, start: int, metrics: dict) -> dict:
 def checkpoint_step(tr: Trainer, t: int, run_id: str, metrics: dict) -> None:
     """Rank 0 writes checkpoint t from CPU copies of the states (it loads on a machine without a GPU)."""
     args, ctx = tr.args, tr.dist
+    pending = async_rollouts.stage_pending(tr, t)  # --async-rollouts 1: step t + 1's rollouts go in too
     if tr.replica is not None:  # FSDP: every rank takes part in gathering the full state onto rank 0
         states = distributed.full_states(tr.student, tr.optimizer)
     elif ctx.main:
         states = accel.cpu_state(tr.student), accel.cpu_state(tr.optimizer)
     if ctx.main:
         save_checkpoint(args.out_dir, t, args, *states, tr.scheduler.state_dict(), run_id, metrics,
-                        keep=args.keep_checkpoints)
+                        keep=args.keep_checkpoints, extra=pending)
     distributed.barrier(ctx)  # no rank runs ahead of (or exits before) a complete checkpoint
 
 
@@ -318,6 +321,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     worlds.add_args(p)
     engine.add_args(p)
     teacher_worker.add_args(p)
+    async_rollouts.add_args(p)
     return p.parse_args(argv)
 
 
@@ -343,7 +347,8 @@ def main(argv: list[str] | None = None) -> dict:
                 args.study, f"train[{args.name}]", params=None if ckpt else vars(args),
                 tags={"model": args.name, "method": args.method}, run_id=ckpt["run_id"] if ckpt else None,
                 resume_step=ckpt["step"] if ckpt else None)) as run, \
-                engine.for_trainer(tr), teacher_worker.for_trainer(tr):  # no-ops for hf / in_process
+                engine.for_trainer(tr), teacher_worker.for_trainer(tr), \
+                async_rollouts.for_trainer(tr, sample, ckpt):  # no-ops for hf / in_process / async 0
             metrics = train_loop(tr, run, start, metrics)
             final = {"step": args.steps, **metrics, "signals": signal_record(args)}
             student = inference_student(tr)
