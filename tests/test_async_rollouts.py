@@ -1,0 +1,151 @@
+"""--async-rollouts 1: rollouts one step ahead in a thread, from the stated snapshot; exact resume; DDP."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import GenerationConfig
+
+from opd.engines import async_rollouts, checkpoint, train
+from opd.engines.rollout import _cut_at_eos, generate_hf
+from opd.infra.cli import FlagError
+from test_distributed import _free_port
+from test_train import Killed, _final_state, _kill_when_complete, argv
+
+ASYNC = ("--method", "ta_opd", "--ratio", "0.3", "--steps", "4", "--checkpoint-every", "1", "--seed", "7",
+         "--warmup-steps", "3", "--async-rollouts", "1")
+
+
+@pytest.fixture(autouse=True)
+def mlflow_uri(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_hf_sampling_draws_the_old_global_stream_with_its_own_generator(tiny_world, temperature, top_p):
+    """generate_hf's tokens are those transformers' own sampling drew after torch.manual_seed(seed) (what
+    generate_hf did before), and the global RNG is left as it was (a sampling thread shares it)."""
+    from transformers import AutoModelForCausalLM
+
+    tok, model = tiny_world["tokenizer"], AutoModelForCausalLM.from_pretrained(str(tiny_world["student"])).eval()
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]] * 2
+    before = torch.get_rng_state()
+    new = generate_hf(model, tok, prompts, 4, temperature, top_p, 20, seed=123, batch_size=4)
+    assert torch.equal(before, torch.get_rng_state())
+    torch.manual_seed(123)
+    expected = []
+    for start in range(0, len(prompts), 4):
+        chunk = prompts[start:start + 4]
+        P = max(map(len, chunk))
+        ids = torch.tensor([[tok.pad_token_id] * (P - len(p)) + p for p in chunk])
+        attn = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in chunk])
+        config = GenerationConfig(max_new_tokens=20, top_k=0, min_p=0.0, repetition_penalty=1.0, do_sample=True,
+                                  temperature=temperature, top_p=top_p, pad_token_id=tok.pad_token_id,
+                                  eos_token_id=tok.eos_token_id)
+        out = model.generate(input_ids=ids, attention_mask=attn, generation_config=config)[:, P:]
+        expected += [t for row in out for t in row[:_cut_at_eos(row, tok.eos_token_id)].tolist()]
+    assert new["tokens_N"].tolist() == expected and len(set(expected)) > 3
+
+
+def _weights(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_step_t_plus_1_trains_on_rollouts_of_the_weights_at_the_start_of_step_t(tiny_world, tmp_path):
+    tr = train.setup(train.parse_args(argv(tiny_world, tmp_path / "a", *ASYNC)))
+    ref = train.setup(train.parse_args(argv(tiny_world, tmp_path / "ref", *ASYNC[:-2])))  # async 0, same seed
+    weights, used = [_weights(tr.student)], []
+    with async_rollouts.for_trainer(tr, train.sample, None):
+        for t in (1, 2, 3):
+            result = train.run_step(tr, t)
+            used.append((result.rollouts, result.metrics["rollout_staleness"]))
+            weights.append(_weights(tr.student))  # weights[t]: after t updates
+    assert [s for _, s in used] == [0.0, 1.0, 1.0]
+    # step t's rollouts: sample(t) from the weights after max(t - 2, 0) updates; not from those after t - 1
+    for t, (rollouts, _) in zip((1, 2, 3), used):
+        ref.student.load_state_dict(weights[max(t - 2, 0)])
+        expected, _ = train.sample(ref, t)
+        assert rollouts.ids == expected.ids
+        for k, v in expected.tensors.items():
+            assert torch.equal(rollouts.tensors[k], v), (t, k)
+    ref.student.load_state_dict(weights[2])
+    assert not torch.equal(train.sample(ref, 3)[0].tensors["s_logprob_N"], used[2][0].tensors["s_logprob_N"])
+
+
+def test_a_resumed_async_run_replays_exactly(tiny_world, tmp_path, monkeypatch):
+    train.main(argv(tiny_world, tmp_path / "A", *ASYNC, "--name", "A"))
+    real = train.save_checkpoint
+
+    def crash_after_step_2(out_dir, step, *rest, **kw):
+        path = real(out_dir, step, *rest, **kw)
+        if step == 2:
+            raise Killed
+        return path
+
+    monkeypatch.setattr(train, "save_checkpoint", crash_after_step_2)
+    with pytest.raises(Killed):
+        train.main(argv(tiny_world, tmp_path / "B", *ASYNC, "--name", "B"))
+    monkeypatch.setattr(train, "save_checkpoint", real)
+    ckpt = checkpoint.load_latest_checkpoint(tmp_path / "B")
+    assert ckpt["step"] == 2 and "pending_rollouts.rank0.safetensors" in ckpt["files"]  # size-checked at load
+    assert not list((tmp_path / "B" / "checkpoints").glob(".pending*"))  # the staging directory moved in
+    off = train.parse_args(argv(tiny_world, tmp_path / "B", *ASYNC[:-2], "--name", "B"))
+    train.check_args(off)  # resolves the signal flags, as the run does
+    assert checkpoint.changed_flags(off, ckpt) == ["async_rollouts"]  # it changes the math: not resume-exempt
+    train.main(argv(tiny_world, tmp_path / "B", *ASYNC, "--name", "B"))
+
+    (metrics_a, weights_a), (metrics_b, weights_b) = _final_state(tmp_path / "A"), _final_state(tmp_path / "B")
+    assert metrics_a == metrics_b and metrics_a["step"] == 4 and metrics_a["rollout_staleness"] == 1.0
+    assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    # and it is another run than async 0's
+    train.main(argv(tiny_world, tmp_path / "C", *ASYNC[:-2], "--name", "C"))
+    _, weights_c = _final_state(tmp_path / "C")
+    assert not all(torch.equal(weights_a[k], weights_c[k]) for k in weights_a)
+
+
+@pytest.mark.slow
+def test_a_sigkilled_async_run_resumes_and_replays_exactly(tiny_world, tmp_path):
+    common = (*ASYNC, "--max-new-tokens", "160")  # longer responses: slower steps after the kill
+    train.main(argv(tiny_world, tmp_path / "A", *common, "--name", "killA"))
+    cmd = [sys.executable, "-m", "opd.engines.train", *argv(tiny_world, tmp_path / "B", *common, "--name", "killB")]
+    _kill_when_complete(cmd, tmp_path / "B" / "checkpoints" / "step_000002")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (metrics_a, weights_a), (metrics_b, weights_b) = _final_state(tmp_path / "A"), _final_state(tmp_path / "B")
+    assert metrics_a == metrics_b
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_unsupported_async_settings_are_refused_naming_the_key(tiny_world, tmp_path):
+    with pytest.raises(FlagError, match=r"--async-rollouts: 2 .*train.async_rollouts"):
+        train.setup(train.parse_args(argv(tiny_world, tmp_path, "--method", "full", "--async-rollouts", "2")))
+    args = train.parse_args(argv(tiny_world, tmp_path, "--method", "full", "--async-rollouts", "1",
+                                 "--sharding", "fsdp"))
+    with pytest.raises(ValueError, match=r"--async-rollouts 1 \(train.async_rollouts\) does not work with "
+                                         r"--sharding fsdp"):
+        async_rollouts.check_args(args, world=2)
+
+
+def test_torchrun_two_ranks_sample_ahead_and_stay_identical(tiny_world, tmp_path):
+    """DDP: each rank samples its own share in its own thread (checkpoint 2 stages both ranks' pending rollouts)."""
+    out, sums = tmp_path / "out", tmp_path / "checksums"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OPD_DEBUG_CHECKSUM_DIR=str(sums), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "opd.engines.train",
+           *argv(tiny_world, out, "--method", "ta_opd", "--ratio", "0.3", "--steps", "3", "--checkpoint-every", "2",
+                 "--keep-checkpoints", "2", "--async-rollouts", "1", "--name", "ddp_async")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0, rank1 = (json.loads((sums / f"rank{r}.json").read_text()) for r in range(2))
+    assert rank0 == rank1  # DDP kept the two replicas identical
+    assert json.loads((out / "metrics.json").read_text())["rollout_staleness"] == 1.0
+    assert load_file(str(out / "model" / "model.safetensors"))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000003"]  # no staging directory left
