@@ -4,6 +4,9 @@ The engine itself (weights pushed into a live vLLM, training with it) is tested 
 """
 
 import io
+import os
+import socket
+import subprocess
 import sys
 
 import pytest
@@ -40,6 +43,29 @@ def test_a_weights_file_of_another_step_or_a_partial_one_is_refused(tiny_world, 
 def test_shared_weights_live_in_shared_memory_one_directory_per_run(tmp_path):
     a, b = engine.shm_weights_dir(tmp_path / "run_a"), engine.shm_weights_dir(tmp_path / "run_b")
     assert a.parent == engine.SHM_ROOT and a != b and a == engine.shm_weights_dir(tmp_path / "run_a")
+    host = socket.gethostname()
+    assert a.name.endswith(f"@{host}:{os.getpid()}")  # its owner: this process (the node's local rank 0)
+    assert engine.shm_weights_dir(tmp_path / "run_a", 4242).name == a.name.replace(f":{os.getpid()}", ":4242")
+
+
+def test_copies_of_dead_owners_are_removed_and_live_ones_kept(tmp_path):
+    """What a SIGKILLed job leaves (its pid is dead) goes at the next start; a live process's copy stays."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that was ours and is now no process
+    host = socket.gethostname()
+    names = {"dead_weights": f"opd-weights-me-abc{engine.owner_tag(dead.pid)}",
+             "dead_teacher": f"opd-teacher{engine.owner_tag(dead.pid)}-x1y2",
+             "live_weights": f"opd-weights-me-def{engine.owner_tag()}",
+             "other_host": f"opd-weights-me-abc@not-{host}:{dead.pid}",
+             "unowned": "opd-weights-me-0123456789ab"}  # the old naming: no owner, never touched
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"x" * 10)
+    with pytest.warns(UserWarning, match="removed 2 shared-memory copies left by dead jobs"):
+        removed = engine.remove_stale_copies(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([names["dead_teacher"], names["dead_weights"]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        names[k] for k in ("live_weights", "other_host", "unowned"))
 
 
 def test_sleep_mode_on_a_cpu_run_is_refused_before_the_engine_starts():

@@ -35,7 +35,7 @@ from torch import Tensor
 from opd.engines import accel, worker_proc
 from opd.engines.rollout import Rollouts
 from opd.engines.score import score_rollouts
-from opd.engines.vllm_engine import SHM_ROOT, worker_env
+from opd.engines.vllm_engine import SHM_ROOT, owner_tag, remove_stale_copies, worker_env
 
 PLACEMENTS = ("in_process", "worker")
 
@@ -65,8 +65,11 @@ class TeacherWorker(worker_proc.WorkerProcess):
     name = "teacher worker"
 
     def __init__(self, teacher: Path, *, device: str, dtype: str, threads: int, python: str = sys.executable):
-        # Tensors travel through files: in RAM (/dev/shm) where the machine has it.
-        self.work_dir = Path(tempfile.mkdtemp(prefix="opd-teacher-", dir=SHM_ROOT if SHM_ROOT.is_dir() else None))
+        # Tensors travel through files: in RAM (/dev/shm) where the machine has it, named by their owner
+        # (this process), so that a SIGKILLed run's files are removed by the next start on the node.
+        remove_stale_copies()
+        self.work_dir = Path(tempfile.mkdtemp(prefix=f"opd-teacher{owner_tag()}-",
+                                              dir=SHM_ROOT if SHM_ROOT.is_dir() else None))
         cmd = [python, "-m", "opd.engines.teacher_worker", "--teacher", str(teacher), "--device", device,
                "--dtype", dtype, "--threads", str(threads)]
         super().__init__(cmd, worker_env(torch.device("cpu")))  # its own CUDA_VISIBLE_DEVICES, untouched

@@ -8,14 +8,17 @@ after an optimizer step the weights go to one safetensors file and every engine 
 file with the tensors of `opd.rollout.generate_hf`.
 
 Weight push (`--vllm-weight-push`):
-- `shm` (default): ONE copy per node in shared memory (/dev/shm/opd-weights-UID-HASH/, HASH of the run
-  directory), written by local rank 0 only; after a barrier every local engine reads it. Under DDP every
+- `shm` (default): ONE copy per node in shared memory (/dev/shm/opd-weights-USER-HASH@HOST:PID/, HASH of
+  the run directory, PID that of the node's local rank 0, its writer and owner), written by local rank 0 only; after a barrier every local engine reads it. Under DDP every
   rank holds the same weights after a step, so one copy serves them all. The file carries the step it
   belongs to in its metadata, and the worker refuses a file of another step (stale or partial: one
   clear error, never rollouts from old weights).
 - `per_rank`: each rank writes its own copy under OUT/rollout_weights/rank{r}/ (the old behaviour, on
   whatever disk the run directory is on).
-Each push returns its time and bytes (logged per step as `push_seconds`, `push_bytes`).
+Each push returns its time and bytes (logged per step as `push_seconds`, `push_bytes`). The writer removes the
+copy on exit and on an exception; a job killed outright (SIGKILL) cannot, so the next engine (or teacher
+worker) started on the node removes every /dev/shm/opd-*@HOST:PID directory of this user whose PID is no
+live process (`remove_stale_copies`; never one of a live process).
 
 On CUDA, `--vllm-sleep` puts the engine to sleep (vLLM sleep mode, level 1: weights offloaded to CPU RAM,
 KV cache released) after each step's rollouts and wakes it before the next push, so the update gets the
@@ -30,8 +33,11 @@ import contextlib
 import getpass
 import hashlib
 import os
+import re
 import shutil
+import socket
 import sys
+import warnings
 import time
 from pathlib import Path
 
@@ -48,6 +54,7 @@ VLLM_PYTHON_ENV = "OPD_VLLM_PYTHON"
 BACKENDS = ("hf", "vllm")
 PUSH_MODES = ("shm", "per_rank")
 SHM_ROOT = Path("/dev/shm")
+OWNED_RE = re.compile(r"opd-.*@(?P<host>[^@:/]+):(?P<pid>\d+)(?:-[^@/]*)?")  # what `owner_tag` names, + mkdtemp's
 
 
 def _tristate(value: str) -> str | bool:
@@ -132,10 +139,54 @@ def write_weights(model, directory: Path, dtype: torch.dtype, version: int | Non
     return final
 
 
-def shm_weights_dir(out_dir: Path) -> Path:
-    """This run's node-local weights directory in shared memory (one per run directory and user)."""
+def owner_tag(pid: int | None = None) -> str:
+    """@HOST:PID, the owner a shared-memory directory's name carries (`remove_stale_copies` reads it)."""
+    return f"@{socket.gethostname()}:{pid if pid is not None else os.getpid()}"
+
+
+def shm_weights_dir(out_dir: Path, owner_pid: int | None = None) -> Path:
+    """This run's node-local weights directory in shared memory (one per run directory, user and owner:
+    the node's local rank 0, by default this process)."""
     digest = hashlib.sha256(str(Path(out_dir).resolve()).encode()).hexdigest()[:12]
-    return SHM_ROOT / f"opd-weights-{getpass.getuser()}-{digest}"
+    return SHM_ROOT / f"opd-weights-{getpass.getuser()}-{digest}{owner_tag(owner_pid)}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_copies(root: Path = SHM_ROOT) -> list[Path]:
+    """Delete this user's opd-*@HOST:PID directories of this host under `root` whose PID is dead (what a
+    SIGKILLed job leaves); a live owner's (or a reused PID's) stay. Returns those removed, with a warning."""
+    host, removed = socket.gethostname(), []
+    for path in sorted(root.glob("opd-*@*")) if root.is_dir() else []:
+        m = OWNED_RE.fullmatch(path.name)
+        if m is None or m["host"] != host or not path.is_dir() or path.stat().st_uid != os.getuid():
+            continue
+        if not _alive(int(m["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        warnings.warn(f"removed {len(removed)} shared-memory copies left by dead jobs: "
+                      f"{', '.join(map(str, removed))}", stacklevel=2)
+    return removed
+
+
+def node_writer_pid(ctx: distributed.Context) -> int:
+    """The pid of this node's local rank 0 (the shared copy's writer), known to every rank (a collective)."""
+    if ctx.world == 1:
+        return os.getpid()
+    import torch.distributed as dist
+
+    everyone = [None] * ctx.world
+    dist.all_gather_object(everyone, (socket.gethostname(), local_rank(), os.getpid()))
+    return next(pid for host, rank, pid in everyone if host == socket.gethostname() and rank == 0)
 
 
 def local_rank() -> int:
@@ -230,12 +281,15 @@ def for_trainer(tr):
         raise ValueError(f"--vllm-weight-push shm (train.vllm_weight_push) needs {SHM_ROOT}, which this "
                          f"machine does not have: use per_rank")
     root = args.out_dir / "rollout_weights"
+    writer_pid = node_writer_pid(tr.dist) if shared else None
+    if local_rank() == 0:
+        remove_stale_copies()  # what a SIGKILLed job on this node left
     max_model_len = max(map(len, tr.prompt_ids)) + args.max_new_tokens
     try:
         with VllmEngine(vllm_python(args.vllm_python), args.student, root / f"rank{tr.dist.rank}", dtype=args.dtype,
                         max_model_len=max_model_len, max_logprobs=args.top_k,
                         memory_fraction=args.vllm_memory_fraction, device=tr.device, seed=args.seed,
-                        weights_dir=shm_weights_dir(args.out_dir) if shared else None,
+                        weights_dir=shm_weights_dir(args.out_dir, writer_pid) if shared else None,
                         writer=not shared or local_rank() == 0, sleep=args.vllm_sleep,
                         eager=enforce_eager(args.vllm_enforce_eager, tr.device),
                         ids_only=args.recompute_rollout_logprobs, ctx=tr.dist) as eng:
