@@ -21,6 +21,42 @@ from pathlib import Path
 import torch
 
 
+def measure(model: Path, K: int = 32, n_prompts: int = 32, prompt_len: int = 32, max_new_tokens: int = 96,
+            repeats: int = 2, threads: int = 1) -> dict:
+    """Best-of-`repeats` seconds of each variant on one engine, the tokens, same-token check and mismatch."""
+    from transformers import AutoModelForCausalLM
+
+    from opd.engines.recompute import recompute
+    from opd.engines.rollout import Rollouts
+    from opd.engines.vllm_engine import VllmEngine, vllm_python
+
+    torch.set_num_threads(threads)
+    student = AutoModelForCausalLM.from_pretrained(str(model)).eval()
+    g = torch.Generator().manual_seed(0)
+    vocab = student.config.vocab_size
+    prompts = torch.randint(10, vocab - 10, (n_prompts, prompt_len), generator=g).tolist()
+    times: dict[str, list[float]] = {"vllm_topk": [], "ids_only+recompute": []}
+    tokens = {}
+    with tempfile.TemporaryDirectory() as work, \
+            VllmEngine(vllm_python(None), model, Path(work), dtype="float32",
+                       max_model_len=prompt_len + max_new_tokens, max_logprobs=K, memory_fraction=0.1,
+                       device=torch.device("cpu")) as eng:
+        eng.generate(prompts[:2], K, 1.0, 1.0, 4, seed=1)  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            full = eng.generate(prompts, K, 1.0, 1.0, max_new_tokens, seed=7)
+            times["vllm_topk"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            ids = eng.generate(prompts, 0, 1.0, 1.0, max_new_tokens, seed=7)
+            rec, mismatch = recompute(student, Rollouts([str(i) for i in range(len(prompts))], ids), K, 64)
+            times["ids_only+recompute"].append(time.perf_counter() - start)
+            tokens = {"tokens": int(full["offsets_B1"][-1]), "same_tokens": bool(torch.equal(full["tokens_N"], ids["tokens_N"])),
+                      **mismatch}
+    best = {k: min(v) for k, v in times.items()}
+    return {"K": K, **tokens, **{f"{k}_s": v for k, v in best.items()},
+            "ratio": best["ids_only+recompute"] / best["vllm_topk"]}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, required=True, help="student model directory (e.g. a miniature model)")
@@ -31,39 +67,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=2, help="repeats; the best time of each variant is kept")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the trainer's recompute")
     args = p.parse_args(argv)
-
-    from transformers import AutoModelForCausalLM
-
-    from opd.engines.recompute import recompute
-    from opd.engines.rollout import Rollouts
-    from opd.engines.vllm_engine import VllmEngine, vllm_python
-
-    torch.set_num_threads(args.threads)
-    student = AutoModelForCausalLM.from_pretrained(str(args.model)).eval()
-    g = torch.Generator().manual_seed(0)
-    vocab = student.config.vocab_size
-    prompts = torch.randint(10, vocab - 10, (args.prompts, args.prompt_len), generator=g).tolist()
-    times: dict[str, list[float]] = {"vllm_topk": [], "ids_only+recompute": []}
-    tokens = {}
-    with tempfile.TemporaryDirectory() as work, \
-            VllmEngine(vllm_python(None), args.model, Path(work), dtype="float32",
-                       max_model_len=args.prompt_len + args.max_new_tokens, max_logprobs=args.K, memory_fraction=0.1,
-                       device=torch.device("cpu")) as eng:
-        eng.generate(prompts[:2], args.K, 1.0, 1.0, 4, seed=1)  # warm-up
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            full = eng.generate(prompts, args.K, 1.0, 1.0, args.max_new_tokens, seed=7)
-            times["vllm_topk"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            ids = eng.generate(prompts, 0, 1.0, 1.0, args.max_new_tokens, seed=7)
-            rec, mismatch = recompute(student, Rollouts([str(i) for i in range(len(prompts))], ids), args.K, 64)
-            times["ids_only+recompute"].append(time.perf_counter() - start)
-            tokens = {"tokens": int(full["offsets_B1"][-1]), "same_tokens": bool(torch.equal(full["tokens_N"], ids["tokens_N"])),
-                      **mismatch}
-    best = {k: min(v) for k, v in times.items()}
-    print(json.dumps({"K": args.K, **tokens, **{f"{k}_s": v for k, v in best.items()}}))
-    print(f"rollout time, ids only + trainer recompute / vLLM top-{args.K}: "
-          f"{best['ids_only+recompute'] / best['vllm_topk']:.3f}  ({tokens['tokens']} tokens)")
+    row = measure(args.model, args.K, args.prompts, args.prompt_len, args.max_new_tokens, args.repeats, args.threads)
+    print(json.dumps({k: v for k, v in row.items() if k != "ratio"}))
+    print(f"rollout time, ids only + trainer recompute / vLLM top-{args.K}: {row['ratio']:.3f}  "
+          f"({row['tokens']} tokens)")
 
 
 if __name__ == "__main__":

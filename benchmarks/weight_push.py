@@ -95,24 +95,29 @@ def push(model, ranks: int, mode: str, run_dir: Path, shm_dir: Path) -> dict:
             "push_s": write_s + read_s}
 
 
+def measure(fraction: float, ranks: list[int], run_dir: Path | None = None) -> tuple[list[dict], float]:
+    """(one `push` row per ranks × mode, the factor to full Qwen3-1.7B size), printing the build's sizes."""
+    state = qwen3_1p7b_state(fraction)
+    model, n = StateDict(state), sum(t.numel() for t in state.values())
+    scale = full_params() / n
+    print(json.dumps({"params_built": n, "params_full": full_params(), "extrapolation_factor": round(scale, 3)}))
+    work = run_dir or Path(tempfile.mkdtemp(prefix="opd-weight-push-", dir="."))
+    shm_dir = Path(tempfile.mkdtemp(prefix="opd-weight-push-", dir="/dev/shm"))
+    try:
+        return [push(model, r, mode, work, shm_dir) for r in ranks for mode in ("per_rank", "shm")], scale
+    finally:
+        shutil.rmtree(shm_dir, ignore_errors=True)
+        if run_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fraction", type=float, default=0.25, help="share of Qwen3-1.7B built (memory); 1 = full")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="ranks per node to simulate")
     p.add_argument("--run-dir", type=Path, default=None, help="where per-rank files go (default: a temp dir)")
     args = p.parse_args(argv)
-    state = qwen3_1p7b_state(args.fraction)
-    model, n = StateDict(state), sum(t.numel() for t in state.values())
-    scale = full_params() / n
-    print(json.dumps({"params_built": n, "params_full": full_params(), "extrapolation_factor": round(scale, 3)}))
-    run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="opd-weight-push-", dir="."))
-    shm_dir = Path(tempfile.mkdtemp(prefix="opd-weight-push-", dir="/dev/shm"))
-    try:
-        rows = [push(model, r, mode, run_dir, shm_dir) for r in args.ranks for mode in ("per_rank", "shm")]
-    finally:
-        shutil.rmtree(shm_dir, ignore_errors=True)
-        if args.run_dir is None:
-            shutil.rmtree(run_dir, ignore_errors=True)
+    rows, scale = measure(args.fraction, args.ranks, args.run_dir)
     print(f"{'ranks':>5} {'mode':>8} {'GB/node (1.7B)':>15} {'write s':>8} {'read s':>7} {'push s (1.7B)':>14}")
     for row in rows:
         print(f"{row['ranks']:>5} {row['mode']:>8} {row['bytes_written_per_node'] * scale / 1e9:>15.2f} "
