@@ -14,6 +14,7 @@ from opd.engines import async_rollouts, checkpoint, train
 from opd.engines.rollout import _cut_at_eos, generate_hf
 from opd.infra.cli import FlagError
 from test_distributed import _free_port
+from test_resume_faults import _crash_after_saving
 from test_train import Killed, _final_state, _kill_when_complete, argv
 
 ASYNC = ("--method", "ta_opd", "--ratio", "0.3", "--steps", "4", "--checkpoint-every", "1", "--seed", "7",
@@ -80,15 +81,7 @@ def test_step_t_plus_1_trains_on_rollouts_of_the_weights_at_the_start_of_step_t(
 
 def test_a_resumed_async_run_replays_exactly(tiny_world, tmp_path, monkeypatch):
     train.main(argv(tiny_world, tmp_path / "A", *ASYNC, "--name", "A"))
-    real = train.save_checkpoint
-
-    def crash_after_step_2(out_dir, step, *rest, **kw):
-        path = real(out_dir, step, *rest, **kw)
-        if step == 2:
-            raise Killed
-        return path
-
-    monkeypatch.setattr(train, "save_checkpoint", crash_after_step_2)
+    real = _crash_after_saving(monkeypatch, 2)
     with pytest.raises(Killed):
         train.main(argv(tiny_world, tmp_path / "B", *ASYNC, "--name", "B"))
     monkeypatch.setattr(train, "save_checkpoint", real)

@@ -161,3 +161,40 @@ def test_training_with_vllm_rollouts_pushes_weights_every_step(tiny_world, tmp_p
     assert final["push_bytes"] > 0 and final["push_seconds"] > 0
     # the engine's logprobs (vLLM's CPU kernels) vs the trainer's forward: close, not equal
     assert 0.0 <= final["rollout_logprob_mismatch"] <= final["rollout_logprob_mismatch_max"] < 5e-3
+
+
+@pytest.mark.skipif(not VLLM_PYTHON, reason="needs OPD_VLLM_PYTHON (run `make test-vllm`)")
+def test_async_rollouts_push_only_after_the_pending_generate_returned(tiny_world, tmp_path, monkeypatch):
+    """--async-rollouts 1 with vLLM: pushes and generates strictly alternate (never a push while the engine
+    samples: rollouts only from the stated snapshot), and the recompute runs on that snapshot."""
+    from opd.engines import vllm_engine as engine
+    from opd.engines import train
+
+    monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    events, push, generate = [], engine.VllmEngine.push_weights, engine.VllmEngine.generate
+
+    def spy_push(self, model, **kw):
+        events.append(("push", kw["version"]))
+        return push(self, model, **kw)
+
+    def spy_generate(self, *a, **kw):
+        events.append(("generate", None))
+        out = generate(self, *a, **kw)
+        events.append(("returned", None))
+        return out
+
+    monkeypatch.setattr(engine.VllmEngine, "push_weights", spy_push)
+    monkeypatch.setattr(engine.VllmEngine, "generate", spy_generate)
+    out = tmp_path / "out"
+    final = train.main(["--student", str(tiny_world["student"]), "--teacher", str(tiny_world["teacher"]),
+                        "--world", "miniature", "--prompts", str(tiny_world["prompts"]), "--out-dir", str(out),
+                        "--method", "ta_opd", "--ratio", "0.3", "--steps", "3", "--top-k", "4", "--prompts-per-step",
+                        "2", "--samples", "2", "--max-new-tokens", "12", "--lr", "1e-2", "--study", "test_vllm",
+                        "--rollout-backend", "vllm", "--vllm-python", VLLM_PYTHON, "--vllm-memory-fraction", "0.1",
+                        "--recompute-rollout-logprobs", "--async-rollouts", "1"])
+    assert events == [e for v in (1, 2, 3) for e in (("push", v), ("generate", None), ("returned", None))]
+    assert final["rollout_staleness"] == 1.0
+    # step 3 trained on vLLM's samples of the weights after 1 update, recomputed by the snapshot of those weights
+    assert 0.0 <= final["rollout_logprob_mismatch"] <= final["rollout_logprob_mismatch_max"] < 5e-3
+    assert not engine.shm_weights_dir(out).exists()
