@@ -122,7 +122,7 @@ def test_unsupported_async_settings_are_refused_naming_the_key(tiny_world, tmp_p
                                  "--sharding", "fsdp"))
     with pytest.raises(ValueError, match=r"--async-rollouts 1 \(train.async_rollouts\) does not work with "
                                          r"--sharding fsdp"):
-        async_rollouts.check_args(args, world=2)
+        async_rollouts.check_args(args)
 
 
 def test_torchrun_two_ranks_sample_ahead_and_stay_identical(tiny_world, tmp_path):

@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -50,7 +51,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "at the start of step t (one-step-off-policy, staleness 1); 0: on-policy")
 
 
-def check_args(args: argparse.Namespace, world: int = 1) -> None:
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse what the overlap cannot do, before anything loads."""
     if args.async_rollouts and args.sharding == "fsdp":
         raise ValueError("--async-rollouts 1 (train.async_rollouts) does not work with --sharding fsdp "
                          "(train.sharding): the FSDP replica is refreshed by a collective; use ddp or async_rollouts 0")
@@ -89,7 +91,9 @@ class RolloutsAhead:
     def rollouts_for(self, t: int) -> tuple[Rollouts, list[dict]]:
         """Step t's rollouts and records (pending, or sampled now), after launching step t + 1's."""
         tr = self.tr
-        if self.pending is not None and self.pending.step == t:
+        if self.pending is not None and self.pending.step != t:  # never: the loop runs steps in order
+            raise RuntimeError(f"step {t} asked for rollouts while those of step {self.pending.step} are pending")
+        if self.pending is not None:
             (rollouts, index, metrics), staleness = self.pending.future.result(), 1
         else:  # from the weights about to be updated (the thread is idle)
             tr.engine_metrics = {}
@@ -168,6 +172,9 @@ def for_trainer(tr, sample: Callable, ckpt: dict | None):
     if not tr.args.async_rollouts:
         yield None
         return
+    if tr.dist.main:  # what a run killed between staging and checkpointing left (before any rank stages again)
+        for old in (tr.args.out_dir / "checkpoints").glob(".pending_step_*"):
+            shutil.rmtree(old, ignore_errors=True)
     ahead = RolloutsAhead(tr, sample)
     ahead.resume(ckpt)
     tr.ahead = ahead

@@ -11,7 +11,8 @@ temporary directory and renamed: a directory under its final name is always comp
 The update (micro-batches under a token budget, the chunked LM head, gradient checkpointing of the trunk):
 `opd.engines.update`. Under `torchrun --nproc_per_node=N -m opd.engines.train`: data-parallel DDP training, see `opd.engines.distributed`.
 Device and precision (`--device`, `--dtype`): `opd.engines.accel`; rollouts from a persistent vLLM engine
-(`--rollout-backend vllm`): `opd.engines.vllm_engine`; prompt text (`--prompt-format`): `opd.worlds.prompts`.
+(`--rollout-backend vllm`): `opd.engines.vllm_engine`; prompt text (`--prompt-format`): `opd.worlds.prompts`;
+rollouts sampled one step ahead, during the update (`--async-rollouts 1`): `opd.engines.async_rollouts`.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def check_args(args: argparse.Namespace, world: int = 1) -> None:
     distributed.check_sharding(args.sharding, world)
     release_rule(args)
     forward.check_memory_args(args)
-    async_rollouts.check_args(args, world)
+    async_rollouts.check_args(args)
 
 
 def check_fits(args: argparse.Namespace, prompt_ids: list[list[int]]) -> None:
