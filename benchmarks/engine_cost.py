@@ -77,21 +77,26 @@ def vllm_section(student: Path, K: int) -> dict:
 
 
 def step_times(student: Path, teacher: Path, prompts: Path, out: Path, mode: int, steps: int,
-               extra: list[str]) -> list[float]:
-    """Seconds of each `run_step` of a run with --async-rollouts `mode`."""
+               extra: list[str]) -> tuple[list[float], list[float]]:
+    """(seconds of each `run_step` of a run with --async-rollouts `mode`; with 0, of its sampling alone,
+    timed by a separate `sample(t)` call before the step: what the overlap can hide at best)."""
     from opd.engines import async_rollouts, train
 
     tr = train.setup(train.parse_args([
         "--student", str(student), "--teacher", str(teacher), "--prompts", str(prompts), "--out-dir", str(out),
         "--world", "miniature", "--method", "ta_opd", "--steps", str(steps), "--threads", "1",
         "--async-rollouts", str(mode), *extra]))
-    times = []
+    times, sampling = [], []
     with async_rollouts.for_trainer(tr, train.sample, None):
         for t in range(1, steps + 1):
             start = time.perf_counter()
+            if not mode:
+                train.sample(tr, t)  # a pure function of (seed, t, weights): the step samples the same again
+                sampling.append(time.perf_counter() - start)
+                start = time.perf_counter()
             train.run_step(tr, t)
             times.append(time.perf_counter() - start)
-    return times
+    return times, sampling
 
 
 def async_section(student: Path, teacher: Path, work: Path, steps: int, extra: list[str]) -> dict:
@@ -100,10 +105,14 @@ def async_section(student: Path, teacher: Path, work: Path, steps: int, extra: l
 
     prompts = work / "prompts.jsonl"
     write_jsonl(prompts, toy.generate("arith2", 64, seed=0, split="prompts"))
-    times = {m: step_times(student, teacher, prompts, work / f"async{m}", m, steps, extra) for m in (0, 1)}
-    steady = {m: sum(v[1:-1]) / len(v[1:-1]) for m, v in times.items()}
-    return {"steps": steps, "flags": " ".join(extra), "step_s_async0": steady[0], "step_s_async1": steady[1],
-            "ratio": steady[1] / steady[0], "times_async0": times[0], "times_async1": times[1]}
+    (times0, sampling), (times1, _) = (step_times(student, teacher, prompts, work / f"async{m}", m, steps, extra)
+                                       for m in (0, 1))
+    mean = lambda v: sum(v[1:-1]) / len(v[1:-1])  # noqa: E731  (steps 2..N-1)
+    step0, step1, sample0 = mean(times0), mean(times1), mean(sampling)
+    return {"steps": steps, "flags": " ".join(extra), "step_s_async0": step0, "step_s_async1": step1,
+            "ratio": step1 / step0, "sample_s_async0": sample0,
+            "ideal_ratio": max(sample0, step0 - sample0) / step0,  # perfect overlap of sampling and the rest
+            "times_async0": times0, "times_async1": times1}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{vllm['ids_only+recompute_s']:>10.3f} {vllm['ratio']:>13.3f}")
     print(f"{'(c) step s, async_rollouts 0 -> 1 (hf, 2 threads)':<52} {overlap['step_s_async0']:>10.3f} "
           f"{overlap['step_s_async1']:>10.3f} {overlap['ratio']:>13.3f}")
+    print(f"(c) sampling = {overlap['sample_s_async0'] / overlap['step_s_async0']:.2f} of a synchronous step: "
+          f"a perfect overlap would give {overlap['ideal_ratio']:.3f}")
     print(json.dumps({"load_average": load[0], "push": push, "rollout_logprobs": vllm, "async_rollouts": overlap}))
 
 
