@@ -125,20 +125,42 @@ def test_unsupported_async_settings_are_refused_naming_the_key(tiny_world, tmp_p
         async_rollouts.check_args(args)
 
 
-def test_torchrun_two_ranks_sample_ahead_and_stay_identical(tiny_world, tmp_path):
-    """DDP: each rank samples its own share in its own thread (checkpoint 2 stages both ranks' pending rollouts)."""
-    out, sums = tmp_path / "out", tmp_path / "checksums"
+def _torchrun(world, out, *extra):
     env = {k: v for k, v in os.environ.items()
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OPD_DEBUG_CHECKSUM_DIR=str(sums), OMP_NUM_THREADS="1")
+    env.update(OPD_DEBUG_CHECKSUM_DIR=str(out.parent / f"{out.name}_checksums"), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", "-m", "opd.engines.train",
-           *argv(tiny_world, out, "--method", "ta_opd", "--ratio", "0.3", "--steps", "3", "--checkpoint-every", "2",
-                 "--keep-checkpoints", "2", "--async-rollouts", "1", "--name", "ddp_async")]
+           *argv(world, out, "--method", "ta_opd", "--ratio", "0.3", "--steps", "3",
+                 "--checkpoint-every", "1", "--async-rollouts", "1", "--name", "ddp_async", *extra)]
+    return cmd, env
+
+
+def test_torchrun_two_ranks_sample_ahead_and_stay_identical(tiny_world, tmp_path):
+    """DDP: each rank samples its own share in its own thread (every checkpoint but the last stages both
+    ranks' pending rollouts)."""
+    out = tmp_path / "A"
+    cmd, env = _torchrun(tiny_world, out)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rank0, rank1 = (json.loads((sums / f"rank{r}.json").read_text()) for r in range(2))
+    rank0, rank1 = (json.loads((tmp_path / "A_checksums" / f"rank{r}.json").read_text()) for r in range(2))
     assert rank0 == rank1  # DDP kept the two replicas identical
     assert json.loads((out / "metrics.json").read_text())["rollout_staleness"] == 1.0
     assert load_file(str(out / "model" / "model.safetensors"))
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000003"]  # no staging directory left
+
+
+@pytest.mark.slow
+def test_a_sigkilled_torchrun_async_run_resumes_and_replays_exactly(tiny_world, tmp_path):
+    slow = ("--max-new-tokens", "160")  # slower steps after the kill
+    (a_cmd, env), (b_cmd, _) = (_torchrun(tiny_world, tmp_path / name, *slow) for name in ("A", "B"))
+    proc = subprocess.run(a_cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _kill_when_complete(b_cmd, tmp_path / "B" / "checkpoints" / "step_000002", env=env)
+    ckpt = checkpoint.load_latest_checkpoint(tmp_path / "B")
+    assert {"pending_rollouts.rank0.safetensors", "pending_rollouts.rank1.safetensors"} <= set(ckpt["files"])
+    proc = subprocess.run(b_cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (metrics_a, weights_a), (metrics_b, weights_b) = _final_state(tmp_path / "A"), _final_state(tmp_path / "B")
+    assert metrics_a == metrics_b
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)

@@ -212,9 +212,11 @@ def test_kill_and_resume_replays_exactly(tiny_world, tmp_path, mlflow_uri, monke
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4]
 
 
-def _kill_when_complete(cmd: list[str], checkpoint, timeout: float = 300.0) -> None:
-    """Run cmd; SIGKILL it as soon as `checkpoint` is complete (its state.json is there)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def _kill_when_complete(cmd: list[str], checkpoint, timeout: float = 300.0, env=None) -> None:
+    """Run cmd; SIGKILL it (its whole process group: torchrun's ranks too) as soon as `checkpoint` is
+    complete (its state.json is there)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
         while not (checkpoint / "state.json").is_file():
@@ -224,7 +226,7 @@ def _kill_when_complete(cmd: list[str], checkpoint, timeout: float = 300.0) -> N
             if time.monotonic() > deadline:
                 pytest.fail(f"no complete {checkpoint.name} after {timeout:.0f} s")
             time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
             proc.kill()
