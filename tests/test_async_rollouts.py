@@ -164,3 +164,18 @@ def test_a_sigkilled_torchrun_async_run_resumes_and_replays_exactly(tiny_world, 
     (metrics_a, weights_a), (metrics_b, weights_b) = _final_state(tmp_path / "A"), _final_state(tmp_path / "B")
     assert metrics_a == metrics_b
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_a_failure_in_the_sampling_thread_stops_the_run_with_its_error(tiny_world, tmp_path, monkeypatch):
+    """E.g. the vLLM worker dying during a background generate: its error at the next wait, never a hang."""
+    real = train.sample
+
+    def failing(tr, t):
+        if t == 3:  # sampled in the thread, during step 2
+            raise RuntimeError("the vLLM worker is gone (code -9)")
+        return real(tr, t)
+
+    monkeypatch.setattr(train, "sample", failing)
+    with pytest.raises(RuntimeError, match=r"the vLLM worker is gone \(code -9\)"):
+        train.main(argv(tiny_world, tmp_path / "out", *ASYNC, "--checkpoint-every", "5"))
+    assert not (tmp_path / "out" / "checkpoints").exists()  # it stopped at step 3, before any checkpoint
