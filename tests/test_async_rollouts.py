@@ -91,6 +91,11 @@ def test_a_resumed_async_run_replays_exactly(tiny_world, tmp_path, monkeypatch):
     off = train.parse_args(argv(tiny_world, tmp_path / "B", *ASYNC[:-2], "--name", "B"))
     train.check_args(off)  # resolves the signal flags, as the run does
     assert checkpoint.changed_flags(off, ckpt) == ["async_rollouts"]  # it changes the math: not resume-exempt
+    older = {**ckpt, "flags": {k: v for k, v in ckpt["flags"].items() if k != "async_rollouts"}}
+    assert checkpoint.changed_flags(off, older) == []  # written before the flag existed: with its default, 0
+    on = train.parse_args(argv(tiny_world, tmp_path / "B", *ASYNC, "--name", "B"))
+    train.check_args(on)
+    assert checkpoint.changed_flags(on, older) == ["async_rollouts"]
     train.main(argv(tiny_world, tmp_path / "B", *ASYNC, "--name", "B"))
 
     (metrics_a, weights_a), (metrics_b, weights_b) = _final_state(tmp_path / "A"), _final_state(tmp_path / "B")

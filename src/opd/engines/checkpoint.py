@@ -179,5 +179,10 @@ def set_aside_replaced(out_dir: Path) -> Path:
     return target
 
 
+# Flags added after checkpoints were first written -> their default: an older checkpoint was written with it.
+ADDED_FLAG_DEFAULTS = {"async_rollouts": "0"}
+
+
 def changed_flags(args: argparse.Namespace, ckpt: dict) -> list[str]:
-    return sorted(k for k, v in _resume_flags(args).items() if ckpt["flags"].get(k) != v)
+    written = {**ADDED_FLAG_DEFAULTS, **ckpt["flags"]}
+    return sorted(k for k, v in _resume_flags(args).items() if written.get(k) != v)
