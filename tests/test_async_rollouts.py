@@ -184,3 +184,18 @@ def test_a_failure_in_the_sampling_thread_stops_the_run_with_its_error(tiny_worl
     with pytest.raises(RuntimeError, match=r"the vLLM worker is gone \(code -9\)"):
         train.main(argv(tiny_world, tmp_path / "out", *ASYNC, "--checkpoint-every", "5"))
     assert not (tmp_path / "out" / "checkpoints").exists()  # it stopped at step 3, before any checkpoint
+
+
+def test_async_with_fsdp_in_a_config_is_refused_at_validation(repo):
+    import yaml
+
+    from opd.infra.config import ConfigError, validate_config
+    from opd.studies import plan
+
+    with open(repo / "config" / "paper.yaml") as fh:
+        raw = yaml.safe_load(fh)
+    assert raw["train"]["sharding"] == "fsdp"
+    validate_config(dict(raw), checks=[plan.config_problems])  # as it is: fine
+    raw["train"]["async_rollouts"] = 1
+    with pytest.raises(ConfigError, match=r"train.async_rollouts: 1 does not work with train.sharding: fsdp"):
+        validate_config(raw, checks=[plan.config_problems])
