@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import GenerationConfig
 
-from opd.engines import async_rollouts, checkpoint, train
+from opd.engines import async_rollouts, checkpoint, teacher_worker, train
 from opd.engines.rollout import _cut_at_eos, generate_hf
 from opd.infra.cli import FlagError
 from test_distributed import _free_port
@@ -58,11 +58,14 @@ def _weights(model) -> dict:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_step_t_plus_1_trains_on_rollouts_of_the_weights_at_the_start_of_step_t(tiny_world, tmp_path):
-    tr = train.setup(train.parse_args(argv(tiny_world, tmp_path / "a", *ASYNC)))
-    ref = train.setup(train.parse_args(argv(tiny_world, tmp_path / "ref", *ASYNC[:-2])))  # async 0, same seed
+@pytest.mark.parametrize("extra", [(), ("--recompute-rollout-logprobs", "--dtype", "bfloat16"),
+                                   ("--teacher-placement", "worker")])
+def test_step_t_plus_1_trains_on_rollouts_of_the_weights_at_the_start_of_step_t(tiny_world, tmp_path, extra):
+    """Also with the recompute (on the snapshot, under the thread's own bf16 autocast) and a teacher worker."""
+    tr = train.setup(train.parse_args(argv(tiny_world, tmp_path / "a", *ASYNC, *extra)))
+    ref = train.setup(train.parse_args(argv(tiny_world, tmp_path / "ref", *ASYNC[:-2], *extra)))  # async 0
     weights, used = [_weights(tr.student)], []
-    with async_rollouts.for_trainer(tr, train.sample, None):
+    with teacher_worker.for_trainer(tr), async_rollouts.for_trainer(tr, train.sample, None):
         for t in (1, 2, 3):
             result = train.run_step(tr, t)
             used.append((result.rollouts, result.metrics["rollout_staleness"]))
