@@ -335,8 +335,7 @@ def config_problems(config: dict) -> list[str]:
             problems.append(f"train.sharding: fsdp needs more than one GPU for pair {pair[0]} -> {pair[1]} "
                             f"(resources.train.gpu or its train.pairs gpu): one torchrun process per GPU to shard over")
     if config["train"].get("sharding") == "fsdp" and config["train"].get("async_rollouts"):
-        problems.append("train.async_rollouts: 1 does not work with train.sharding: fsdp (its replica is refreshed by "
-                        "a collective; opd.engines.async_rollouts): use ddp or async_rollouts: 0")
+        problems.append("train.async_rollouts: 1 does not work with train.sharding: fsdp; use ddp or async_rollouts 0")
     for e in found:
         if not e.fits:
             problems.append(f"{e.job}: estimated peak {e.peak / GIB:.1f} GiB per GPU > resources.{e.kind}.gpu_mem_gb "
