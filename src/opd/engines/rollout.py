@@ -80,9 +80,8 @@ def _cut_at_eos(seq_T: Tensor, eos_id: int) -> int:
 class TopKRecorder:
     """A logits processor that keeps, per decoding step, only the [B, K] top-K and the sampled token's logprob.
 
-    transformers runs user processors before its temperature/top-p warpers, on a float32 copy of the raw
-    logits: so this sees the student's own distribution p_S and returns the scores untouched (sampling
-    and its random stream are exactly those of a plain `generate`). The sampled token of step t is known
+    It runs first, on the raw float32 logits: so it sees the student's own distribution p_S and returns the
+    scores untouched for `SeededSampler` (after it) to draw from. The sampled token of step t is known
     only at step t + 1 (as the last input id), so one step's [B, V] log-probs are kept until then:
     memory is [B, V] + [B, T, K], never [B, T, V].
 
@@ -147,7 +146,7 @@ class SeededSampler:
     def __call__(self, input_ids_BL: Tensor, scores_BV: Tensor) -> Tensor:
         probs_BV = torch.softmax(self.warpers(input_ids_BL, scores_BV), dim=-1)
         drawn_B1 = torch.multinomial(probs_BV, num_samples=1, generator=self.generator)
-        return torch.full_like(scores_BV, -float("inf")).scatter_(1, drawn_B1, 0.0)
+        return scores_BV.fill_(-float("inf")).scatter_(1, drawn_B1, 0.0)  # in place: no [B, V] per step
 
 
 @torch.no_grad()
