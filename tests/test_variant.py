@@ -142,8 +142,15 @@ def test_norm_positions_eps_and_quantile_modes():
     # Asymmetric pair (.1, 1.0) over all five: Q.1 = .4, Q1 = 4 -> Norm(1) = .6 / 3.6 = 1/6.
     asym = normalise(z, response, (0.1, 1.0), eps=0.0)
     assert asym[0, 1].item() == pytest.approx(1 / 6, abs=1e-12)
-    # No normalisation: the raw values at valid positions.
-    assert normalise(z, valid, mode="none").tolist() == [[0.0, 1.0, 2.0, 0.0, 0.0]]
+    # "No normalisation" as the official code has it: z / max(max z, 1e-12) over the Norm positions, in [0, 1].
+    # Over the valid {0, 1, 2}: max 2 -> 0, .5, 1; over the whole response: max 4 -> 0, .25, .5 (3, 4 not valid).
+    assert normalise(z, valid, mode="none").tolist() == [[0.0, 0.5, 1.0, 0.0, 0.0]]
+    assert normalise(z, valid, mode="none", count_mask_BT=response).tolist() == [[0.0, 0.25, 0.5, 0.0, 0.0]]
+    # Negative values clip to 0; a batch maximum below 1e-12 divides by 1e-12 instead.
+    neg = torch.tensor([[-2.0, 1.0, 3.0, 6.0]], dtype=torch.float64)
+    assert normalise(neg, torch.ones(1, 4, dtype=torch.bool), mode="none").tolist() == [[0.0, 1 / 6, 0.5, 1.0]]
+    flat = torch.tensor([[-1.0, 0.0, 1e-13]], dtype=torch.float64)
+    assert normalise(flat, torch.ones(1, 3, dtype=torch.bool), mode="none").tolist() == [[0.0, 0.0, 0.1]]
     # A range of 1e-13 (< 1e-12): official maps everything to 0; paper's ε keeps a tiny slope.
     tiny = torch.tensor([[1.0, 1.0 + 1e-13]], dtype=torch.float64)
     both = torch.ones(1, 2, dtype=torch.bool)

@@ -7,12 +7,11 @@ import shlex
 from snakemake.exceptions import WorkflowError
 
 from opd import worlds
-from opd.infra.config import ConfigError, validate_config
-from opd.studies import plan, sweep
-from opd.studies.validate import model_problems
+from opd.infra.config import ConfigError
+from opd.studies import plan, sweep, validate
 
-try:  # the schema, the world's rules, the memory plan, then the models already on disk (K, tokenizers)
-    validate_config(config, checks=[worlds.config_problems, plan.config_problems, model_problems])
+try:  # every check of `python -m opd.studies.validate` (opd.studies.validate.CHECKS), before any job
+    validate.validate(config)
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 

@@ -244,9 +244,9 @@ def token_char_offsets(tokenizer, response_ids: list[int]) -> tuple[str, list[tu
 
 
 def load_prompts(path: Path, n: int) -> list[dict]:
-    from opd.infra.io import read_jsonl
+    from opd.infra.io import read_prompts
 
-    records = read_jsonl(path, required=("id", "question", "answer"))
+    records = read_prompts(path)
     if n > len(records):
         raise ValueError(f"{path}: asked for {n} prompts, the file has {len(records)}")
     return records[:n]

@@ -40,7 +40,7 @@ from opd.engines.signals import (RELEASE_FLAGS, BatchSignals, add_release_args, 
                                 signal_options, signal_record)
 from opd.infra import cli, modeldirs
 from opd.engines.update import update_step
-from opd.infra.io import read_jsonl, save_model_dir, write_json
+from opd.infra.io import read_prompts, save_model_dir, write_json
 from opd.math.loss import DISTRIBUTION_LOSSES
 from opd.math.release import ReleaseRule, release_mask
 from opd.math.select import SELECTORS, select_mask
@@ -125,7 +125,7 @@ def setup(args: argparse.Namespace, world: worlds.World | None = None,
 
     check_args(args, ctx.world)
     world = world or worlds.get(args.world)
-    records = read_jsonl(args.prompts, required=("id", "question", "answer"))
+    records = read_prompts(args.prompts)
     worlds.check_answers(world, records, args.prompts)
     if args.prompts_per_step > len(records):
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} > {len(records)} prompts in {args.prompts}")

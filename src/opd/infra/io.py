@@ -22,6 +22,11 @@ class DataFileError(InputError):
 
 def read_jsonl(path: Path | str, required: tuple[str, ...] = ()) -> list[dict]:
     """Records of a JSONL file; each must be a JSON object holding the `required` keys."""
+    return [rec for _, rec in numbered_jsonl(path, required)]
+
+
+def numbered_jsonl(path: Path | str, required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
+    """(line number, record) of each non-blank line of a JSONL file, checked as `read_jsonl` checks them."""
     path = Path(path)
     if not path.is_file():
         raise DataFileError(f"data file not found: {path}")
@@ -39,10 +44,34 @@ def read_jsonl(path: Path | str, required: tuple[str, ...] = ()) -> list[dict]:
             missing = [k for k in required if k not in rec]
             if missing:
                 raise DataFileError(f"{path}:{lineno}: missing key(s) {', '.join(missing)}")
-            records.append(rec)
+            records.append((lineno, rec))
     if not records:
         raise DataFileError(f"data file is empty: {path}")
     return records
+
+
+PROMPT_KEYS = ("id", "question", "answer")
+
+
+def read_prompts(path: Path | str) -> list[dict]:
+    """A prompts file (JSONL of {id, question, answer}): every id once, no empty question or answer.
+
+    Refused, not repaired: a repeated id would put one id twice into a rollouts file, and which of the two
+    records was meant is the user's call; the message names both lines.
+    """
+    seen: dict[str, int] = {}
+    out = []
+    for lineno, rec in numbered_jsonl(path, PROMPT_KEYS):
+        for key in ("question", "answer"):
+            if rec[key] is None or not str(rec[key]).strip():
+                raise DataFileError(f"{path}:{lineno}: empty {key} (id {rec['id']!r})")
+        key = str(rec["id"])
+        if key in seen:
+            raise DataFileError(f"{path}:{lineno}: duplicate id {rec['id']!r} (first at line {seen[key]}); "
+                                f"each prompt needs its own id")
+        seen[key] = lineno
+        out.append(rec)
+    return out
 
 
 @contextlib.contextmanager

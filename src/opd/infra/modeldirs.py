@@ -3,7 +3,9 @@
 Entry points take local model directories only (hub models are fetched into one by `opd.infra.fetch`, as the
 config's `models.<name>.hub` says), so a path that does not exist is reported as a missing directory, never
 looked up on the hub (which for a relative path such as `models/x` meant a minute of hub retries and then a
-network error). The vocabulary is read from tokenizer.json alone, so the Snakefile can check a config
+network error). Weight files (`*.safetensors`) are checked from their header alone (`safetensors_problem`):
+a truncated file or a damaged header is named with its flag (the model's role) before any weights load,
+instead of a SafetensorError traceback naming neither. The vocabulary is read from tokenizer.json alone, so the Snakefile can check a config
 against the models on disk without loading transformers.
 """
 
@@ -33,7 +35,46 @@ def check_dir(path: Path | str, flag: str, need: tuple[str, ...] = MODEL_FILES) 
     missing = [name for name in need if not (path / name).is_file()]
     if missing:
         raise ModelDirError(f"{flag} {path}: not a complete Hugging Face directory ({', '.join(missing)} missing)")
+    problems = weight_problems(path)
+    if problems:
+        raise ModelDirError(f"{flag} {problems[0]}; {REMAKE}")
     return path
+
+
+REMAKE = "delete the model directory and rerun the job that made it (or fetch it again)"
+
+
+def weight_problems(directory: Path | str) -> list[str]:
+    """`safetensors_problem` of each *.safetensors file of a model directory."""
+    found = (safetensors_problem(p) for p in sorted(Path(directory).glob("*.safetensors")))
+    return [p for p in found if p]
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot load, read from its header alone (no tensor is read); None if it can.
+
+    The format: 8 bytes (little-endian header length n), n bytes of JSON naming each tensor's byte range,
+    then the data; a file whose size is not 8 + n + the last range's end was cut short (or padded).
+    """
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        n = int.from_bytes(fh.read(8), "little") if size >= 8 else None
+        if n is None or n > size - 8:
+            return f"{path}: truncated or corrupt ({size} bytes, too short for its header)"
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        return f"{path}: corrupt (its header is not a JSON object)"
+    try:
+        expected = 8 + n + max((int(v["data_offsets"][1]) for v in header.values()
+                                if isinstance(v, dict) and "data_offsets" in v), default=0)
+    except (TypeError, ValueError, IndexError):
+        return f"{path}: corrupt (a tensor's data_offsets in its header are not two numbers)"
+    if size != expected:
+        return f"{path}: truncated or corrupt ({size} bytes, its header describes {expected})"
+    return None
 
 
 def check_flag_dirs(args, *dests: str) -> None:

@@ -28,8 +28,10 @@ def normalise(
     signals of different scales (nats, probabilities) can be combined. Paper: over `valid_BT`, (lo, hi) =
     (0.05, 0.95), eps = 1e-6. Official code: `count_mask_BT` (every response position, also those that
     cannot be selected) sets the quantiles, eps = 0, and a pair may be asymmetric (e.g. 0.1 / 1.0); a
-    denominator below 1e-12 (an all-equal batch, say) then maps everything to 0. `mode="none"`: the raw
-    values, 0 at invalid positions (the official code's "no normalisation").
+    denominator below 1e-12 (an all-equal batch, say) then maps everything to 0. `mode="none"`: the
+    official code's "no normalisation", which is not the raw values: each value over the batch maximum,
+    z / max(max z, 1e-12), clipped to [0, 1], the maximum taken over the positions the quantiles would use
+    (`count_mask_BT`, else `valid_BT`); 0 at invalid positions.
     """
     if mode not in NORMALISATIONS:
         raise ValueError(f"unknown normalisation {mode!r}; allowed: {', '.join(NORMALISATIONS)}")
@@ -37,12 +39,13 @@ def normalise(
     if not 0.0 <= lo_q < hi_q <= 1.0:
         raise ValueError(f"quantiles must satisfy 0 <= lo < hi <= 1, got ({lo_q}, {hi_q})")
     dtype = _out_dtype(z_BT)
-    if mode == "none":
-        return torch.where(valid_BT, z_BT.to(dtype), 0.0)
     count_BT = valid_BT if count_mask_BT is None else count_mask_BT
     vals = z_BT[count_BT].double()
     if vals.numel() == 0:
         return torch.zeros_like(z_BT, dtype=dtype)
+    if mode == "none":
+        top = max(vals.max().item(), MIN_RANGE)
+        return torch.where(valid_BT, (z_BT.double() / top).clamp(0.0, 1.0).to(dtype), 0.0)
     lo, hi = torch.quantile(vals, torch.tensor([lo_q, hi_q], dtype=torch.double)).tolist()
     denom = hi - lo + eps
     if denom < MIN_RANGE:

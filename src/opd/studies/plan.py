@@ -1,8 +1,8 @@
 """Memory planner: the estimated peak GPU memory of every training and diagnostic job, before any job runs.
 
 `python -m opd.studies.plan --configfile config/paper.yaml` prints, per job, the terms below and the
-largest settings that fit; the workflow runs `config_problems` at validation (workflow/rules/common.smk),
-so a job whose estimate exceeds `resources.<kind>.gpu_mem_gb` stops the run before any job starts.
+largest settings that fit, and exits 1 where the workflow would refuse: `config_problems` is one of its
+parse-time checks (`opd.studies.validate.CHECKS`), so a job over `resources.<kind>.gpu_mem_gb` stops the run.
 Pure Python (no torch): planning a 1874-job DAG offline stays fast.
 
 Model shapes come from `<results_dir>/models/<name>/config.json` when it is on disk, else from the
@@ -374,25 +374,25 @@ def table(config: dict, found: list[Estimate]) -> str:
 
 
 def load_config(paths: list[Path]) -> dict:
-    """The config files merged as Snakemake merges --configfile overlays (mappings key by key), validated;
-    a YAML syntax error names the file and the line (`opd.studies.validate.load`)."""
-    from opd.infra.config import validate_config
-    from opd.studies.validate import load
+    """The files merged as --configfile merges them, with every check but this planner's (opd.studies.checks)."""
+    from opd.studies import checks
 
-    return validate_config(load(paths))
+    return checks.validate(checks.load(paths))
 
 
 def main(argv: list[str] | None = None) -> str:
-    p = cli.ArgumentParser(description="Estimated peak GPU memory of every training and diagnostic job.")
+    p = cli.ArgumentParser(description="Estimated peak GPU memory of every job; exit status 1 when one does not "
+                                       "fit or a model's shape contradicts its config.json.")
     p.add_argument("--configfile", type=Path, nargs="+", required=True,
                    help="study config file(s), later ones overriding earlier ones (as snakemake --configfile)")
     args = p.parse_args(argv)
     config = load_config(args.configfile)
-    found, problems = estimates(config)
-    out = table(config, found)
-    notes = [f"- {e.job}: {fit_advice(config, e)}" for e in found if not e.fits] + [f"- {x}" for x in problems]
-    text = out + ("\n\nDoes not fit:\n" + "\n".join(notes) if notes else "\n\nEvery job fits its gpu_mem_gb.")
+    problems = config_problems(config)
+    text = table(config, estimates(config)[0]) + ("\n\nDoes not fit:\n" + "\n".join(f"- {x}" for x in problems) if problems
+                  else "\n\nEvery job fits its gpu_mem_gb.")
     print(text)
+    if problems:
+        raise cli.InputError(f"{len(problems)} problem(s), listed above under 'Does not fit'")  # exit status 1
     return text
 
 
