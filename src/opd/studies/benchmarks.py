@@ -7,7 +7,8 @@ YAMLs shipped with lm-eval without loading a data set or touching the network. B
 ~14k files (15 s on an idle 2-core machine, a minute on a busy one), so the names are cached once per lm-eval
 version under $XDG_CACHE_HOME/opd (default ~/.cache/opd); a study whose benchmarks are all ours (both
 shipped configs) never builds it. `evaluation.ood_benchmarks` and `evaluation.metrics` must name benchmarks
-of the study (opd.infra.config), so they are checked through `evaluation.benchmarks`.
+of the study (opd.infra.config), so they are checked through `evaluation.benchmarks`. A world with a closed
+list of benchmarks (the miniature world) refuses other names itself.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from opd import worlds
 from opd.infra.io import write_text
 
 REPO = Path(__file__).resolve().parents[3]  # the source tree: workflow/ beside src/
@@ -74,7 +76,14 @@ def lm_eval_tasks() -> frozenset[str]:
 
 
 def config_problems(config: dict) -> list[str]:
-    """Validation check (opd.studies.checks): each evaluation.benchmarks name known, or the closest names."""
+    """Validation check (opd.studies.checks): each evaluation.benchmarks name known, or the closest names.
+
+    A world with a closed list of benchmarks (the miniature world) checks them itself (`opd.worlds`)."""
+    try:
+        if worlds.get(config["world"]["name"]).closed_benchmarks:
+            return []
+    except worlds.UnknownWorldError:  # the world's own check says so
+        return []
     folder = tasks_dir(config)
     ours = our_tasks(folder)
     problems = []
