@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from opd.engines import teacher_worker
 from opd.engines.rollout import Rollouts, generate_hf
 from opd.engines.score import score_rollouts
+from opd.infra.io import Fault
 
 
 def _rollouts(tiny_world, K=4):
@@ -41,8 +43,22 @@ def test_a_teacher_worker_that_dies_mid_run_gives_one_clear_error(tiny_world):
         w.score(rollouts, 4, 8)
         os.kill(w.proc.pid, 9)
         w.proc.wait()
-        with pytest.raises(RuntimeError, match=r"teacher worker (is gone|exited) \(code -9\)"):
+        with pytest.raises(Fault, match=r"teacher worker (is gone|exited) \(code -9: killed by SIGKILL\)"):
             w.score(rollouts, 4, 8)
+
+
+def test_a_dead_worker_is_one_line_on_stderr_not_a_traceback(python):
+    """What the trainer prints (opd.infra.cli.run) when its worker dies: one line; OPD_TRACEBACK=1 for the rest."""
+    code = ("import os, sys\nfrom opd.engines.worker_proc import WorkerProcess\nfrom opd.infra import cli\n"
+            "class W(WorkerProcess):\n    name = 'teacher worker'\n"
+            "cli.run(lambda: W([sys.executable, '-c', 'import os; os.kill(os.getpid(), 9)'], dict(os.environ)))\n")
+    run = subprocess.run([python, "-c", code], capture_output=True, text=True, env={**os.environ, "OPD_TRACEBACK": ""})
+    assert run.returncode == 1
+    assert run.stderr == ("opd: error: the teacher worker exited (code -9: killed by SIGKILL) without answering; "
+                          "its log is above on stderr\n")
+    run = subprocess.run([python, "-c", code], capture_output=True, text=True, env={**os.environ, "OPD_TRACEBACK": "1"})
+    assert "Traceback" in run.stderr and run.stderr.rstrip().endswith("killed by SIGKILL) without answering; its log "
+                                                                       "is above on stderr")
 
 
 def test_training_with_a_teacher_worker_replays_in_process_training(tiny_world, tmp_path, monkeypatch):

@@ -9,6 +9,8 @@ Loading (`load_latest_checkpoint`) survives a crash during a save: a newest chec
 leaves them) or do not match the sizes its state.json records (`files`, see `file_sizes`) is set aside as
 checkpoints/corrupt-step_*/ with a warning naming it, and the previous one is loaded; at most one
 set-aside copy is kept. Two corrupt checkpoints in a row are no crash during a save: that is an error.
+A disk too full for a checkpoint (checked before writing, from the states' size; or the write failing for
+want of space) is one `opd.infra.io.Fault` naming the directory and the previous checkpoint, which is kept.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from opd.infra.io import space_for, tensor_bytes
 
 KEEP_CHECKPOINTS = 2
 CHECKPOINT_RE = re.compile(r"step_\d{6}")
@@ -97,14 +101,23 @@ def save_checkpoint(out_dir: Path, step: int, args: argparse.Namespace, model_st
     root = out_dir / "checkpoints"
     final, tmp = root / f"step_{step:06d}", root / f".tmp_step_{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(model_state, tmp / "model.pt")
-    torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": _rng_states()}, tmp / "trainer.pt")
-    if extra is not None:
-        extra(tmp)
-    state = {"step": step, "run_id": run_id, "metrics": metrics, "flags": _resume_flags(args),
-             "files": file_sizes(tmp)}  # checked at load: a truncated file is found before torch.load
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    done = complete_checkpoints(root)
+    kept = (f"the previous checkpoint {done[-1]} is kept: free some space and rerun to resume from it" if done
+            else "no checkpoint of this run is complete yet")
+    try:  # too little space: refused before writing (the states' size is known), or the failed write translated
+        with space_for(final, tensor_bytes((model_state, optimizer_state)), kept):
+            tmp.mkdir(parents=True)
+            torch.save(model_state, tmp / "model.pt")
+            torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": _rng_states()},
+                       tmp / "trainer.pt")
+            if extra is not None:
+                extra(tmp)
+            state = {"step": step, "run_id": run_id, "metrics": metrics, "flags": _resume_flags(args),
+                     "files": file_sizes(tmp)}  # checked at load: a truncated file is found before torch.load
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never half a checkpoint on a full disk
+        raise
     if final.exists():  # an incomplete leftover (no state.json) or an older copy of this very step
         _discard(final)
     tmp.rename(final)

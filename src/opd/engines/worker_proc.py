@@ -11,7 +11,9 @@ exit, on an exception) can end it and every process it started; if the trainer i
 worker sees the end of its stdin and shuts itself down. A worker that dies mid-run gives one RuntimeError
 naming its exit code at the next answer, never a hang.
 
-Only the standard library is imported here: the vLLM worker runs under another environment's python.
+Only the standard library (and opd.infra.io, which imports nothing else) is imported here: the vLLM worker
+runs under another environment's python. A worker that is gone is a `Fault`: `opd.infra.cli.run` prints it
+in one line (the worker's own log is above it on stderr); the last complete checkpoint stays on disk.
 """
 
 from __future__ import annotations
@@ -24,6 +26,17 @@ import subprocess
 import sys
 import traceback
 from typing import Callable
+
+from opd.infra.io import Fault
+
+
+def _signal(code: int) -> str:
+    """A negative exit code is the signal that ended the worker (SIGKILL is also what the kernel's OOM killer sends)."""
+    if code >= 0:
+        return ""
+    with contextlib.suppress(ValueError):
+        return f": killed by {signal.Signals(-code).name}"
+    return ""
 
 
 class WorkerProcess:
@@ -45,7 +58,8 @@ class WorkerProcess:
         line = self.proc.stdout.readline()
         if not line:
             code = self.proc.wait()
-            raise RuntimeError(f"the {self.name} exited (code {code}) without answering; its log is on stderr")
+            raise Fault(f"the {self.name} exited (code {code}{_signal(code)}) without answering; its log is "
+                        f"above on stderr")
         reply = json.loads(line)
         if not reply.get("ok"):
             raise RuntimeError(f"the {self.name} failed:\n{reply.get('error')}")
@@ -57,7 +71,7 @@ class WorkerProcess:
             self.proc.stdin.flush()
         except (BrokenPipeError, ValueError) as e:  # it died since its last answer
             code = self.proc.wait()
-            raise RuntimeError(f"the {self.name} is gone (code {code}); its log is on stderr") from e
+            raise Fault(f"the {self.name} is gone (code {code}{_signal(code)}); its log is above on stderr") from e
         return self._answer()
 
     def close(self, timeout: float = 60.0) -> None:

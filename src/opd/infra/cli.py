@@ -10,7 +10,8 @@ config key stands for (e.g. `--batch-size` of the engines) gives a small schema 
 `validate` then checks that the tracking store answers (`opd.infra.tracking.check_reachable`).
 
 Also: `ArgumentParser`, which reads `--lr -1e-4` as a value (argparse before Python 3.13 takes it for an
-option), and `run(main)` for `__main__`, which prints an `InputError` as one line instead of a traceback.
+option), and `run(main)` for `__main__`, which prints an `InputError` or a `Fault` as one line instead of a
+traceback.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from opd.infra.config import ConfigError, describe, load_schema
-from opd.infra.io import InputError
+from opd.infra.io import Fault, InputError
 
 # What argparse should read as a number, not an option: -1, -0.5, -.5, -1e-4, -2.5E+3.
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -122,7 +123,8 @@ def validate(args: argparse.Namespace, flags: dict[str, str | dict], section: st
 
 
 def run(main: Callable[[], object]) -> None:
-    """`main()`, with a bad input (an InputError: a flag, a config key, a data file) told in one line.
+    """`main()`, with a bad input (an InputError: a flag, a config key, a data file) or a fault of the machine
+    (a Fault: a full disk, a worker that died) told in one line.
 
     OPD_TRACEBACK=1 shows the traceback instead.
     """
@@ -131,7 +133,7 @@ def run(main: Callable[[], object]) -> None:
         return
     try:
         main()
-    except InputError as err:
+    except (InputError, Fault) as err:
         spec = getattr(sys.modules.get("__main__"), "__spec__", None)  # python -m opd.engines.train
         prog = spec.name if spec is not None else "opd"
         sys.exit(f"{prog}: error: {err}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import os
 import shutil
@@ -14,6 +15,11 @@ from typing import Iterable, Iterator
 class InputError(ValueError):
     """Bad input from the user (a flag, a config key, a data or model file): `opd.infra.cli.run` prints it in
     one line. Each message names the flag, key or file (and line) and the value."""
+
+
+class Fault(RuntimeError):
+    """The machine failed a job (a full disk, a worker that died), not the input: `opd.infra.cli.run` prints
+    it in one line too (OPD_TRACEBACK=1 for the traceback); each message names the path and what was kept."""
 
 
 class DataFileError(InputError):
@@ -114,16 +120,79 @@ def write_rows_csv(path: Path | str, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def tensor_bytes(tensors, itemsize: int | None = None) -> int:
+    """Bytes of the tensors in a nest of dicts, lists and tuples (each storage once): what a save writes.
+
+    `itemsize` (bytes per element) replaces each tensor's own, for a save that casts (save_dtype)."""
+    seen, total, stack = set(), 0, [tensors]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif hasattr(obj, "element_size") and hasattr(obj, "numel") and obj.data_ptr() not in seen:
+            seen.add(obj.data_ptr())
+            total += obj.numel() * (itemsize or obj.element_size())
+    return total
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists():  # the directory may not exist yet: its nearest existing parent's disk
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _no_space(target: Path, need: int, free: int, kept: str) -> Fault:
+    return Fault(f"{target}: no space left on the device ({free / 2**20:.0f} MiB free, the write needs about "
+                 f"{need / 2**20:.0f} MiB); {kept}")
+
+
+@contextlib.contextmanager
+def space_for(target: Path, need: int, kept: str) -> Iterator[None]:
+    """Refuse to start a write of about `need` bytes under `target` if the disk has less free, and turn a
+    write that fails for want of space anyway (ENOSPC, or torch's `basic_ios::clear: iostream error` with the
+    disk full) into a Fault naming the path, its sizes and `kept` (what is still complete on disk)."""
+    free = _free_bytes(target)
+    if free < need:
+        raise _no_space(target, need, free, kept)
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+        free = _free_bytes(target)
+        if full or free < need:  # measured before the half-written file is removed
+            raise _no_space(target, need, free, kept) from err
+        raise
+
+
 def save_model_dir(model, tokenizer, out_dir: Path, dtype=None) -> None:
     """A Hugging Face model directory, written to a sibling and swapped in, so a killed job leaves no
     half-written model: the old directory is renamed aside before the new one moves in, so at every
-    instant either the old or the new model is complete on disk.
+    instant either the old or the new model is complete on disk. Too little disk space (checked before,
+    and a failed write after) is a Fault naming the directory; the old one stays.
 
     `dtype` (a torch dtype, e.g. bfloat16: half the disk of fp32 master weights) casts the saved weights
     and the config's dtype; the model itself is left as it is.
     """
     tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
+    kept = f"the model already in {out_dir} is kept" if out_dir.exists() else "nothing was written"
+    need = tensor_bytes(model.state_dict(), getattr(dtype, "itemsize", None))
+    try:
+        with space_for(out_dir, need, kept):
+            _save_pretrained(model, tokenizer, tmp, dtype)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_pretrained(model, tokenizer, tmp: Path, dtype) -> None:
     if dtype is None or dtype == model.dtype:
         model.save_pretrained(str(tmp))
     else:
@@ -134,8 +203,3 @@ def save_model_dir(model, tokenizer, out_dir: Path, dtype=None) -> None:
         config["dtype"] = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
