@@ -2,6 +2,7 @@
 
 import argparse
 import importlib
+import os
 import subprocess
 import sys
 
@@ -34,7 +35,7 @@ CASES = [
     ("opd.engines.train", [*TRAIN, "--lr", "-1e-4"],
      "invalid flag: --lr: -0.0001 is out of range; allowed: (0, 1] (config train.lr)"),
     ("opd.engines.train", [*TRAIN, "--top-p", "0"],
-     "invalid flag: --top-p: 0.0 is out of range; allowed: (0, 1] (config diagnose.top_p)"),
+     "invalid flag: --top-p: 0.0 is out of range; allowed: (0, 1] (config train.top_p)"),
     ("opd.engines.train", [*TRAIN, "--lr", "nan"], "invalid flag: --lr: nan is not a finite number (config train.lr)"),
     ("opd.engines.rollout", [*ROLLOUT, "--top-k", "1"],
      "invalid flag: --top-k: 1 is out of range; allowed: [2, 1024] (config diagnose.top_k)"),
@@ -124,3 +125,55 @@ def test_a_bad_flag_is_one_line_on_the_command_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip() == ("opd.engines.train: error: invalid flag: --lr: -0.0001 is out of range; "
                                    "allowed: (0, 1] (config train.lr)")
+
+
+def _help(module: str) -> dict[str, str]:
+    """flag -> its entry of `--help`, continuation lines joined."""
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "1000"})
+    assert proc.returncode == 0, proc.stderr
+    entries: dict[str, str] = {}
+    flag = None
+    for line in proc.stdout.split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            flag = next((f for f in line.replace(",", " ").split() if f.startswith("--")), flag)
+            entries[flag] = " ".join(line.split())
+        elif flag and line.startswith("    "):
+            entries[flag] += " " + " ".join(line.split())
+    return entries
+
+
+def test_training_help_says_what_the_checks_allow_and_top_p_is_a_train_key():
+    entries = _help("opd.engines.train")
+    assert "0 = greedy" not in " ".join(entries.values())  # the help said so, the check refused 0
+    assert entries["--temperature"] == ("--temperature TEMPERATURE sampling temperature of the rollouts "
+                                        "(allowed: (0, 10]; config train.temperature)")
+    assert entries["--top-p"] == "--top-p TOP_P nucleus sampling mass (allowed: (0, 1]; config train.top_p)"
+    from opd.engines import train
+
+    with pytest.raises(cli.FlagError) as err:
+        train.check_args(train.parse_args([*TRAIN, "--top-p", "1.5"]))
+    assert str(err.value) == "invalid flag: --top-p: 1.5 is out of range; allowed: (0, 1] (config train.top_p)"
+
+
+@pytest.mark.parametrize("module, section", [("opd.engines.train", "train"), ("opd.engines.rollout", None),
+                                             ("opd.studies.fixed_context", None), ("opd.studies.evaluate", None)])
+def test_every_tabled_flag_documents_its_range_and_key_from_the_table(module, section):
+    """The help's '(allowed: ...; config ...)' is built from the table the flags are checked with."""
+    from opd.infra.config import allowed
+
+    mod, schema, lines = importlib.import_module(module), load_schema(), _help(module)
+    table = cli.flag_table([f.removeprefix("--").replace("-", "_") for f in lines], mod.FLAGS, section)
+    checked = 0
+    for dest, key in table.items():
+        flag = cli.flag_name(dest)
+        if flag not in lines:
+            continue
+        rule = allowed(key if isinstance(key, dict) else cli.subschema(schema, key))
+        if rule:
+            assert f"allowed: {rule}" in lines[flag], flag
+            checked += 1
+        if isinstance(key, str):
+            assert f"config {key.removesuffix('[]')})" in lines[flag], flag
+    assert checked >= 3

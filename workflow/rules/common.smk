@@ -221,6 +221,7 @@ def engine_args():
         f"--{k.replace('_', '-')} {str(TRAIN[k]).lower()}" for k, d in defaults.items() if str(TRAIN[k]).lower() != d
     ]
     flags += [f"--{k.replace('_', '-')}" for k in ("vllm_sleep", "recompute_rollout_logprobs") if TRAIN[k]]
+    flags += [f"--top-p {TRAIN['top_p']}"] if TRAIN["top_p"] != 1.0 else []
     flags += [f"--teacher-device {TRAIN['teacher_device']}"] if TRAIN["teacher_device"] else []
     flags += [f"--async-rollouts {TRAIN['async_rollouts']}"] if TRAIN["async_rollouts"] else []
     return "".join(f" {f}" for f in flags)

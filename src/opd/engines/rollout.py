@@ -288,7 +288,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--study", default="miniature", help="MLflow experiment name")
     worlds.add_args(p)  # the same flags as opd.engines.train: diagnostic and training rollouts see one prompt text
     accel.add_args(p)
-    return cli.validate(p.parse_args(argv), FLAGS)
+    return cli.parse(p, argv, FLAGS)
 
 
 def main(argv: list[str] | None = None) -> None:

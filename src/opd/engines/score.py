@@ -141,7 +141,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", default="student", help="name of the scored student, for tracking")
     p.add_argument("--study", default="miniature", help="MLflow experiment name")
     add_job_args(p)
-    return cli.validate(p.parse_args(argv), FLAGS)
+    return cli.parse(p, argv, FLAGS)
 
 
 def add_job_args(p: argparse.ArgumentParser) -> None:

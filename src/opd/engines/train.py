@@ -88,7 +88,6 @@ FLAGS = {
     "top_k": "train.top_k[]",
     "ratio": "train.ratio[]",
     "seed": "train.seeds[]",
-    "top_p": "diagnose.top_p",
     "warmup_steps": cli.NONNEGATIVE,
     "batch_size": cli.POSITIVE,
     "prompt_format": "data.prompt_format",
@@ -287,13 +286,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--prompts", type=Path, required=True, help="training prompts, JSONL of {id, question, answer}")
     a("--out-dir", type=Path, required=True, help="checkpoints/, model/ and metrics.json go here")
     a("--method", required=True, help=f"which tokens get the loss: {', '.join(METHODS)}")
-    a("--top-k", type=int, default=16, help="K: student/teacher top-K kept per token (>= 2)")
-    a("--ratio", type=float, default=0.1, help="selection budget ρ in (0, 1] (selectors, release+ta_opd)")
+    a("--top-k", type=int, default=16, help="K: student/teacher top-K kept per token")
+    a("--ratio", type=float, default=0.1, help="selection budget ρ (selectors, release+ta_opd)")
     a("--steps", type=int, default=100, help="optimizer steps")
     a("--prompts-per-step", type=int, default=8, help="prompts drawn per step")
     a("--samples", type=int, default=4, help="responses sampled per prompt")
     a("--max-new-tokens", type=int, default=160, help="longest response")
-    a("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    a("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
     a("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     a("--lr", type=float, default=1e-4, help="AdamW learning rate after warm-up")
     a("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: steps // 20, at least 1)")
@@ -323,6 +322,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     engine.add_args(p)
     teacher_worker.add_args(p)
     async_rollouts.add_args(p)
+    cli.document(p, FLAGS, section="train")  # the help texts from the table check_args checks with
     return p.parse_args(argv)
 
 

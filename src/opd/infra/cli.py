@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from opd.infra.config import ConfigError, describe, load_schema
+from opd.infra.config import ConfigError, allowed, describe, load_schema
 from opd.infra.io import Fault, InputError
 
 # What argparse should read as a number, not an option: -1, -0.5, -.5, -1e-4, -2.5E+3.
@@ -103,23 +103,50 @@ def check_flags(args: argparse.Namespace, flags: dict[str, str | dict]) -> None:
         raise FlagError(f"invalid flag{'s' if len(problems) > 1 else ''}: " + "; ".join(problems))
 
 
-def section_flags(args: argparse.Namespace, section: str) -> dict[str, str]:
-    """dest -> "section.dest" for each flag named as a key of that config section."""
+def section_flags(dests, section: str) -> dict[str, str]:
+    """dest -> "section.dest" for each flag (of `dests`, or of a Namespace) named as a key of that config section."""
     keys = load_schema()["properties"][section]["properties"]
-    return {dest: f"{section}.{dest}" for dest in vars(args) if dest in keys}
+    return {dest: f"{section}.{dest}" for dest in (vars(dests) if isinstance(dests, argparse.Namespace) else dests)
+            if dest in keys}
+
+
+def flag_table(dests, flags: dict[str, str | dict], section: str | None = None) -> dict[str, str | dict]:
+    """The one table of a module's flags: dest -> config key (or own schema); `flags` wins over the keys of
+    `section` (e.g. `--top-k` is one item of the list train.top_k). `validate` checks and `document` explains it."""
+    return {**COMMON, **(section_flags(dests, section) if section else {}), **flags}
+
+
+def document(parser: argparse.ArgumentParser, flags: dict[str, str | dict], section: str | None = None) -> None:
+    """End each tabled flag's help with what is allowed and its config key, read from the same table and schema
+    the flags are checked against, so help and checks cannot disagree (e.g. "(allowed: (0, 10]; config
+    train.temperature)")."""
+    schema = load_schema()
+    table = flag_table([a.dest for a in parser._actions], flags, section)
+    for action in parser._actions:
+        key = table.get(action.dest)
+        if key is None or action.help in (None, argparse.SUPPRESS):
+            continue
+        rule = allowed(key if isinstance(key, dict) else subschema(schema, key))
+        notes = ([f"allowed: {rule}"] if rule else []) + ([f"config {key.removesuffix('[]')}"]
+                                                           if isinstance(key, str) else [])
+        if notes:
+            action.help = f"{action.help} ({'; '.join(notes).replace('%', '%%')})"  # argparse formats help with %
 
 
 def validate(args: argparse.Namespace, flags: dict[str, str | dict], section: str | None = None) -> argparse.Namespace:
-    """The flags against the schema, then the tracking store: both before any model loads; returns `args`.
-
-    `flags` wins over the keys of `section` (e.g. `--top-k` is one item of the list train.top_k).
-    """
+    """The flags against the schema, then the tracking store: both before any model loads; returns `args`."""
     from opd.infra import tracking
 
-    named = section_flags(args, section) if section else {}
-    check_flags(args, {**COMMON, **named, **flags})
+    check_flags(args, flag_table(args, flags, section))
     tracking.check_reachable()
     return args
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None, flags: dict[str, str | dict],
+          section: str | None = None) -> argparse.Namespace:
+    """`document` the flags, parse `argv`, then `validate`: the usual end of a module's `parse_args`."""
+    document(parser, flags, section)
+    return validate(parser.parse_args(argv), flags, section)
 
 
 def run(main: Callable[[], object]) -> None:

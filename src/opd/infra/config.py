@@ -49,13 +49,30 @@ def describe(error, name: str | None = None) -> str:
         return f"{key}: {value!r} is not allowed; allowed values: {', '.join(map(repr, error.validator_value))}"
     if kind == "type":
         return f"{key}: expected {error.validator_value}, got {value!r} ({type(value).__name__})"
-    if kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-        lo = schema.get("minimum", schema.get("exclusiveMinimum", "-inf"))
-        hi = schema.get("maximum", schema.get("exclusiveMaximum", "inf"))
-        lo_b = "(" if "exclusiveMinimum" in schema else "["
-        hi_b = ")" if "exclusiveMaximum" in schema else "]"
-        return f"{key}: {value!r} is out of range; allowed: {lo_b}{lo}, {hi}{hi_b}"
+    if kind in BOUNDS:
+        return f"{key}: {value!r} is out of range; allowed: {value_range(schema)}"
     return f"{key}: {error.message}"  # required, minItems, uniqueItems, pattern, ...
+
+
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def value_range(schema: dict) -> str:
+    """A number's allowed interval, as `describe` and the flags' help texts write it: [0, 10], (0, 1], [1, inf]."""
+    lo = schema.get("minimum", schema.get("exclusiveMinimum", "-inf"))
+    hi = schema.get("maximum", schema.get("exclusiveMaximum", "inf"))
+    return f"{'(' if 'exclusiveMinimum' in schema else '['}{lo}, {hi}{')' if 'exclusiveMaximum' in schema else ']'}"
+
+
+def allowed(schema: dict) -> str | None:
+    """What a schema node allows, in words (an enum, a range; a list: what each item allows), or None."""
+    if "enum" in schema:
+        return "one of " + ", ".join(str(v) for v in schema["enum"] if v is not None)
+    if any(k in schema for k in BOUNDS):
+        return value_range(schema)
+    if isinstance(schema.get("items"), dict):
+        return allowed(schema["items"])
+    return None
 
 
 def _fill_defaults(config: Any, schema: dict) -> None:

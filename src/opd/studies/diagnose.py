@@ -146,6 +146,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_release_args(p)
     add_signal_args(p)
     p.add_argument("--study", default="miniature", help="MLflow experiment name")
+    cli.document(p, FLAGS)
     args = p.parse_args(argv)
     if not len(args.students) == len(args.rollouts) == len(args.scores) == len(args.fixed_context):
         p.error("--students, --rollouts, --scores and --fixed-context need one entry per student")

@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="results root our task YAMLs' data files are relative to (default: $OPD_RESULTS, "
                              "which the workflow sets from config results_dir, else results)")
     parser.add_argument("--study", default="miniature", help="MLflow experiment name")
-    args = cli.validate(parser.parse_args(argv), FLAGS)
+    args = cli.parse(parser, argv, FLAGS)
     modeldirs.check_dir(args.model_dir, "--model-dir")
     check_task_data(args.tasks, args.include_path, args.data_root)
 

@@ -215,7 +215,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--study", default="miniature", help="MLflow experiment name")
     add_job_args(p)
     add_signal_args(p)
-    return cli.validate(p.parse_args(argv), FLAGS)
+    return cli.parse(p, argv, FLAGS)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-png", type=Path, required=True, help="bar chart to write")
     parser.add_argument("--study", default="miniature", help="MLflow experiment name")
     rs.add_stats_args(parser)
-    args = cli.validate(parser.parse_args(argv), {})
+    args = cli.parse(parser, argv, {})
 
     from opd.infra import tracking
 

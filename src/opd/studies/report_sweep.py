@@ -135,7 +135,7 @@ def plot(tables: dict, base: dict, ks, ratios, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = cli.ArgumentParser(description="K x ratio tables and heatmaps of an OPD sweep.")
     add_grid_args(p, figure="heatmaps")
-    args = cli.validate(p.parse_args(argv), GRID_FLAGS)
+    args = cli.parse(p, argv, GRID_FLAGS)
     runs = grid_runs(args)
     columns = rs.columns_of(args.tasks, args.ood_tasks)
     scores = pair_scores(runs, args.tasks, parse_metrics(args.metric), args.results, several=True)

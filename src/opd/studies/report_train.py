@@ -179,7 +179,7 @@ def log_report(args: argparse.Namespace, rule: str, ests: dict, comps: dict, par
 def main(argv: list[str] | None = None) -> None:
     p = cli.ArgumentParser(description="Tabulate OPD results per student: method x benchmark.")
     add_grid_args(p)
-    args = cli.validate(p.parse_args(argv), GRID_FLAGS)
+    args = cli.parse(p, argv, GRID_FLAGS)
     ests, comps, scores = analyse(grid_runs(args), args.tasks, args.ood_tasks, parse_metrics(args.metric),
                                   args.results, args)
     columns = list(rs.columns_of(args.tasks, args.ood_tasks))

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-value", type=int, default=DEFAULT_MAX_VALUE, help="largest number in a chain")
     parser.add_argument("--seed", type=int, default=0, help="world seed; same seed, same files")
     parser.add_argument("--study", default="miniature", help="MLflow experiment name")
-    args = cli.validate(parser.parse_args(argv), FLAGS)
+    args = cli.parse(parser, argv, FLAGS)
 
     from opd.infra import tracking
 

@@ -135,7 +135,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--log-every", type=int, default=50, help="steps per logged loss")
     parser.add_argument("--study", default="miniature", help="MLflow experiment name")
-    return cli.validate(parser.parse_args(argv), FLAGS)
+    return cli.parse(parser, argv, FLAGS)
 
 
 def main(argv: list[str] | None = None) -> None:

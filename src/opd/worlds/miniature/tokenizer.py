@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size (incl. 256 bytes)")
     parser.add_argument("--out-dir", type=Path, required=True, help="where `save_pretrained` writes")
     parser.add_argument("--study", default="miniature", help="MLflow experiment name")
-    args = cli.validate(parser.parse_args(argv), {"vocab_size": "world.vocab_size"})
+    args = cli.parse(parser, argv, {"vocab_size": "world.vocab_size"})
 
     from opd.infra import tracking
     from opd.worlds.miniature.generator import iter_problems

@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--on-conflict", choices=CONFLICT_POLICIES, default="drop",
                         help="a prompt seen with different answers: drop it, keep the first answer, or stop")
     parser.add_argument("--study", default="paper", help="MLflow experiment name")
-    args = cli.validate(parser.parse_args(argv), {"revision": "data.revision"})
+    args = cli.parse(parser, argv, {"revision": "data.revision"})
     stats_path = args.stats or args.out.with_name(args.out.name.removesuffix(".jsonl") + ".stats.json")
 
     from opd.infra import tracking
