@@ -3,10 +3,13 @@ import json
 import os
 import re
 import shlex
+import sys
 
 from snakemake.exceptions import WorkflowError
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from opd import worlds
+from opd.infra import cli
 from opd.infra.config import ConfigError
 from opd.studies import plan, sweep, validate
 
@@ -28,9 +31,16 @@ SRC_DIR = Path(workflow.basedir) / "src"
 # them. Jobs in the conda envs of envs/ (--sdm conda) import opd from the source tree, not from an install.
 # Absolute paths go here, never into params: a params change reruns a job, so a copied or moved project
 # would rerun every lm-eval job (OPD_TASKS_DIR: our task YAMLs, read by eval_args' --include-path).
+# Rules run in the environment that runs Snakemake: `python` and `torchrun` in every rule's shell are the
+# interpreter that imported this workflow (shell functions: opd.infra.cli.interpreter_functions), whatever
+# is first on PATH, so `.venv/bin/snakemake ...` works without an activated venv. Under --sdm conda, each
+# rule's own conda env (activated before its shell runs) provides them. Functions, not an interpreter path
+# in each rule: the rules' text (Snakemake's code trigger) and params stay as they were, so nothing reruns.
+IN_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+INTERPRETER = cli.interpreter_functions(sys.executable, IN_CONDA).replace("{", "{{").replace("}", "}}")
 shell.prefix(
     f"export OPD_STUDY={shlex.quote(STUDY)} OPD_RESULTS={shlex.quote(RESULTS)} OPD_TASKS_DIR={shlex.quote(str(TASKS_DIR))}"
-    f" PYTHONPATH={shlex.quote(str(SRC_DIR))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+    f" PYTHONPATH={shlex.quote(str(SRC_DIR))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; {INTERPRETER}"
 )
 
 

@@ -20,6 +20,7 @@ import argparse
 import math
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable
@@ -164,3 +165,13 @@ def run(main: Callable[[], object]) -> None:
         spec = getattr(sys.modules.get("__main__"), "__spec__", None)  # python -m opd.engines.train
         prog = spec.name if spec is not None else "opd"
         sys.exit(f"{prog}: error: {err}")
+
+
+def interpreter_functions(python: str, conda: bool = False) -> str:
+    """Bash that makes `python` and `torchrun` in the rest of a rule's shell mean interpreter `python` (the one
+    that runs Snakemake; workflow/rules/common.smk), whatever is first on PATH; "" under --sdm conda, where
+    the rule's own conda env is activated first and its `python` is the one to use."""
+    if conda:
+        return ""
+    py = shlex.quote(python)
+    return f'python() {{ {py} "$@"; }}; torchrun() {{ {py} -m torch.distributed.run "$@"; }}; '
