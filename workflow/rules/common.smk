@@ -8,11 +8,11 @@ from snakemake.exceptions import WorkflowError
 
 from opd import worlds
 from opd.infra.config import ConfigError, validate_config
-from opd.studies import plan, sweep
+from opd.studies import cost, plan, sweep
 from opd.studies.validate import model_problems
 
-try:  # the schema, the world's rules, the memory plan, then the models already on disk (K, tokenizers)
-    validate_config(config, checks=[worlds.config_problems, plan.config_problems, model_problems])
+try:  # the schema, the world's rules, the memory plan, the cost budget, then the models already on disk (K, tokenizers)
+    validate_config(config, checks=[worlds.config_problems, plan.config_problems, cost.config_problems, model_problems])
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 

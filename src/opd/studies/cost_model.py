@@ -51,16 +51,25 @@ def forward_flops(s, seqs: int, length: int, head_positions: int | None = None, 
                    + attention_flops(s, length, attention))
 
 
+def recompute_flops(s, seqs: int, length: int, attention: str = "dense") -> float:
+    """What checkpointing the decoder layers adds to a backward: each layer's forward again, less its last
+    product (the MLP's down projection): torch's non-reentrant checkpoint stops recomputing once the
+    tensors backward needs are back, and backward needs the down projection's input, not its output."""
+    recomputed = 2 * s.num_hidden_layers * (layer_matmul_params(s) - s.hidden_size * s.intermediate_size)
+    return seqs * (length * recomputed + attention_flops(s, length, attention))
+
+
 def update_flops(s, seqs: int, length: int, head_positions: int | None = None, checkpointing: bool = False,
                  attention: str = "dense", head_checkpointed: bool = True) -> float:
-    """Forward and backward (opd.engines.update): projections 1 + 2 (+1 recomputed with checkpointing),
-    attention 1 + 2.5 (+1), the LM head 1 + 2, +1 when its chunks run under torch.utils.checkpoint (the
-    engines' chunked head always does: opd.engines.forward.head_map)."""
+    """Forward and backward (opd.engines.update): projections 1 + 2, attention 1 + 2.5, the LM head 1 + 2, +1
+    when its chunks run under torch.utils.checkpoint (the engines' chunked head always does:
+    opd.engines.forward.head_map), and with `checkpointing` the layers' recompute (`recompute_flops`)."""
     head = length if head_positions is None else head_positions
     linear = seqs * length * trunk_flops_per_token(s)
     att = seqs * attention_flops(s, length, attention)
     lm = seqs * head * head_flops_per_position(s)
-    return linear * (3 + checkpointing) + att * (1 + ATTENTION_BACKWARD + checkpointing) + lm * (3 + head_checkpointed)
+    extra = recompute_flops(s, seqs, length, attention) if checkpointing else 0.0
+    return 3 * linear + att * (1 + ATTENTION_BACKWARD) + lm * (3 + head_checkpointed) + extra
 
 
 def kv_bytes_per_token(s, dtype_bytes: int = 2) -> int:
