@@ -110,18 +110,18 @@ def response_problems(config: dict) -> list[str]:
 
 
 def rollout_phases(S: Shape, seqs: int, response: int, kv_budget: float, a: Assumptions, max_seqs: int,
-                   weight_bytes: int = 2, key: str = "") -> tuple[list[Phase], dict]:
+                   weight_bytes: int = 2, key: str = "", label: str = "rollout") -> tuple[list[Phase], dict]:
     """Prefill (compute-bound, causal) and decode (memory-bound: opd.studies.cost_model.decode); `key`: the
     setting that gives the KV budget, for the message when it cannot hold one sequence."""
     try:
         d = cm.decode(S, seqs, PROMPT_TOKENS, response, kv_budget, weight_bytes * S.params(), max_seqs)
     except ValueError as err:
         raise InputError(f"{key} on {a.gpu.label}: {err}") from None
-    prefill = Phase("rollout prefill", cm.forward_flops(S, seqs, PROMPT_TOKENS, 1, "causal"),
+    prefill = Phase(f"{label} prefill", cm.forward_flops(S, seqs, PROMPT_TOKENS, 1, "causal"),
                     d.waves * weight_bytes * S.params())
     notes = {"decode_concurrent": d.concurrent, "decode_waves": d.waves, "kv_budget_gib": round(kv_budget / GIB, 2),
              "response_tokens": response, "prompt_tokens": PROMPT_TOKENS}
-    return [prefill.timed(a), Phase("rollout decode", d.flops, d.bytes).timed(a)], notes
+    return [prefill.timed(a), Phase(f"{label} decode", d.flops, d.bytes).timed(a)], notes
 
 
 def vllm_kv_budget(S: Shape, fraction: float, a: Assumptions) -> float:
@@ -154,10 +154,11 @@ def train_job(config: dict, pair: tuple[str, str], S: Shape, T: Shape, a: Assump
     if served:  # every rank's sequences on the server's GPUs, the trainer waiting for them
         scoring.seconds *= gpus / served
     shard = gpus if tr.get("sharding") == "fsdp" else 1
-    phases += [scoring,
-               Phase("update", cm.update_flops(S, seqs, L, R, bool(tr.get("gradient_checkpointing"))), 0).timed(a),
-               Phase("optimizer", 0, cm.adam_bytes(S.params() / shard)).timed(a)]
+    ckpt = bool(tr.get("gradient_checkpointing"))
+    update = {c: Phase("update", cm.update_flops(S, seqs, L, R, c), 0).timed(a) for c in (ckpt, not ckpt)}
+    phases += [scoring, update[ckpt], Phase("optimizer", 0, cm.adam_bytes(S.params() / shard)).timed(a)]
     notes.update(sharding=tr.get("sharding", "ddp"), sequences_per_rank=seqs, served_teacher_gpus=served)
+    notes[f"update_seconds_checkpointing_{'off' if ckpt else 'on'}"] = round(update[not ckpt].seconds, 1)
     return JobCost("train_opd", f"train {pair[0]} -> {pair[1]}", count, gpus + served, phases, tr["steps"], notes,
                    overlap=bool(tr.get("async_rollouts")))
 
@@ -189,9 +190,9 @@ def eval_phases(config: dict, S: Shape, tasks: list[str], a: Assumptions) -> tup
     if ev["backend"] == "vllm":
         fraction = (ev.get("model_args") or {}).get("gpu_memory_utilization", 0.9)
         phases, notes = rollout_phases(S, seqs, a.eval_response, vllm_kv_budget(S, fraction, a), a, cm.VLLM_MAX_SEQS,
-                                       key="evaluation.model_args.gpu_memory_utilization")
+                                       key="evaluation.model_args.gpu_memory_utilization", label="generation")
     else:
-        phases, notes = rollout_phases(S, seqs, a.eval_response, math.inf, a, HF_GENERATE_SEQS)
+        phases, notes = rollout_phases(S, seqs, a.eval_response, math.inf, a, HF_GENERATE_SEQS, label="generation")
     return phases, {**notes, "sequences": seqs}
 
 
@@ -322,7 +323,7 @@ def table(jobs: list[JobCost], a: Assumptions) -> str:
                         f"| {_num(p.seconds)} | {p.bound} | | |")
         rows.append(f"| {j.job} | {j.count} | {j.gpus} | **{unit}**" + (f" (x {j.repeats} steps)" if j.repeats > 1 else "")
                     + f" | | | {_num(j.seconds / j.repeats)} | | {_num(j.seconds / 3600)} | **{_num(j.gpu_hours)}** |")
-        shown = {k: v for k, v in j.notes.items() if k.startswith(("decode", "kv", "served")) and v}
+        shown = {k: v for k, v in j.notes.items() if k.startswith(("decode", "kv", "served", "update")) and v}
         if shown:
             rows.append(f"| {j.job} | | | *{', '.join(f'{k} {v}' for k, v in shown.items())}* | | | | | | |")
     t = totals(jobs)
