@@ -40,6 +40,7 @@ def test_decode_by_hand():
     assert d.flops == 10 * (5 * 720 + 32 * 25) == 44_000
     # vLLM's max_num_seqs caps it before the budget does; a budget below one sequence is an error
     assert cm.decode(TINY, 10, 3, 5, kv_budget=1e9, weight_bytes=0, max_seqs=4).waves == 3
+    assert cm.decode(TINY, 10, 3, 5, kv_budget=float("inf"), weight_bytes=0, max_seqs=4).waves == 3  # hf generate
     with pytest.raises(ValueError, match="cannot hold one sequence of 8 tokens"):
         cm.decode(TINY, 10, 3, 5, kv_budget=255, weight_bytes=0)
 
@@ -164,3 +165,17 @@ def test_plan_cli_prints_every_job_and_the_totals(capsys):
     assert out["cost"]["gpu"]["name"] == "h200" and len(out["cost"]["jobs"]) == len(jobs)
     assert out["cost"]["totals"]["total"] == pytest.approx(sum(j["gpu_hours"] for j in out["cost"]["jobs"]))
     assert {m["job"] for m in out["memory"]} >= {"train qwen3_8b -> qwen3_1p7b"}
+
+
+def test_the_miniature_study_costs_through_the_hf_paths():
+    from opd.studies import sweep
+    from opd.studies.validate import load
+
+    config = validate_config(load([REPO / "config" / "config.yaml"]))
+    jobs = cost.plan_costs(config, "a100")
+    assert all(j.seconds > 0 for j in jobs)
+    runs = len(sweep.runs(config["models"], config["train"]))
+    assert sum(j.count for j in jobs if j.rule == "train_opd") == runs
+    assert sum(j.count for j in jobs if j.rule == "eval_trained") == runs
+    evals = sum(j.count for j in jobs if j.rule == "lm_eval")
+    assert evals == len(config["evaluation"]["models"] or config["models"]) * len(config["evaluation"]["benchmarks"])

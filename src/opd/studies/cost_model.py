@@ -92,7 +92,7 @@ def decode(s, seqs: int, prompt: int, response: int, kv_budget: float, weight_by
     a sequence's whole cache is reserved (an upper bound: vLLM pages it in as it grows). Step t of a sequence
     (t = 0 .. response-1) reads prompt + t tokens of its cache; every step of a wave reads the weights once."""
     per_seq = kv_bytes_per_token(s, dtype_bytes) * (prompt + response)
-    fit = int(kv_budget // per_seq) if per_seq > 0 else max_seqs
+    fit = max_seqs if per_seq == 0 or math.isinf(kv_budget) else int(kv_budget // per_seq)  # inf: hf generate
     if fit < 1:
         raise ValueError(f"a KV budget of {kv_budget / 2**30:.2f} GiB cannot hold one sequence of {prompt + response} "
                          f"tokens ({per_seq / 2**30:.2f} GiB)")
