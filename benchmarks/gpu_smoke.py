@@ -185,7 +185,7 @@ def calibration(result: dict, work: dict, gpu, on_gpu: bool) -> None:
         if name not in result or "error" in result[name]:
             continue
         rate, default = peak[kind]
-        result[name]["planned_seconds"] = round(amount / (rate * default), 3)
+        result[name]["planned_seconds"] = float(f"{amount / (rate * default):.3g}")  # 3 digits: --tiny's are tiny
         result[name]["planned_" + kind] = amount
         result[name]["implied_efficiency"] = round(amount / (result[name]["seconds"] * rate), 4) if on_gpu else None
 
