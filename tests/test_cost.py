@@ -91,7 +91,7 @@ def test_response_length_above_its_limit_and_negative_budget():
     with pytest.raises(ConfigError, match=r"resources.cost.train_response_tokens: 9000 is above train.max_new_tokens "
                                           r"\(8192\)"):
         validate_config(paper(cost={"train_response_tokens": 9000}), checks=[cost.config_problems])
-    with pytest.raises(ConfigError, match=r"resources.cost.eval_response_tokens: 40000 is above evaluation.max_gen_toks"):
+    with pytest.raises(ConfigError, match=r"resources.cost.eval_response_tokens: 40000 is above evaluation.max_gen"):
         validate_config(paper(gpu_type="h100", cost={"eval_response_tokens": 40000}), checks=[cost.config_problems])
     with pytest.raises(ConfigError, match=r"resources.budget_gpu_hours: -5 is out of range; allowed: \(0, inf\]"):
         validate_config(paper(budget_gpu_hours=-5))

@@ -142,20 +142,23 @@ def train_job(config: dict, pair: tuple[str, str], S: Shape, T: Shape, a: Assump
     gpus = max(1, pair_gpus(config, *pair))
     seqs = math.ceil(tr["prompts_per_step"] / gpus) * tr["samples"]
     R, L = a.train_response, PROMPT_TOKENS + a.train_response
+    budget = tr["max_tokens_per_microbatch"]
+    reads = lambda m, passes=1: cm.weight_reads(m.params(), seqs, L, budget, passes)  # noqa: E731
     if tr["rollout_backend"] == "vllm":
-        phases, notes = rollout_phases(S, seqs, R, vllm_kv_budget(S, tr["vllm_memory_fraction"], a), a, cm.VLLM_MAX_SEQS,
-                                       key="train.vllm_memory_fraction")
+        kv = vllm_kv_budget(S, tr["vllm_memory_fraction"], a)
+        phases, notes = rollout_phases(S, seqs, R, kv, a, cm.VLLM_MAX_SEQS, key="train.vllm_memory_fraction")
     else:
         phases, notes = rollout_phases(S, seqs, R, math.inf, a, HF_GENERATE_SEQS, 2 if tr["dtype"] == "bfloat16" else 4)
     if tr.get("recompute_rollout_logprobs"):
-        phases.append(Phase("student recompute", cm.forward_flops(S, seqs, L, R), 0).timed(a))
+        phases.append(Phase("student recompute", cm.forward_flops(S, seqs, L, R), reads(S)).timed(a))
     served = served_teacher_gpus(config)
-    scoring = Phase("teacher scoring", cm.forward_flops(T, seqs, L, R), 0).timed(a)
+    scoring = Phase("teacher scoring", cm.forward_flops(T, seqs, L, R), reads(T)).timed(a)
     if served:  # every rank's sequences on the server's GPUs, the trainer waiting for them
         scoring.seconds *= gpus / served
     shard = gpus if tr.get("sharding") == "fsdp" else 1
     ckpt = bool(tr.get("gradient_checkpointing"))
-    update = {c: Phase("update", cm.update_flops(S, seqs, L, R, c), 0).timed(a) for c in (ckpt, not ckpt)}
+    update = {c: Phase("update", cm.update_flops(S, seqs, L, R, c), reads(S, 3 + c)).timed(a)
+              for c in (ckpt, not ckpt)}
     phases += [scoring, update[ckpt], Phase("optimizer", 0, cm.adam_bytes(S.params() / shard)).timed(a)]
     notes.update(sharding=tr.get("sharding", "ddp"), sequences_per_rank=seqs, served_teacher_gpus=served)
     notes[f"update_seconds_checkpointing_{'off' if ckpt else 'on'}"] = round(update[not ckpt].seconds, 1)
@@ -226,17 +229,20 @@ def diagnose_jobs(config: dict, pair: tuple[str, str], S: Shape, T: Shape, a: As
     else:
         phases, notes = rollout_phases(S, seqs, R, math.inf, a, HF_GENERATE_SEQS, 2 if d["dtype"] == "bfloat16" else 4)
     kl = cm.forward_flops(T, seqs, L, R) + cm.forward_flops(S, seqs, L, R)  # both models at every position
-    per_selector = (cm.forward_flops(S, seqs, L, R)  # the old log-probs
-                    + fc["steps"] * cm.update_flops(S, seqs, L, R, bool(d.get("gradient_checkpointing"))) + kl)
+    reads = lambda passes: cm.weight_reads(S.params(), seqs, L, d["max_tokens_per_microbatch"], passes)  # noqa: E731
+    kl_reads = reads(1) + cm.weight_reads(T.params(), seqs, L, d["max_tokens_per_microbatch"])
+    ckpt = bool(d.get("gradient_checkpointing"))
+    per_selector = cm.forward_flops(S, seqs, L, R) + fc["steps"] * cm.update_flops(S, seqs, L, R, ckpt) + kl  # old lp
     selectors = len(fc["selectors"])
     return [
         JobCost("rollout_initial", f"rollout_initial {pair[1]}", 1, gpus, phases, notes=notes),
         JobCost("score_initial", f"score_initial {pair[0]} / {pair[1]}", 1, gpus,
-                [Phase("teacher scoring", kl, 0).timed(a)]),
+                [Phase("teacher scoring", kl, kl_reads).timed(a)]),
         JobCost("fixed_context", f"fixed_context {pair[0]} / {pair[1]}", 1, gpus,
-                [Phase("base KL", kl, 0).timed(a),
+                [Phase("base KL", kl, kl_reads).timed(a),
                  Phase("selectors' steps and KL", selectors * per_selector,
-                       selectors * fc["steps"] * cm.adam_bytes(S.params())).timed(a)],
+                       selectors * (reads(1) + fc["steps"] * (reads(3 + ckpt) + cm.adam_bytes(S.params())) + kl_reads)
+                       ).timed(a)],
                 notes={"selectors": selectors, "steps": fc["steps"]}),
     ]
 
@@ -310,8 +316,8 @@ def _num(x: float) -> str:
 def table(jobs: list[JobCost], a: Assumptions) -> str:
     """Markdown: each job group's phases (FLOPs, bytes, seconds, what bounds them), its step or job time and
     GPU-hours, then the totals by rule and the biggest drivers."""
-    head = ("| job | jobs | GPUs | phase | TFLOP | GB moved | seconds | bound | wall hours per job | GPU-hours (all jobs) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| job | jobs | GPUs | phase | TFLOP | GB moved | seconds | bound | wall hours per job "
+            "| GPU-hours (all jobs) |\n" + "|---" * 10 + "|")
     rows = [f"Cost on {a.gpu.label} ({a.gpu.bf16_flops / 1e12:g} TFLOP/s dense bf16 x {a.compute_efficiency:g}, "
             f"{a.gpu.bandwidth / 1e12:g} TB/s x {a.bandwidth_efficiency:g}); response tokens assumed: training "
             f"{a.train_response}, diagnostics {a.diagnose_response}, evaluation {a.eval_response}; prompts "
@@ -321,8 +327,9 @@ def table(jobs: list[JobCost], a: Assumptions) -> str:
         for p in j.phases:
             rows.append(f"| {j.job} | {j.count} | {j.gpus} | {p.name} | {_num(p.flops / 1e12)} | {_num(p.bytes / 1e9)} "
                         f"| {_num(p.seconds)} | {p.bound} | | |")
-        rows.append(f"| {j.job} | {j.count} | {j.gpus} | **{unit}**" + (f" (x {j.repeats} steps)" if j.repeats > 1 else "")
-                    + f" | | | {_num(j.seconds / j.repeats)} | | {_num(j.seconds / 3600)} | **{_num(j.gpu_hours)}** |")
+        steps = f" (x {j.repeats} steps)" if j.repeats > 1 else ""
+        rows.append(f"| {j.job} | {j.count} | {j.gpus} | **{unit}**{steps} | | | {_num(j.seconds / j.repeats)} | "
+                    f"| {_num(j.seconds / 3600)} | **{_num(j.gpu_hours)}** |")
         shown = {k: v for k, v in j.notes.items() if k.startswith(("decode", "kv", "served", "update")) and v}
         if shown:
             rows.append(f"| {j.job} | | | *{', '.join(f'{k} {v}' for k, v in shown.items())}* | | | | | | |")
@@ -335,7 +342,8 @@ def table(jobs: list[JobCost], a: Assumptions) -> str:
 
 
 def to_json(jobs: list[JobCost], a: Assumptions) -> dict:
-    return {"gpu": dataclasses.asdict(a.gpu), "assumptions": {k: v for k, v in dataclasses.asdict(a).items() if k != "gpu"},
+    assumed = {k: v for k, v in dataclasses.asdict(a).items() if k != "gpu"}
+    return {"gpu": dataclasses.asdict(a.gpu), "assumptions": assumed,
             "jobs": [{"rule": j.rule, "job": j.job, "count": j.count, "gpus": j.gpus, "steps": j.repeats,
                       "phases": [dataclasses.asdict(p) for p in j.phases], "seconds_per_job": j.seconds,
                       "gpu_hours": j.gpu_hours, "notes": j.notes} for j in jobs],

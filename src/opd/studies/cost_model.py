@@ -105,6 +105,14 @@ def decode(s, seqs: int, prompt: int, response: int, kv_budget: float, weight_by
     return Decode(concurrent, waves, waves * response * weight_bytes + kv, flops)
 
 
+def weight_reads(params: float, seqs: int, length: int, max_tokens: int | None, passes: float = 1,
+                 dtype_bytes: int = 2) -> float:
+    """Bytes of weights a pass over `seqs` sequences reads: the weights once per micro-batch and pass, a
+    micro-batch holding max(1, max_tokens // length) padded sequences (opd.engines.forward.token_batches)."""
+    per_batch = max(1, (max_tokens or seqs * length) // length)
+    return math.ceil(seqs / per_batch) * passes * dtype_bytes * params
+
+
 def adam_bytes(params: float) -> float:
     """One AdamW step over fp32 state: read weights, gradients and two moments (16 B), write three (12 B)."""
     return 28 * params
