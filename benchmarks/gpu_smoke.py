@@ -12,6 +12,10 @@ Phases, each with its peak GPU memory beside the planner's estimate (opd.studies
 - `scoring`: `opd.engines.score.score_rollouts` of the same rollouts (teacher and exact student pass);
 - `train`: two `opd.engines.train.run_step` steps with the hf backend in bf16 (256 new tokens) — the training
   loop without `main`, so without MLflow.
+Beside each phase's time: the cost planner's estimate (opd.studies.cost_model, at the default efficiencies of
+`resources.cost`, on the hardware-table GPU whose name the device's contains; H100 SXM on CPU) and the implied
+efficiency, the planner's FLOPs (or, for the hf rollouts of `train`, bytes) over the measured seconds and the
+GPU's peak: the figure that replaces `resources.cost.compute_efficiency` / `bandwidth_efficiency` once measured.
 Prints one JSON line. Only torch, transformers and safetensors are needed: opd is imported inside functions,
 and nothing here imports vLLM, lm-eval, snakemake, mlflow, ruptures or nltk (method `full` never runs the
 release rule). A phase that runs out of memory is reported as such and the next one still runs.
@@ -148,6 +152,44 @@ def mfu(sizes: dict, vocab: int, dims: dict, seconds: float) -> float:
     return flops / seconds / PEAK_BF16_FLOPS
 
 
+def reference_gpu(device_name: str):
+    """The hardware table's GPU whose name the device's contains (H100 SXM when none does, e.g. on CPU)."""
+    from opd.infra import hardware
+
+    name = device_name.lower()
+    known = [g for key, g in sorted(hardware.GPUS.items(), key=lambda kv: -len(kv[0]))
+             if key.split("_")[0] in name and ("pcie" in name) == ("pcie" in key)]
+    return known[0] if known else hardware.gpu("h100")
+
+
+def estimated(dims: dict, sizes: dict, vocab: int, checkpointing: bool) -> dict[str, tuple[float, str]]:
+    """Each phase's work by the cost model: (FLOPs or bytes, which): scoring = teacher + exact student forward,
+    update = forward and backward, train = two steps, each decoding (bytes) the hf rollouts of its batch."""
+    from opd.studies import cost_model as cm
+    from opd.studies.shapes import Shape
+
+    S, T = (Shape(vocab_size=vocab, tie_word_embeddings=True, **sizes[n]) for n in ("student", "teacher"))
+    B, R = dims["responses"], dims["response_tokens"]
+    L = dims["prompt_tokens"] + R
+    seqs = dims["prompts_per_step"] * dims["samples"]
+    decode = cm.decode(S, seqs, 16, dims["new_tokens"], float("inf"), 2 * S.params(), max_seqs=64)
+    return {"scoring": (cm.forward_flops(T, B, L, R) + cm.forward_flops(S, B, L, R), "flops"),
+            "update": (cm.update_flops(S, B, L, R, checkpointing), "flops"),
+            "train": (2 * decode.bytes, "bytes")}
+
+
+def calibration(result: dict, work: dict, gpu, on_gpu: bool) -> None:
+    """Add to each measured phase the planner's seconds (default efficiencies) and the implied efficiency."""
+    peak = {"flops": (gpu.bf16_flops, 0.4), "bytes": (gpu.bandwidth, 0.6)}
+    for name, (amount, kind) in work.items():
+        if name not in result or "error" in result[name]:
+            continue
+        rate, default = peak[kind]
+        result[name]["planned_seconds"] = float(f"{amount / (rate * default):.3g}")  # 3 digits: --tiny's are tiny
+        result[name]["planned_" + kind] = amount
+        result[name]["implied_efficiency"] = round(amount / (result[name]["seconds"] * rate), 4) if on_gpu else None
+
+
 def run(tiny: bool) -> dict:
     sys.path.insert(0, str(ROOT / "src"))
     sizes, dims = (TINY, SMALL) if tiny else (QWEN3, PAPER)
@@ -161,6 +203,9 @@ def run(tiny: bool) -> dict:
         tr, out["paper_budget_flags"] = trainer(dirs, root, dims, device.type, dtype)
         out.update(phases(tr, dims, sizes, vocab, device))
     out["planned_peak_gib"] = planned(dims, sizes, vocab, bf16=not tiny)
+    gpu = reference_gpu(out["device"])
+    out["reference_gpu"] = gpu.name
+    calibration(out, estimated(dims, sizes, vocab, out["paper_budget_flags"]), gpu, on_gpu=not tiny)
     return out
 
 

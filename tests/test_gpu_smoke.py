@@ -32,3 +32,7 @@ def test_tiny_run_prints_every_phase_without_the_cluster_packages(tmp_path):
     assert out["update"]["tokens_per_second"] > 0 and out["update"]["mfu"] is None
     assert set(out["planned_peak_gib"]) == {"update", "scoring", "train"}
     assert all(v > 0 for v in out["planned_peak_gib"].values())
+    # the cost planner's estimate beside each measured time; no efficiency is implied from a CPU run
+    assert out["reference_gpu"] == "h100_sxm"
+    for phase in ("scoring", "update", "train"):
+        assert out[phase]["planned_seconds"] > 0 and out[phase]["implied_efficiency"] is None

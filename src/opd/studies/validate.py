@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 from opd.infra.config import ConfigError
-from opd.studies import checks, plan
+from opd.studies import checks, cost, plan
 from opd.studies.checks import load, merge, model_problems  # noqa: F401 - this module's API before opd.studies.checks
 
-CHECKS = [*checks.CHECKS, plan.config_problems]
+CHECKS = [*checks.CHECKS, plan.config_problems, cost.config_problems]
 
 
 def validate(config: dict) -> dict:
