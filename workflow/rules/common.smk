@@ -7,6 +7,7 @@ import shlex
 from snakemake.exceptions import WorkflowError
 
 from opd import worlds
+from opd.engines import optim
 from opd.infra.config import ConfigError, validate_config
 from opd.studies import plan, sweep
 from opd.studies.validate import model_problems
@@ -210,8 +211,13 @@ def train_args(wildcards):
     checkpointing = " --gradient-checkpointing" if TRAIN["gradient_checkpointing"] else ""
     return (
         f"{flags} {prompt_args()} {release_args()} {signal_args('--aggregation')} {memory_args(TRAIN)}"
-        f"{checkpointing}{engine_args()}"
+        f"{checkpointing}{engine_args()}{optimizer_args()}"
     )
+
+
+def optimizer_args():
+    """Optimizer, schedule and upper clip, only where they differ from the defaults (opd.engines.optim)."""
+    return "".join(f" {f}" for f in optim.config_flags(TRAIN))
 
 
 def engine_args():

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from opd import worlds
-from opd.engines import accel, async_rollouts, distributed, forward, recompute, teacher_worker
+from opd.engines import accel, async_rollouts, distributed, forward, optim, recompute, teacher_worker
 from opd.engines import vllm_engine as engine
 from opd.engines.checkpoint import (KEEP_CHECKPOINTS, changed_flags, load_latest_checkpoint, prune_finished,
                                     restore_rng_states, save_checkpoint, set_aside_replaced)
@@ -92,7 +92,7 @@ FLAGS = {
     "warmup_steps": cli.NONNEGATIVE,
     "batch_size": cli.POSITIVE,
     "prompt_format": "data.prompt_format",
-    **RELEASE_FLAGS, **signal_flags("aggregation"),
+    **RELEASE_FLAGS, **signal_flags("aggregation"), **optim.FLAGS,
 }
 
 
@@ -102,6 +102,7 @@ def check_args(args: argparse.Namespace, world: int = 1) -> None:
     distributed.check_share(args.prompts_per_step, world)
     distributed.check_sharding(args.sharding, world)
     release_rule(args)
+    optim.check_args(args)
     forward.check_memory_args(args)
     async_rollouts.check_args(args)
 
@@ -145,9 +146,7 @@ def setup(args: argparse.Namespace, world: worlds.World | None = None,
         forward.enable_checkpointing(student)
     ddp, replica = distributed.wrap_student(student, ctx, args.sharding, args.dtype, lambda: AutoModelForCausalLM.
                                             from_pretrained(str(args.student), dtype=accel.teacher_dtype(args.dtype)))
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
-    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+    optimizer, scheduler = optim.build(student.parameters(), args)
     return Trainer(args, world, student, teacher, tokenizer, records, prompt_ids, optimizer, scheduler, ctx, ddp,
                    device, replica=replica)
 
@@ -295,9 +294,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--max-new-tokens", type=int, default=160, help="longest response")
     a("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
     a("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    a("--lr", type=float, default=1e-4, help="AdamW learning rate after warm-up")
+    a("--lr", type=float, default=1e-4, help="learning rate (after the warm-up of --lr-schedule warmup)")
     a("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: steps // 20, at least 1)")
-    a("--clip-eps", type=float, default=0.2, help="PPO clip range ε")
+    a("--clip-eps", type=float, default=0.2, help="PPO clip range ε: the ratio's lower clip is 1 − ε")
+    a("--clip-eps-high", type=float, default=None,
+      help="upper clip ε_high (DAPO's clip-higher): the ratio clipped to [1 − ε, 1 + ε_high]; default ε")
+    optim.add_args(p)
     a("--loss", default="pg", help=f"pg (the papers: PPO-clip on the sampled-token reverse KL) or "
       f"{', '.join(DISTRIBUTION_LOSSES)} (on the stored top-K)")
     a("--checkpoint-every", type=int, default=50, help="steps between checkpoints (and one at the end)")
@@ -345,13 +347,13 @@ def main(argv: list[str] | None = None) -> dict:
         start, metrics = (ckpt["step"], ckpt["metrics"]) if ckpt else (0, {})
         distributed.check_same_step(ctx, start, args.out_dir)
         with distributed.main_only(ctx, lambda: tracking.run(
-                args.study, f"train[{args.name}]", params=None if ckpt else vars(args),
+                args.study, f"train[{args.name}]", params=None if ckpt else {**vars(args), **optim.record(args)},
                 tags={"model": args.name, "method": args.method}, run_id=ckpt["run_id"] if ckpt else None,
                 resume_step=ckpt["step"] if ckpt else None)) as run, \
                 engine.for_trainer(tr), teacher_worker.for_trainer(tr), \
                 async_rollouts.for_trainer(tr, sample, ckpt):  # no-ops for hf / in_process / async 0
             metrics = train_loop(tr, run, start, metrics)
-            final = {"step": args.steps, **metrics, "signals": signal_record(args)}
+            final = {"step": args.steps, **metrics, "signals": signal_record(args), "optimizer": optim.record(args)}
             student = inference_student(tr)
             if ctx.main:
                 save_model_dir(student, tr.tokenizer, args.out_dir / "model", dtype=getattr(torch, args.save_dtype))

@@ -1,12 +1,11 @@
 """Memory planner: the estimated peak GPU memory of every training and diagnostic job, before any job runs.
 
 `python -m opd.studies.plan --configfile config/paper.yaml` prints, per job, the terms below and the
-largest settings that fit; the workflow runs `config_problems` at validation (workflow/rules/common.smk),
-so a job whose estimate exceeds `resources.<kind>.gpu_mem_gb` stops the run before any job starts.
-Pure Python (no torch): planning a 1874-job DAG offline stays fast.
+largest settings that fit; the workflow runs `config_problems` at validation (workflow/rules/common.smk), so a
+job over `resources.<kind>.gpu_mem_gb` stops the run before any job starts. Pure Python (no torch): fast.
 
-Model shapes come from `<results_dir>/models/<name>/config.json` when it is on disk, else from the
-model's `shape` block (or a miniature model's architecture keys), so planning works offline; a `shape`
+Shapes: `<results_dir>/models/<name>/config.json` when on disk, else the `shape` block over the table of
+`opd.studies.hub_shapes` (a miniature model: its architecture keys), so planning works offline; a `shape`
 key that contradicts config.json is an error. The terms, per GPU (G = resources.train.gpu, bytes):
 - student: fp32 master weights 4P, gradients 4P, AdamW moments 8P; with `train.sharding: fsdp` each
   divided by G, plus the all-gathered bf16 root group and two layers (FSDP prefetches one), plus the
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from opd.infra import cli
 from opd.infra.memory import chunk_positions
+from opd.studies.hub_shapes import hub_shape
 
 GIB = 2 ** 30
 NEEDS_SHAPE = "the memory planner needs the model's shape"
@@ -97,7 +97,7 @@ def shape_from_config_json(path: Path) -> dict:
 def model_shape(config: dict, name: str) -> tuple[Shape | None, list[str]]:
     """(the model's Shape or None, problems): config.json on disk first, then the config's shape keys."""
     model = config["models"][name]
-    given = dict(model.get("shape") or {})
+    given = {**hub_shape(model.get("hub")), **(model.get("shape") or {})}  # the table, then the shape keys
     if not model.get("hub"):  # a miniature model: its architecture keys and the world's vocabulary cap
         given.update({hf: model[k] for hf, k in MINIATURE_KEYS.items() if model.get(k) is not None})
         given.setdefault("vocab_size", config.get("world", {}).get("vocab_size", 512))
