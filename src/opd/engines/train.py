@@ -34,7 +34,7 @@ from opd.engines import vllm_engine as engine
 from opd.engines.checkpoint import (KEEP_CHECKPOINTS, changed_flags, load_latest_checkpoint, prune_finished,
                                     restore_rng_states, save_checkpoint, set_aside_replaced)
 from opd.engines.rollout import Rollouts, generate_hf
-from opd.engines.score import check_tokenizers
+from opd.engines.pairing import PromptBook, pair_tokenizers
 from opd.engines.signals import (RELEASE_FLAGS, BatchSignals, add_release_args, add_signal_args, batch_signals,
                                 release_indices, release_rule, resolve_signal_args, selection_kwargs, signal_flags,
                                 signal_options, signal_record)
@@ -70,6 +70,7 @@ class Trainer:
     replica_step: int = -1  # the scheduler step whose weights the replica holds
     engine_metrics: dict = dataclasses.field(default_factory=dict)  # the last push's and recompute's figures
     ahead: Any = None  # --async-rollouts 1: an `opd.engines.async_rollouts.RolloutsAhead` while training runs
+    prompt_book: PromptBook | None = None  # a pair across chat templates: the teacher's prompts (opd.engines.pairing)
 
 
 @dataclasses.dataclass
@@ -131,12 +132,13 @@ def setup(args: argparse.Namespace, world: worlds.World | None = None,
     if args.prompts_per_step > len(records):
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} > {len(records)} prompts in {args.prompts}")
     modeldirs.check_flag_dirs(args, "student", "teacher")  # local, before transformers looks at the hub
-    tokenizer = AutoTokenizer.from_pretrained(str(args.student))
-    check_tokenizers(tokenizer, AutoTokenizer.from_pretrained(str(args.teacher)), str(args.student), str(args.teacher))
+    tokenizer, t_tokenizer = (AutoTokenizer.from_pretrained(str(d)) for d in (args.student, args.teacher))
+    book = PromptBook.build(pair_tokenizers(tokenizer, t_tokenizer, str(args.student), str(args.teacher)), world,
+                            t_tokenizer, records, args.prompt_format, args.enable_thinking)  # None: one tokenizer
     modeldirs.check_top_k(args.top_k, len(tokenizer), "--top-k", args.student)
     prompt_ids = [world.encode_prompt(tokenizer, r["question"], args.prompt_format, args.enable_thinking)
                   for r in records]
-    check_fits(args, prompt_ids)
+    check_fits(args, prompt_ids + (list(book.prompts.values()) if book else []))
     torch.set_num_threads(args.threads)
     device = accel.resolve_device(args.device)
     # fp32 master weights for the student whatever --dtype says (see opd.engines.accel); a bf16 teacher with bf16.
@@ -148,7 +150,7 @@ def setup(args: argparse.Namespace, world: worlds.World | None = None,
                                             from_pretrained(str(args.student), dtype=accel.teacher_dtype(args.dtype)))
     optimizer, scheduler = optim.build(student.parameters(), args)
     return Trainer(args, world, student, teacher, tokenizer, records, prompt_ids, optimizer, scheduler, ctx, ddp,
-                   device, replica=replica)
+                   device, replica=replica, prompt_book=book)
 
 
 def inference_student(tr: Trainer):
