@@ -2,6 +2,8 @@
 built here (no hub). The student and teacher share the miniature BPE vocabulary and differ in their added
 special tokens, EOS and chat template, as Qwen2.5-3B and DeepSeek-R1-Distill-Qwen-14B do."""
 
+import math
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from opd.engines import pairing, train
 from opd.engines.rollout import Rollouts
 from opd.engines.score import TokenizerMismatch, load_scores, score_rollouts, score_through
 from opd.infra.io import read_jsonl
+from opd.studies import fixed_context
 
 S_TEMPLATE = ("{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
               "{% if add_generation_prompt %} Answer:{% endif %}")
@@ -133,7 +136,8 @@ def test_a_response_token_the_teacher_cannot_read_is_refused_naming_it(cross):
 
 
 def test_training_and_the_score_job_run_a_cross_template_pair(cross, tmp_path):
-    """Training (teacher in process and in a worker: the same loss) and the diagnostic score job on it."""
+    """Training (teacher in process and in a worker: the same loss) and the diagnostic score and fixed-context
+    jobs on it."""
     from opd.engines import rollout, score
 
     common = ["--student", str(cross["student"]), "--teacher", str(cross["teacher"]), "--world", "miniature",
@@ -155,3 +159,19 @@ def test_training_and_the_score_job_run_a_cross_template_pair(cross, tmp_path):
     questions = [rec["question"] for rec in read_jsonl(cross["prompts"])[:2]]
     assert r.meta["questions"] == questions
     assert int(s["t_topk_ids_NK"].max()) < len(cross["s_tok"])  # every teacher top-K id is a student id
+    fixed_context.main(["--rollouts", str(tmp_path / "r.safetensors"), "--scores", str(tmp_path / "s.safetensors"),
+                               "--student", str(cross["student"]), "--teacher", str(cross["teacher"]),
+                               "--out", str(tmp_path / "fc.csv"), "--selectors", "full", "--steps", "1",
+                               "--study", "test_pairing"])
+    assert (tmp_path / "fc.csv").is_file()
+
+
+def test_the_fixed_context_kl_of_a_cross_template_teacher_by_hand():
+    # Teacher vocabulary 5, p_T = (0.1, 0.2, 0.3, 0.3, 0.1); student ids 0, 1, 2 read as teacher 0, 1, 4, student
+    # id 3 has no reading. On the student's ids p̄_T = (0.1, 0.2, 0.1, 0) / 0.4 = (0.25, 0.5, 0.25, 0); against a
+    # uniform p_S = 1/4: KL(p̄_T ‖ p_S) = 0.25·log 1 + 0.5·log 2 + 0.25·log 1 + 0 = 0.5·log 2.
+    t_logp = torch.tensor([[0.1, 0.2, 0.3, 0.3, 0.1]]).log()
+    on_s = fixed_context.teacher_on_student_ids(t_logp, torch.tensor([0, 1, 4, -1]), 4)
+    assert on_s.exp()[0].tolist() == pytest.approx([0.25, 0.5, 0.25, 0.0])
+    (kl,) = fixed_context._forward_kl_on_shared(torch.full((1, 4), 0.25).log(), on_s)
+    assert kl.item() == pytest.approx(0.5 * math.log(2))

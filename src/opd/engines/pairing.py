@@ -43,7 +43,7 @@ def first_difference(student: dict[int, str], teacher: dict[int, str]) -> int | 
     return next((i for i in sorted(set(student) | set(teacher)) if student.get(i) != teacher.get(i)), None)
 
 
-def _map_ids(ids: Tensor, table: Tensor) -> Tensor:
+def map_ids(ids: Tensor, table: Tensor) -> Tensor:
     """table[ids], with -1 for ids beyond the table (e.g. a model's padding rows)."""
     inside = ids < len(table)
     return torch.where(inside, table[ids.long().clamp(max=len(table) - 1)], torch.full_like(ids.long(), -1))
@@ -60,7 +60,7 @@ class TokenPair:
 
     def response_ids(self, ids_N: Tensor, rollout_ids: list[str], offsets_B1: Tensor) -> Tensor:
         """The student's sampled ids as teacher ids; a TokenizerMismatch for one the teacher cannot read."""
-        out = _map_ids(ids_N, self.s2t)
+        out = map_ids(ids_N, self.s2t)
         bad = (out < 0).nonzero()
         if len(bad):
             n = int(bad[0, 0])
@@ -75,10 +75,10 @@ class TokenPair:
 
     def topk_ids(self, ids_NK: Tensor) -> Tensor:
         """Student top-K ids as teacher ids; -1 where the teacher has no reading (scored at its floor)."""
-        return _map_ids(ids_NK, self.s2t).to(torch.int32)
+        return map_ids(ids_NK, self.s2t).to(torch.int32)
 
     def to_student(self, t_ids_NK: Tensor) -> Tensor:
-        return _map_ids(t_ids_NK, self.t2s).to(t_ids_NK.dtype)
+        return map_ids(t_ids_NK, self.t2s).to(t_ids_NK.dtype)
 
 
 def pair_tokenizers(student, teacher, student_name: str = "student", teacher_name: str = "teacher") -> TokenPair:
