@@ -160,9 +160,9 @@ def test_training_and_the_score_job_run_a_cross_template_pair(cross, tmp_path):
     assert r.meta["questions"] == questions
     assert int(s["t_topk_ids_NK"].max()) < len(cross["s_tok"])  # every teacher top-K id is a student id
     fixed_context.main(["--rollouts", str(tmp_path / "r.safetensors"), "--scores", str(tmp_path / "s.safetensors"),
-                               "--student", str(cross["student"]), "--teacher", str(cross["teacher"]),
-                               "--out", str(tmp_path / "fc.csv"), "--selectors", "full", "--steps", "1",
-                               "--study", "test_pairing"])
+                        "--student", str(cross["student"]), "--teacher", str(cross["teacher"]),
+                        "--out", str(tmp_path / "fc.csv"), "--selectors", "full", "--steps", "1",
+                        "--study", "test_pairing"])
     assert (tmp_path / "fc.csv").is_file()
 
 
