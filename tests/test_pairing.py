@@ -33,8 +33,9 @@ def tokenizer(base_dir, specials: list[str], eos: str, template: str):
 
 @pytest.fixture(scope="module")
 def cross(tiny_world, tmp_path_factory):
-    """Student: the miniature vocabulary (whose added tokens 0-2 both keep) + <|eot|> (its EOS), a [INST] template. Teacher: the same vocabulary
-    + <｜User｜>, <｜Assistant｜>, <｜end｜> (its EOS), the distill's template, padding rows in its head."""
+    """Student: the miniature vocabulary (its added tokens 0-2 kept by both) + <|eot|> (its EOS), an [INST]
+    template. Teacher: the same + <｜User｜>, <｜Assistant｜>, <｜end｜> (its EOS), the distill's template and
+    padding rows in its head."""
     from opd.worlds.miniature.sft import build_model
 
     root = tmp_path_factory.mktemp("cross")
@@ -59,6 +60,12 @@ def test_the_pair_maps_regular_ids_and_the_eos_and_nothing_else(cross):
     assert int(pair.s2t[n]) == n + 2 and int(pair.t2s[n + 2]) == n  # the student's EOS is the teacher's EOS
     assert pair.t2s[n:n + 2].tolist() == [-1, -1]  # the teacher's turn markers: no student reading
     assert pairing.pair_tokenizers(cross["s_tok"], cross["s_tok"]).same  # one tokenizer: nothing mapped
+    # Another end-of-turn id of the student (its generation_config's EOS list) reads as the teacher's EOS too,
+    # and the teacher's EOS still reads back as the student's own EOS.
+    ends = pairing.pair_tokenizers(cross["s_tok"], cross["t_tok"], end_ids=pairing.generation_end_ids(cross["student"]))
+    assert pairing.generation_end_ids(cross["student"]) == (n,)  # build_model's generation config: <|eot|>
+    more = pairing.pair_tokenizers(cross["s_tok"], cross["t_tok"], end_ids=(2,))  # the base's <|im_end|>
+    assert int(more.s2t[2]) == n + 2 and int(more.t2s[n + 2]) == n and torch.equal(ends.s2t, pair.s2t)
 
 
 def test_pairs_whose_regular_vocabularies_differ_are_refused_naming_the_first_differing_id(tiny_world):

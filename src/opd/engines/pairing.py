@@ -7,9 +7,9 @@ where Qwen2.5 has <|im_start|>, <|im_end|>, <|box_start|> ...). Such a pair is d
 - the teacher scores the student's response after the prompt rendered with the TEACHER's template (the
   question rendered by `World.encode_prompt` with the teacher's tokenizer: its chat template, its BOS);
 - response ids: a regular id means the same to both. An added token maps to the teacher's token of the same
-  text, and the student's EOS to the teacher's EOS (the stated rule: the end of a response is the end for
-  both); a response token with no teacher reading (e.g. the student's <|im_start|> for the distill) is
-  refused, naming the rollout, the position and the token;
+  text, and the student's EOS (and its generation_config's other EOS ids) to the teacher's EOS (the stated
+  rule: the end of a response is the end for both); a response token with no teacher reading (e.g. the
+  student's <|im_start|> for the distill) is refused, naming the rollout, the position and the token;
 - the teacher's own top-K is taken over the ids the student can read (the teacher's other ids, its own
   special tokens and its padding rows, are left out before the top-K) and mapped back to student ids;
 - the teacher's log-prob at a student top-K id with no teacher reading is the teacher's smallest
@@ -81,8 +81,12 @@ class TokenPair:
         return map_ids(t_ids_NK, self.t2s).to(t_ids_NK.dtype)
 
 
-def pair_tokenizers(student, teacher, student_name: str = "student", teacher_name: str = "teacher") -> TokenPair:
-    """The pair's TokenPair, or a TokenizerMismatch naming the first regular id the two read differently."""
+def pair_tokenizers(student, teacher, student_name: str = "student", teacher_name: str = "teacher",
+                    end_ids: tuple[int, ...] = ()) -> TokenPair:
+    """The pair's TokenPair, or a TokenizerMismatch naming the first regular id the two read differently.
+
+    `end_ids`: the student's other end-of-turn ids (its generation_config's EOS list, `generation_end_ids`),
+    read as the teacher's EOS like the student's own EOS (Qwen2.5's <|im_end|> and <|endoftext|>)."""
     sv, tv = student.get_vocab(), teacher.get_vocab()
     s_tokens = [""] * (max(sv.values(), default=-1) + 1)
     for t, i in sv.items():
@@ -104,12 +108,26 @@ def pair_tokenizers(student, teacher, student_name: str = "student", teacher_nam
     t2s = torch.full((max(tv.values(), default=-1) + 1,), -1, dtype=torch.long)
     for i in sr:
         s2t[i] = t2s[i] = i
-    pairs = [(student.eos_token_id, teacher.eos_token_id)] if student.eos_token_id is not None else []
+    ends = [i for i in (student.eos_token_id, *end_ids) if i is not None and i < len(s_tokens)]
+    pairs = [(i, teacher.eos_token_id) for i in ends]  # the ends first: every one is the teacher's EOS
     pairs += [(i, tv[text]) for i, text in ((i, s_tokens[i]) for i in student.added_tokens_decoder) if text in tv]
     for s_id, t_id in pairs:
-        if t_id is not None and s2t[s_id] < 0 and t2s[t_id] < 0:  # one to one; the EOS first
-            s2t[s_id], t2s[t_id] = t_id, s_id
+        if t_id is None or s2t[s_id] >= 0 or (t2s[t_id] >= 0 and s_id not in ends):
+            continue  # one to one, except the ends (the teacher's EOS reads back as the student's own EOS)
+        s2t[s_id] = t_id
+        if t2s[t_id] < 0:
+            t2s[t_id] = s_id
     return TokenPair(False, s2t, t2s, (student_name, teacher_name), s_tokens)
+
+
+def generation_end_ids(model_dir) -> tuple[int, ...]:
+    """The EOS id(s) of a model directory's generation_config.json (none without one)."""
+    import json
+    from pathlib import Path
+
+    path = Path(model_dir) / "generation_config.json"
+    eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    return tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
 
 
 @dataclasses.dataclass

@@ -27,7 +27,8 @@ from opd.infra import cli, modeldirs, store
 from opd.engines import accel, forward
 from opd.engines.forward import (chunk_positions, load_model, logprobs_at, sampled_logprob, supervised_map,
                                  token_batches)
-from opd.engines.pairing import TeacherView, TokenizerMismatch, pair_tokenizers, view_from_meta  # noqa: F401
+from opd.engines.pairing import (TeacherView, TokenizerMismatch, generation_end_ids,  # noqa: F401 (re-exported)
+                                 pair_tokenizers, view_from_meta)
 from opd.engines.rollout import Rollouts
 
 KIND, VERSION = "opd-scores", 2  # 2: no full-vocabulary entropies (nothing read them)
@@ -70,8 +71,9 @@ def score_batch(teacher, prompts, responses, s_topk_ids_NK: Tensor, K: int, stud
     tokens_N = torch.tensor([t for r in responses for t in r])
     chunk = chunk_positions(logit_chunk, teacher.lm_head.out_features)
     readable = None if t2s is None else readable_ids(t2s, teacher.lm_head.out_features, teacher.lm_head.weight.device)
-    (t_lp, t_on_s, t_ids, t_lps), _ = supervised_map(teacher, prompts, responses, None,
-                                                        _teacher_reductions(K, readable), (tokens_N, s_topk_ids_NK), chunk)
+    reduce = _teacher_reductions(K, readable)
+    (t_lp, t_on_s, t_ids, t_lps), _ = supervised_map(teacher, prompts, responses, None, reduce,
+                                                        (tokens_N, s_topk_ids_NK), chunk)
     out = {"t_logprob_N": t_lp, "t_on_s_logprobs_NK": t_on_s, "t_topk_ids_NK": t_ids, "t_topk_logprobs_NK": t_lps}
     if student is not None:
         chunk = chunk_positions(logit_chunk, student.lm_head.out_features)
@@ -192,8 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     modeldirs.check_dir(args.teacher, "--teacher")
     tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
     t_tokenizer = AutoTokenizer.from_pretrained(str(args.teacher))
-    view = view_from_meta(pair_tokenizers(tokenizer, t_tokenizer, str(student_dir), str(args.teacher)), t_tokenizer,
-                          rollouts, args.rollouts)  # None: one tokenizer and template (nothing mapped)
+    pair = pair_tokenizers(tokenizer, t_tokenizer, str(student_dir), str(args.teacher), generation_end_ids(student_dir))
+    view = view_from_meta(pair, t_tokenizer, rollouts, args.rollouts)  # None: one tokenizer and template
     modeldirs.check_top_k(args.top_k, len(tokenizer), "--top-k", args.teacher)
     dtype = accel.teacher_dtype(args.dtype)  # no updates: bf16 weights with --dtype bfloat16
     teacher = load_model(args.teacher, device, dtype)

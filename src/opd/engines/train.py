@@ -34,7 +34,7 @@ from opd.engines import vllm_engine as engine
 from opd.engines.checkpoint import (KEEP_CHECKPOINTS, changed_flags, load_latest_checkpoint, prune_finished,
                                     restore_rng_states, save_checkpoint, set_aside_replaced)
 from opd.engines.rollout import Rollouts, generate_hf
-from opd.engines.pairing import PromptBook, pair_tokenizers
+from opd.engines.pairing import PromptBook, generation_end_ids, pair_tokenizers
 from opd.engines.signals import (RELEASE_FLAGS, BatchSignals, add_release_args, add_signal_args, batch_signals,
                                 release_indices, release_rule, resolve_signal_args, selection_kwargs, signal_flags,
                                 signal_options, signal_record)
@@ -133,8 +133,9 @@ def setup(args: argparse.Namespace, world: worlds.World | None = None,
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} > {len(records)} prompts in {args.prompts}")
     modeldirs.check_flag_dirs(args, "student", "teacher")  # local, before transformers looks at the hub
     tokenizer, t_tokenizer = (AutoTokenizer.from_pretrained(str(d)) for d in (args.student, args.teacher))
-    book = PromptBook.build(pair_tokenizers(tokenizer, t_tokenizer, str(args.student), str(args.teacher)), world,
-                            t_tokenizer, records, args.prompt_format, args.enable_thinking)  # None: one tokenizer
+    pair = pair_tokenizers(tokenizer, t_tokenizer, str(args.student), str(args.teacher),
+                           generation_end_ids(args.student))
+    book = PromptBook.build(pair, world, t_tokenizer, records, args.prompt_format, args.enable_thinking)  # None: same
     modeldirs.check_top_k(args.top_k, len(tokenizer), "--top-k", args.student)
     prompt_ids = [world.encode_prompt(tokenizer, r["question"], args.prompt_format, args.enable_thinking)
                   for r in records]

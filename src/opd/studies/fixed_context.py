@@ -99,8 +99,9 @@ def bank_forward_kl(teacher, model, bank: Bank) -> Tensor:
         for lo in range(0, len(t_hidden_NH), chunk):
             t_logp_CV = torch.log_softmax(teacher.lm_head(t_hidden_NH[lo:lo + chunk]).float(), -1)
             fn = _forward_kl
-            if bank.s2t is not None:
-                t_logp_CV, fn = teacher_on_student_ids(t_logp_CV, bank.s2t, model.lm_head.out_features), _forward_kl_on_shared
+            if bank.s2t is not None:  # a cross-template teacher: its distribution on the student's ids
+                t_logp_CV = teacher_on_student_ids(t_logp_CV, bank.s2t, model.lm_head.out_features)
+                fn = _forward_kl_on_shared
             (kl_C,), _ = forward.head_map(model.lm_head, s_hidden_NH[lo:lo + chunk], fn, (t_logp_CV,), chunk)
             parts.append(kl_C.cpu())
     return torch.cat(parts)
@@ -249,11 +250,11 @@ def teacher_view(args: argparse.Namespace, rollouts: Rollouts):
     """The teacher's view of the bank (opd.engines.pairing), None when both read one tokenizer and template."""
     from transformers import AutoTokenizer
 
-    from opd.engines.pairing import pair_tokenizers, view_from_meta
+    from opd.engines.pairing import generation_end_ids, pair_tokenizers, view_from_meta
 
     s_tok, t_tok = (AutoTokenizer.from_pretrained(str(d)) for d in (args.student, args.teacher))
-    return view_from_meta(pair_tokenizers(s_tok, t_tok, str(args.student), str(args.teacher)), t_tok, rollouts,
-                          args.rollouts)
+    pair = pair_tokenizers(s_tok, t_tok, str(args.student), str(args.teacher), generation_end_ids(args.student))
+    return view_from_meta(pair, t_tok, rollouts, args.rollouts)
 
 
 def main(argv: list[str] | None = None) -> None:
