@@ -4,7 +4,7 @@ from transformers import AutoModelForCausalLM
 
 from opd.infra import store
 from opd.engines.rollout import Rollouts, generate_hf, main as rollout_main, token_char_offsets
-from opd.engines.score import TokenizerMismatch, check_tokenizers, load_scores, main as score_main, score_rollouts
+from opd.engines.score import TokenizerMismatch, load_scores, main as score_main, pair_tokenizers, score_rollouts
 from opd.engines.forward import sampled_logprob, supervised_map
 from opd.engines.signals import batch_signals
 
@@ -111,9 +111,9 @@ def test_tokenizer_mismatch_is_refused(tiny_world):
 
     tok = tiny_world["tokenizer"]
     other = train_tokenizer([p + t for p, t in toy.iter_problems(toy.generate("reverse", 40, 1, "x"))], 300)
-    with pytest.raises(TokenizerMismatch, match="tokenizers of student and teacher differ"):
-        check_tokenizers(other, tok)
-    check_tokenizers(tok, tok)
+    with pytest.raises(TokenizerMismatch, match="tokenizers of student and teacher differ on regular"):
+        pair_tokenizers(other, tok)
+    assert pair_tokenizers(tok, tok).same  # (pairs across chat templates: tests/test_pairing.py)
 
 
 def test_model_generation_defaults_do_not_truncate_sampling(tiny_world):

@@ -281,11 +281,14 @@ def test_bad_flags_fail_before_any_step(tiny_world, tmp_path, extra, match):
 def test_teacher_with_another_tokenizer_fails_before_any_step(tiny_world, tmp_path):
     from opd.engines.score import TokenizerMismatch
 
+    from opd.worlds.miniature import generator as toy
+    from opd.worlds.miniature.tokenizer import train_tokenizer
+
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_world["teacher"], teacher)
-    tok = tiny_world["tokenizer"].__class__.from_pretrained(str(teacher))
-    tok.add_tokens(["<|extra|>"])
-    tok.save_pretrained(str(teacher))
+    # Another regular vocabulary (an added token alone would be a pair across templates: tests/test_pairing.py).
+    train_tokenizer([p + t for p, t in toy.iter_problems(toy.generate("reverse", 40, 1, "x"))], 300).save_pretrained(
+        str(teacher))
     args = argv(tiny_world, tmp_path / "out", "--method", "full", "--steps", "1")
     args[args.index("--teacher") + 1] = str(teacher)
     with pytest.raises(TokenizerMismatch, match="differ"):

@@ -9,6 +9,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from opd import worlds
+from opd.engines import optim
 from opd.infra import cli
 from opd.infra.config import ConfigError
 from opd.studies import plan, sweep, validate
@@ -219,8 +220,13 @@ def train_args(wildcards):
     checkpointing = " --gradient-checkpointing" if TRAIN["gradient_checkpointing"] else ""
     return (
         f"{flags} {prompt_args()} {release_args()} {signal_args('--aggregation')} {memory_args(TRAIN)}"
-        f"{checkpointing}{engine_args()}"
+        f"{checkpointing}{engine_args()}{optimizer_args()}"
     )
+
+
+def optimizer_args():
+    """Optimizer, schedule and upper clip, only where they differ from the defaults (opd.engines.optim)."""
+    return "".join(f" {f}" for f in optim.config_flags(TRAIN))
 
 
 def engine_args():

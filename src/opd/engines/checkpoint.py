@@ -193,7 +193,8 @@ def set_aside_replaced(out_dir: Path) -> Path:
 
 
 # Flags added after checkpoints were first written -> their default: an older checkpoint was written with it.
-ADDED_FLAG_DEFAULTS = {"async_rollouts": "0"}
+ADDED_FLAG_DEFAULTS = {"async_rollouts": "0", "clip_eps_high": "None", "optimizer": "adamw", "weight_decay": "0.01",
+                       "betas": "[0.9, 0.999]", "adam_eps": "1e-08", "lr_schedule": "warmup"}
 
 
 def changed_flags(args: argparse.Namespace, ckpt: dict) -> list[str]:

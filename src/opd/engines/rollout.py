@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> None:
                  for _, r in Rollouts(ids, tensors).sequences()]
         correct = [world.is_correct(t, r["answer"]) for t, r in zip(texts, records)]
         meta = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                "texts": texts, "answers": [r["answer"] for r in records], "correct": correct}
+                "texts": texts, "answers": [r["answer"] for r in records], "correct": correct,
+                "questions": [r["question"] for r in records]}  # a cross-template teacher renders its own prompts
         Rollouts(ids, tensors, meta).save(args.out)
         lengths = (tensors["offsets_B1"][1:] - tensors["offsets_B1"][:-1]).float()
         run.log_metrics({"accuracy": sum(correct) / len(correct), "mean_length": float(lengths.mean()),

@@ -8,11 +8,14 @@ Per token (flat over the N response tokens, aligned with the rollouts file):
   exact).
 Logits are computed only at response positions, never over the prompt, and never stored per vocabulary
 entry: bytes per token stay within 16·(2K + 4).
+A pair across chat templates (`opd.engines.pairing`) is scored through a `TeacherView` (`score_through`):
+the teacher reads its own prompt and the mapped ids; the stored ids are the student's.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -21,47 +24,45 @@ import torch
 from torch import Tensor
 
 from opd.infra import cli, modeldirs, store
-from opd.infra.io import InputError
 from opd.engines import accel, forward
 from opd.engines.forward import (chunk_positions, load_model, logprobs_at, sampled_logprob, supervised_map,
                                  token_batches)
+from opd.engines.pairing import (TeacherView, TokenizerMismatch, generation_end_ids,  # noqa: F401 (re-exported)
+                                 pair_tokenizers, view_from_meta)
 from opd.engines.rollout import Rollouts
 
 KIND, VERSION = "opd-scores", 2  # 2: no full-vocabulary entropies (nothing read them)
 TENSORS = ("offsets_B1", "t_logprob_N", "t_on_s_logprobs_NK", "t_topk_ids_NK", "t_topk_logprobs_NK")
 
 
-class TokenizerMismatch(InputError):
-    """Teacher and student tokenizers map text to ids differently: OPD would compare unrelated tokens."""
-
-
-def check_tokenizers(student, teacher, student_name: str = "student", teacher_name: str = "teacher") -> None:
-    """Same vocabulary mapping and the same special tokens, or a TokenizerMismatch saying what differs."""
-    sv, tv = student.get_vocab(), teacher.get_vocab()
-    if sv != tv:
-        only_s = sorted(set(sv) - set(tv))[:5]
-        only_t = sorted(set(tv) - set(sv))[:5]
-        moved = sorted(k for k in set(sv) & set(tv) if sv[k] != tv[k])[:5]
-        raise TokenizerMismatch(
-            f"tokenizers of {student_name} and {teacher_name} differ: vocab sizes {len(sv)} vs {len(tv)}; "
-            f"only in {student_name}: {only_s}; only in {teacher_name}: {only_t}; different ids: {moved}")
-    for attr in ("eos_token", "pad_token", "bos_token", "unk_token"):
-        if getattr(student, attr) != getattr(teacher, attr):
-            raise TokenizerMismatch(f"{attr} differs: {student_name} has {getattr(student, attr)!r}, "
-                                    f"{teacher_name} has {getattr(teacher, attr)!r}")
-
-
-def _teacher_reductions(K: int):
+def _teacher_reductions(K: int, readable_V: Tensor | None = None):
+    """Per chunk: log p_T of the sampled token, at the student's top-K, and the teacher's top-K. With
+    `readable_V` (a pair across templates): the top-K among the ids the student reads, and a student top-K
+    id of -1 (no teacher reading) scored at the position's smallest log-prob (opd.engines.pairing)."""
     def fn(logp_CV: Tensor, tokens_C: Tensor, s_topk_ids_CK: Tensor) -> tuple[Tensor, ...]:
-        top = logp_CV.topk(K, dim=-1)
-        return (*sampled_logprob(logp_CV, tokens_C), *logprobs_at(logp_CV, s_topk_ids_CK),
-                top.indices.to(torch.int32), top.values)
+        if readable_V is None:
+            top = logp_CV.topk(K, dim=-1)
+            on_s = logprobs_at(logp_CV, s_topk_ids_CK)[0]
+        else:
+            top = logp_CV.masked_fill(~readable_V, float("-inf")).topk(K, dim=-1)
+            ids_CK = s_topk_ids_CK.long()
+            floor_C1 = logp_CV.min(-1, keepdim=True).values
+            on_s = torch.where(ids_CK >= 0, logp_CV.gather(-1, ids_CK.clamp(min=0)), floor_C1)
+        return (*sampled_logprob(logp_CV, tokens_C), on_s, top.indices.to(torch.int32), top.values)
     return fn
+
+
+def readable_ids(t2s: Tensor, vocab: int, device) -> Tensor:
+    """[vocab] bool: the teacher's ids (rows of its LM head) that the student reads."""
+    out = torch.zeros(vocab, dtype=torch.bool)
+    n = min(vocab, len(t2s))
+    out[:n] = t2s[:n] >= 0
+    return out.to(device)
 
 
 @torch.no_grad()
 def score_batch(teacher, prompts, responses, s_topk_ids_NK: Tensor, K: int, student=None,
-                logit_chunk: int | None = None) -> dict[str, Tensor]:
+                logit_chunk: int | None = None, t2s: Tensor | None = None) -> dict[str, Tensor]:
     """Per-token teacher (and optionally student) quantities for one batch of rollouts.
 
     The LM head, log-softmax and reductions run `logit_chunk` positions at a time on the models' device
@@ -69,7 +70,9 @@ def score_batch(teacher, prompts, responses, s_topk_ids_NK: Tensor, K: int, stud
     """
     tokens_N = torch.tensor([t for r in responses for t in r])
     chunk = chunk_positions(logit_chunk, teacher.lm_head.out_features)
-    (t_lp, t_on_s, t_ids, t_lps), _ = supervised_map(teacher, prompts, responses, None, _teacher_reductions(K),
+    readable = None if t2s is None else readable_ids(t2s, teacher.lm_head.out_features, teacher.lm_head.weight.device)
+    reduce = _teacher_reductions(K, readable)
+    (t_lp, t_on_s, t_ids, t_lps), _ = supervised_map(teacher, prompts, responses, None, reduce,
                                                         (tokens_N, s_topk_ids_NK), chunk)
     out = {"t_logprob_N": t_lp, "t_on_s_logprobs_NK": t_on_s, "t_topk_ids_NK": t_ids, "t_topk_logprobs_NK": t_lps}
     if student is not None:
@@ -79,10 +82,12 @@ def score_batch(teacher, prompts, responses, s_topk_ids_NK: Tensor, K: int, stud
 
 
 def score_rollouts(teacher, rollouts: Rollouts, K: int, batch_size: int, student=None,
-                   logit_chunk: int | None = None, max_tokens: int | None = None) -> dict[str, Tensor]:
+                   logit_chunk: int | None = None, max_tokens: int | None = None,
+                   t2s: Tensor | None = None) -> dict[str, Tensor]:
     """Score every rollout, at most `batch_size` sequences and `max_tokens` padded tokens per forward pass.
 
-    Flat tensors aligned with the rollouts.
+    Flat tensors aligned with the rollouts. `t2s`: rollouts already in a cross-template teacher's ids
+    (`TeacherView.rollouts`), whose top-K is then kept to ids the student reads (in teacher ids).
     """
     seqs = rollouts.sequences()
     offsets = rollouts.tensors["offsets_B1"]
@@ -92,9 +97,28 @@ def score_rollouts(teacher, rollouts: Rollouts, K: int, batch_size: int, student
         s_topk = rollouts.tensors["s_topk_ids_NK"][lo:hi]
         chunk = [seqs[i] for i in rows]
         parts.append(score_batch(teacher, [p for p, _ in chunk], [r for _, r in chunk], s_topk, K, student,
-                                 logit_chunk))
+                                 logit_chunk, t2s))
     out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     out["offsets_B1"] = offsets.clone()
+    return out
+
+
+def student_on_teacher_topk(student, rollouts: Rollouts, t_topk_ids_NK: Tensor, K: int,
+                            batch_size: int) -> Tensor:
+    """log p_S at the teacher's top-K ids: the scoring code run on the student with those ids."""
+    swapped = dataclasses.replace(rollouts, tensors={**rollouts.tensors, "s_topk_ids_NK": t_topk_ids_NK})
+    return score_rollouts(student, swapped, K, batch_size)["t_on_s_logprobs_NK"]
+
+
+def score_through(view: TeacherView, rollouts: Rollouts, score, K: int, batch_size: int,
+                  student=None) -> dict[str, Tensor]:
+    """A cross-template pair's scores: `score(teacher rollouts, t2s)` (in process or a worker) on the teacher's
+    view, its top-K mapped back to student ids; with `student`, log p_S at those ids (exact signals)."""
+    out = score(view.rollouts(rollouts), view.pair.t2s)
+    out["t_topk_ids_NK"] = view.pair.to_student(out["t_topk_ids_NK"])
+    out["offsets_B1"] = rollouts.tensors["offsets_B1"].clone()
+    if student is not None:
+        out["s_on_t_logprobs_NK"] = student_on_teacher_topk(student, rollouts, out["t_topk_ids_NK"], K, batch_size)
     return out
 
 
@@ -169,7 +193,9 @@ def main(argv: list[str] | None = None) -> None:
     student_dir = modeldirs.check_dir(args.student or rollouts.meta["model_dir"], "--student")
     modeldirs.check_dir(args.teacher, "--teacher")
     tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
-    check_tokenizers(tokenizer, AutoTokenizer.from_pretrained(str(args.teacher)), str(student_dir), str(args.teacher))
+    t_tokenizer = AutoTokenizer.from_pretrained(str(args.teacher))
+    pair = pair_tokenizers(tokenizer, t_tokenizer, str(student_dir), str(args.teacher), generation_end_ids(student_dir))
+    view = view_from_meta(pair, t_tokenizer, rollouts, args.rollouts)  # None: one tokenizer and template
     modeldirs.check_top_k(args.top_k, len(tokenizer), "--top-k", args.teacher)
     dtype = accel.teacher_dtype(args.dtype)  # no updates: bf16 weights with --dtype bfloat16
     teacher = load_model(args.teacher, device, dtype)
@@ -177,8 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     with tracking.run(args.study, f"score[{args.name}]", params=vars(args), tags={"model": args.name}) as run:
         start = time.time()
         with accel.autocast(device, args.dtype):
-            tensors = score_rollouts(teacher, rollouts, args.top_k, args.batch_size, student, args.logit_chunk,
-                                     args.max_tokens_per_microbatch)
+            score = lambda r, t2s=None, s=student: score_rollouts(  # noqa: E731
+                teacher, r, args.top_k, args.batch_size, s, args.logit_chunk, args.max_tokens_per_microbatch, t2s)
+            tensors = score(rollouts) if view is None else score_through(
+                view, rollouts, lambda r, t2s: score(r, t2s, None), args.top_k, args.batch_size, student)
         seconds = time.time() - start
         save_scores(args.out, rollouts, tensors, {"teacher": str(args.teacher), "K": args.top_k})
         n = int(tensors["offsets_B1"][-1])

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import shutil
 import sys
 import tempfile
@@ -34,7 +33,8 @@ from torch import Tensor
 
 from opd.engines import accel, worker_proc
 from opd.engines.rollout import Rollouts
-from opd.engines.score import score_rollouts
+from opd.engines.pairing import PromptBook
+from opd.engines.score import score_rollouts, score_through, student_on_teacher_topk
 from opd.engines.vllm_engine import SHM_ROOT, owner_tag, remove_stale_copies, worker_env
 
 PLACEMENTS = ("in_process", "worker")
@@ -74,14 +74,16 @@ class TeacherWorker(worker_proc.WorkerProcess):
                "--dtype", dtype, "--threads", str(threads)]
         super().__init__(cmd, worker_env(torch.device("cpu")))  # its own CUDA_VISIBLE_DEVICES, untouched
 
-    def score(self, rollouts: Rollouts, K: int, batch_size: int) -> dict[str, Tensor]:
+    def score(self, rollouts: Rollouts, K: int, batch_size: int, t2s: Tensor | None = None) -> dict[str, Tensor]:
+        """Scores of `rollouts`; with `t2s`, rollouts in a cross-template teacher's ids (score_rollouts' t2s)."""
         from safetensors.torch import load_file, save_file
 
         from opd.infra.io import atomic_path
 
         src, out = self.work_dir / "rollouts.safetensors", self.work_dir / "scores.safetensors"
+        extra = {} if t2s is None else {"t2s_V": t2s}
         with atomic_path(src) as tmp:
-            save_file({k: v.contiguous() for k, v in rollouts.tensors.items()}, str(tmp))
+            save_file({k: v.contiguous() for k, v in {**rollouts.tensors, **extra}.items()}, str(tmp))
         out.unlink(missing_ok=True)  # never read the previous step's answer
         self._call(cmd="score", rollouts=str(src), K=K, batch_size=batch_size, out=str(out))
         return load_file(str(out))
@@ -91,18 +93,18 @@ class TeacherWorker(worker_proc.WorkerProcess):
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
-def student_on_teacher_topk(student, rollouts: Rollouts, t_topk_ids_NK: Tensor, K: int,
-                            batch_size: int) -> Tensor:
-    """log p_S at the teacher's top-K ids: the scoring code run on the student with those ids."""
-    swapped = dataclasses.replace(rollouts, tensors={**rollouts.tensors, "s_topk_ids_NK": t_topk_ids_NK})
-    return score_rollouts(student, swapped, K, batch_size)["t_on_s_logprobs_NK"]
-
-
 def teacher_scores(tr, rollouts: Rollouts, student) -> dict[str, Tensor]:
     """The step's scores, from the teacher in this process or from the teacher worker (`tr.teacher`);
     `student` (the model rollouts come from) supplies the exact signals' log p_S."""
     args = tr.args
     student = student if args.signal_disagreement == "exact" else None  # exact D needs log p_S at T_K
+    book: PromptBook | None = tr.prompt_book
+    if book is not None:  # a pair across chat templates: the teacher reads its own prompts (opd.engines.pairing)
+        score = (lambda r, t2s: tr.teacher.score(r, args.top_k, args.batch_size, t2s)) if isinstance(
+            tr.teacher, TeacherWorker) else (lambda r, t2s: score_rollouts(
+                tr.teacher, r, args.top_k, args.batch_size, logit_chunk=args.logit_chunk,
+                max_tokens=args.max_tokens_per_microbatch, t2s=t2s))
+        return score_through(book.view(rollouts.ids), rollouts, score, args.top_k, args.batch_size, student)
     if not isinstance(tr.teacher, TeacherWorker):
         return score_rollouts(tr.teacher, rollouts, args.top_k, args.batch_size, student=student,
                               logit_chunk=args.logit_chunk, max_tokens=args.max_tokens_per_microbatch)
@@ -143,9 +145,10 @@ def start(args: argparse.Namespace):
 
         start_s = time.perf_counter()
         tensors = load_file(cmd["rollouts"])
+        t2s = tensors.pop("t2s_V", None)  # a cross-template pair: rollouts already in the teacher's ids
         rollouts = Rollouts([str(b) for b in range(len(tensors["offsets_B1"]) - 1)], tensors)
         with accel.autocast(device, args.dtype):  # the trainer's own scoring precision
-            out = score_rollouts(teacher, rollouts, cmd["K"], cmd["batch_size"])
+            out = score_rollouts(teacher, rollouts, cmd["K"], cmd["batch_size"], t2s=t2s)
         with atomic_path(cmd["out"]) as tmp:
             save_file({k: v.contiguous() for k, v in out.items()}, str(tmp))
         return {"tokens": int(tensors["offsets_B1"][-1]), "seconds": time.perf_counter() - start_s}

@@ -29,12 +29,12 @@ import torch
 from torch import Tensor
 
 from opd import worlds
-from opd.engines import accel, async_rollouts, distributed, forward, recompute, teacher_worker
+from opd.engines import accel, async_rollouts, distributed, forward, optim, recompute, teacher_worker
 from opd.engines import vllm_engine as engine
 from opd.engines.checkpoint import (KEEP_CHECKPOINTS, changed_flags, load_latest_checkpoint, prune_finished,
                                     restore_rng_states, save_checkpoint, set_aside_replaced)
 from opd.engines.rollout import Rollouts, generate_hf
-from opd.engines.score import check_tokenizers
+from opd.engines.pairing import PromptBook, generation_end_ids, pair_tokenizers
 from opd.engines.signals import (RELEASE_FLAGS, BatchSignals, add_release_args, add_signal_args, batch_signals,
                                 release_indices, release_rule, resolve_signal_args, selection_kwargs, signal_flags,
                                 signal_options, signal_record)
@@ -70,6 +70,7 @@ class Trainer:
     replica_step: int = -1  # the scheduler step whose weights the replica holds
     engine_metrics: dict = dataclasses.field(default_factory=dict)  # the last push's and recompute's figures
     ahead: Any = None  # --async-rollouts 1: an `opd.engines.async_rollouts.RolloutsAhead` while training runs
+    prompt_book: PromptBook | None = None  # a pair across chat templates: the teacher's prompts (opd.engines.pairing)
 
 
 @dataclasses.dataclass
@@ -91,7 +92,7 @@ FLAGS = {
     "warmup_steps": cli.NONNEGATIVE,
     "batch_size": cli.POSITIVE,
     "prompt_format": "data.prompt_format",
-    **RELEASE_FLAGS, **signal_flags("aggregation"),
+    **RELEASE_FLAGS, **signal_flags("aggregation"), **optim.FLAGS,
 }
 
 
@@ -101,6 +102,7 @@ def check_args(args: argparse.Namespace, world: int = 1) -> None:
     distributed.check_share(args.prompts_per_step, world)
     distributed.check_sharding(args.sharding, world)
     release_rule(args)
+    optim.check_args(args)
     forward.check_memory_args(args)
     async_rollouts.check_args(args)
 
@@ -129,12 +131,14 @@ def setup(args: argparse.Namespace, world: worlds.World | None = None,
     if args.prompts_per_step > len(records):
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} > {len(records)} prompts in {args.prompts}")
     modeldirs.check_flag_dirs(args, "student", "teacher")  # local, before transformers looks at the hub
-    tokenizer = AutoTokenizer.from_pretrained(str(args.student))
-    check_tokenizers(tokenizer, AutoTokenizer.from_pretrained(str(args.teacher)), str(args.student), str(args.teacher))
+    tokenizer, t_tokenizer = (AutoTokenizer.from_pretrained(str(d)) for d in (args.student, args.teacher))
+    pair = pair_tokenizers(tokenizer, t_tokenizer, str(args.student), str(args.teacher),
+                           generation_end_ids(args.student))
+    book = PromptBook.build(pair, world, t_tokenizer, records, args.prompt_format, args.enable_thinking)  # None: same
     modeldirs.check_top_k(args.top_k, len(tokenizer), "--top-k", args.student)
     prompt_ids = [world.encode_prompt(tokenizer, r["question"], args.prompt_format, args.enable_thinking)
                   for r in records]
-    check_fits(args, prompt_ids)
+    check_fits(args, prompt_ids + (list(book.prompts.values()) if book else []))
     torch.set_num_threads(args.threads)
     device = accel.resolve_device(args.device)
     # fp32 master weights for the student whatever --dtype says (see opd.engines.accel); a bf16 teacher with bf16.
@@ -144,11 +148,9 @@ def setup(args: argparse.Namespace, world: worlds.World | None = None,
         forward.enable_checkpointing(student)
     ddp, replica = distributed.wrap_student(student, ctx, args.sharding, args.dtype, lambda: AutoModelForCausalLM.
                                             from_pretrained(str(args.student), dtype=accel.teacher_dtype(args.dtype)))
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
-    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+    optimizer, scheduler = optim.build(student.parameters(), args)
     return Trainer(args, world, student, teacher, tokenizer, records, prompt_ids, optimizer, scheduler, ctx, ddp,
-                   device, replica=replica)
+                   device, replica=replica, prompt_book=book)
 
 
 def inference_student(tr: Trainer):
@@ -294,9 +296,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--max-new-tokens", type=int, default=160, help="longest response")
     a("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
     a("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    a("--lr", type=float, default=1e-4, help="AdamW learning rate after warm-up")
+    a("--lr", type=float, default=1e-4, help="learning rate (after the warm-up of --lr-schedule warmup)")
     a("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: steps // 20, at least 1)")
-    a("--clip-eps", type=float, default=0.2, help="PPO clip range ε")
+    a("--clip-eps", type=float, default=0.2, help="PPO clip range ε: the ratio's lower clip is 1 − ε")
+    a("--clip-eps-high", type=float, default=None,
+      help="upper clip ε_high (DAPO's clip-higher): the ratio clipped to [1 − ε, 1 + ε_high]; default ε")
+    optim.add_args(p)
     a("--loss", default="pg", help=f"pg (the papers: PPO-clip on the sampled-token reverse KL) or "
       f"{', '.join(DISTRIBUTION_LOSSES)} (on the stored top-K)")
     a("--checkpoint-every", type=int, default=50, help="steps between checkpoints (and one at the end)")
@@ -345,13 +350,13 @@ def main(argv: list[str] | None = None) -> dict:
         start, metrics = (ckpt["step"], ckpt["metrics"]) if ckpt else (0, {})
         distributed.check_same_step(ctx, start, args.out_dir)
         with distributed.main_only(ctx, lambda: tracking.run(
-                args.study, f"train[{args.name}]", params=None if ckpt else vars(args),
+                args.study, f"train[{args.name}]", params=None if ckpt else {**vars(args), **optim.record(args)},
                 tags={"model": args.name, "method": args.method}, run_id=ckpt["run_id"] if ckpt else None,
                 resume_step=ckpt["step"] if ckpt else None)) as run, \
                 engine.for_trainer(tr), teacher_worker.for_trainer(tr), \
                 async_rollouts.for_trainer(tr, sample, ckpt):  # no-ops for hf / in_process / async 0
             metrics = train_loop(tr, run, start, metrics)
-            final = {"step": args.steps, **metrics, "signals": signal_record(args)}
+            final = {"step": args.steps, **metrics, "signals": signal_record(args), "optimizer": optim.record(args)}
             student = inference_student(tr)
             if ctx.main:
                 save_model_dir(student, tr.tokenizer, args.out_dir / "model", dtype=getattr(torch, args.save_dtype))

@@ -123,7 +123,8 @@ def micro_loss(tr, mb: MicroBatch, rollout_t: dict[str, Tensor], score_t: dict[s
     dev, all_M = out_M.device, torch.ones_like(mb.pos_M, dtype=torch.bool).to(out_M.device)
     if args.loss == "pg":
         old_M, t_M = (x[mb.pos_M].to(dev) for x in (rollout_t["s_logprob_N"], score_t["t_logprob_N"]))
-        return opd_loss(out_M, old_M, t_M, all_M, args.clip_eps, args.aggregation, mb.seq_M.to(dev)), finite
+        return opd_loss(out_M, old_M, t_M, all_M, args.clip_eps, args.aggregation, mb.seq_M.to(dev),
+                        clip_eps_high=args.clip_eps_high), finite
     return aggregate(out_M, all_M, mb.seq_M.to(dev), args.aggregation), finite
 
 

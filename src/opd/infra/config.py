@@ -143,6 +143,10 @@ def _cross_checks(config: dict) -> list[str]:
     """Rules that span keys: the distillation pairs, every named model defined, grids that stay distinct."""
     models, train = config.get("models", {}), config.get("train", {})
     problems = _model_checks(config) + _pair_checks(config)
+    high, low = train.get("clip_eps_high"), train.get("clip_eps")
+    if high is not None and low is not None and high < low:
+        problems.append(f"train.clip_eps_high: {high} is below train.clip_eps {low}: the upper clip must not be below "
+                        f"the lower one (set it >= {low}, or null for the symmetric clip)")
     for i, name in enumerate(config.get("evaluation", {}).get("models") or []):
         if name not in models:
             problems.append(f"evaluation.models[{i}]: unknown model {name!r}; defined models: "

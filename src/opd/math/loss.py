@@ -5,7 +5,10 @@ single-sample estimate of KL(p_S ‖ p_T) (REVERSE KL: student first) at positio
 PPO-clip policy-gradient loss on the supervised (masked) positions only:
 
     ratio_t = exp(log p_S^new(y_t) − log p_S^old(y_t))
-    ℓ_t = −min(ratio_t · A_t, clip(ratio_t, 1 − ε, 1 + ε) · A_t)
+    ℓ_t = −min(ratio_t · A_t, clip(ratio_t, 1 − ε, 1 + ε_high) · A_t)
+
+ε_high = ε (symmetric, the default) or DAPO's clip-higher (`train.clip_eps_high`, e.g. 0.28 with ε = 0.2 in
+TA-OPD's launch script): a positive-advantage token keeps its gradient up to a ratio of 1 + ε_high.
 
 Aggregation: `token_mean` = Σ m_t ℓ_t / Σ m_t over the whole batch (the papers); `sequence_mean` = the
 mean over sequences of each sequence's token mean (the official TA-OPD code).
@@ -26,10 +29,15 @@ def reverse_kl_advantage(old_logprob_N: Tensor, t_logprob_N: Tensor) -> Tensor:
     return (t_logprob_N - old_logprob_N).detach()
 
 
-def ppo_clip_terms(new_logprob_N: Tensor, old_logprob_N: Tensor, advantage_N: Tensor, clip_eps: float) -> Tensor:
-    """Per-token PPO-clip loss ℓ_t (to minimise)."""
+def ppo_clip_terms(new_logprob_N: Tensor, old_logprob_N: Tensor, advantage_N: Tensor, clip_eps: float,
+                   clip_eps_high: float | None = None) -> Tensor:
+    """Per-token PPO-clip loss ℓ_t (to minimise); the ratio clipped to [1 − clip_eps, 1 + clip_eps_high]
+    (clip_eps_high None: clip_eps, the symmetric clip)."""
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    if high < clip_eps:
+        raise ValueError(f"clip_eps_high {high} < clip_eps {clip_eps}: the upper clip must not be below the lower one")
     ratio_N = torch.exp(new_logprob_N - old_logprob_N.detach())
-    clipped_N = torch.clamp(ratio_N, 1.0 - clip_eps, 1.0 + clip_eps)
+    clipped_N = torch.clamp(ratio_N, 1.0 - clip_eps, 1.0 + high)
     return -torch.minimum(ratio_N * advantage_N, clipped_N * advantage_N)
 
 
@@ -53,10 +61,12 @@ def aggregate(loss_N: Tensor, mask_N: Tensor, seq_index_N: Tensor | None = None,
 
 
 def opd_loss(new_logprob_N: Tensor, old_logprob_N: Tensor, t_logprob_N: Tensor, mask_N: Tensor,
-             clip_eps: float = 0.2, how: str = "token_mean", seq_index_N: Tensor | None = None) -> Tensor:
+             clip_eps: float = 0.2, how: str = "token_mean", seq_index_N: Tensor | None = None,
+             clip_eps_high: float | None = None) -> Tensor:
     """The OPD objective on the masked positions (sampled-token reverse KL advantage, PPO-clip)."""
     advantage_N = reverse_kl_advantage(old_logprob_N, t_logprob_N)
-    return aggregate(ppo_clip_terms(new_logprob_N, old_logprob_N, advantage_N, clip_eps), mask_N, seq_index_N, how)
+    terms_N = ppo_clip_terms(new_logprob_N, old_logprob_N, advantage_N, clip_eps, clip_eps_high)
+    return aggregate(terms_N, mask_N, seq_index_N, how)
 
 
 def forward_kl_full(t_logp_NV: Tensor, s_logp_NV: Tensor) -> Tensor:

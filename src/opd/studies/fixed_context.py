@@ -16,6 +16,10 @@ GPU memory: the teacher is needed only for the bank's KL, so it waits on the hos
 steps hold one student with its gradients and AdamW state, the KL passes the teacher and one student
 (opd.studies.plan's two phases of this job). `--gradient-checkpointing` recomputes the trained copy's
 layers in backward, as in training. On the CPU the moves are no-ops.
+
+A pair across chat templates (opd.engines.pairing): the teacher reads the bank in its own ids (its prompts,
+the mapped responses), and its distribution, restricted to the ids the student reads and renormalised
+there, is the p_T of the KL.
 """
 
 from __future__ import annotations
@@ -46,17 +50,37 @@ class Bank:
     seqs: list[tuple[list[int], list[int]]]
     chunk: int | None  # LM-head positions per chunk (None: forward.chunk_positions' default)
     max_tokens: int  # padded tokens per forward pass
+    teacher_seqs: list[tuple[list[int], list[int]]] | None = None  # a cross-template teacher's reading of seqs
+    s2t: Tensor | None = None  # with it: student id -> teacher id (-1: none), opd.engines.pairing
 
     def batches(self) -> list[list[int]]:
         return forward.token_batches([len(p) + len(r) for p, r in self.seqs], self.max_tokens, flag=forward.BUDGET_FLAG)
 
-    def part(self, rows: list[int]) -> tuple[list[list[int]], list[list[int]]]:
-        return [self.seqs[i][0] for i in rows], [self.seqs[i][1] for i in rows]
+    def part(self, rows: list[int], teacher: bool = False) -> tuple[list[list[int]], list[list[int]]]:
+        seqs = self.teacher_seqs if teacher and self.teacher_seqs is not None else self.seqs
+        return [seqs[i][0] for i in rows], [seqs[i][1] for i in rows]
 
 
 def _forward_kl(s_logp_CV: Tensor, t_logp_CV: Tensor) -> tuple[Tensor]:
     """KL(p_T ‖ p_S) per position (head_map passes the mapped model's log-probs first)."""
     return (forward_kl_full(t_logp_CV, s_logp_CV),)
+
+
+def _forward_kl_on_shared(s_logp_CV: Tensor, t_logp_CV: Tensor) -> tuple[Tensor]:
+    """The same where p_T is 0 on some ids (a cross-template teacher): those terms are 0, not 0·(−inf)."""
+    p_CV = t_logp_CV.exp()
+    return (torch.where(p_CV > 0, p_CV * (t_logp_CV - s_logp_CV), 0.0).sum(-1),)
+
+
+def teacher_on_student_ids(t_logp_CV: Tensor, s2t: Tensor, student_vocab: int) -> Tensor:
+    """A cross-template teacher's log-probs in the student's columns: −inf where the teacher has no reading of
+    the student's id, renormalised over the ids it reads (its turn markers and padding rows left out)."""
+    from opd.engines.pairing import map_ids
+
+    cols_V = map_ids(torch.arange(student_vocab), s2t).to(t_logp_CV.device)
+    on_s_CV = t_logp_CV.gather(-1, cols_V.clamp(min=0).expand(len(t_logp_CV), -1))
+    on_s_CV = on_s_CV.masked_fill(cols_V < 0, float("-inf"))
+    return on_s_CV - torch.logsumexp(on_s_CV, dim=-1, keepdim=True)
 
 
 @torch.no_grad()
@@ -69,12 +93,16 @@ def bank_forward_kl(teacher, model, bank: Bank) -> Tensor:
     parts = []
     for rows in bank.batches():
         prompts, responses = bank.part(rows)
-        t_hidden_NH = forward.response_hidden(teacher, prompts, responses)
+        t_hidden_NH = forward.response_hidden(teacher, *bank.part(rows, teacher=True))
         s_hidden_NH = forward.response_hidden(model, prompts, responses)
         chunk = forward.chunk_positions(bank.chunk, teacher.lm_head.out_features)
         for lo in range(0, len(t_hidden_NH), chunk):
             t_logp_CV = torch.log_softmax(teacher.lm_head(t_hidden_NH[lo:lo + chunk]).float(), -1)
-            (kl_C,), _ = forward.head_map(model.lm_head, s_hidden_NH[lo:lo + chunk], _forward_kl, (t_logp_CV,), chunk)
+            fn = _forward_kl
+            if bank.s2t is not None:  # a cross-template teacher: its distribution on the student's ids
+                t_logp_CV = teacher_on_student_ids(t_logp_CV, bank.s2t, model.lm_head.out_features)
+                fn = _forward_kl_on_shared
+            (kl_C,), _ = forward.head_map(model.lm_head, s_hidden_NH[lo:lo + chunk], fn, (t_logp_CV,), chunk)
             parts.append(kl_C.cpu())
     return torch.cat(parts)
 
@@ -218,6 +246,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return cli.parse(p, argv, FLAGS)
 
 
+def teacher_view(args: argparse.Namespace, rollouts: Rollouts):
+    """The teacher's view of the bank (opd.engines.pairing), None when both read one tokenizer and template."""
+    from transformers import AutoTokenizer
+
+    from opd.engines.pairing import generation_end_ids, pair_tokenizers, view_from_meta
+
+    s_tok, t_tok = (AutoTokenizer.from_pretrained(str(d)) for d in (args.student, args.teacher))
+    pair = pair_tokenizers(s_tok, t_tok, str(args.student), str(args.teacher), generation_end_ids(args.student))
+    return view_from_meta(pair, t_tok, rollouts, args.rollouts)
+
+
 def main(argv: list[str] | None = None) -> None:
     from opd.infra import tracking
 
@@ -228,6 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     scores = load_scores(args.scores, rollouts, args.rollouts)
     modeldirs.check_flag_dirs(args, "student", "teacher")
     bank = Bank(rollouts.sequences(), args.logit_chunk, args.max_tokens_per_microbatch)
+    view = teacher_view(args, rollouts)
+    if view is not None:  # a pair across chat templates: the teacher reads the bank in its own ids
+        bank = dataclasses.replace(bank, teacher_seqs=view.rollouts(rollouts).sequences(), s2t=view.pair.s2t)
     # The student is trained (τ steps): fp32 master weights under autocast, as in opd.engines.train.
     student = forward.load_model(args.student, device, torch.float32)
     teacher = forward.load_model(args.teacher, device, accel.teacher_dtype(args.dtype))

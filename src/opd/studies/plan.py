@@ -5,8 +5,8 @@ largest settings that fit, and exits 1 where the workflow would refuse: `config_
 parse-time checks (`opd.studies.validate.CHECKS`), so a job over `resources.<kind>.gpu_mem_gb` stops the run.
 Pure Python (no torch): planning a 1874-job DAG offline stays fast.
 
-Model shapes come from `<results_dir>/models/<name>/config.json` when it is on disk, else from the
-model's `shape` block (or a miniature model's architecture keys), so planning works offline; a `shape`
+Shapes: `<results_dir>/models/<name>/config.json` when on disk, else the `shape` block over the table of
+`opd.studies.hub_shapes` (a miniature model: its architecture keys), so planning works offline; a `shape`
 key that contradicts config.json is an error. The terms, per GPU (G = resources.train.gpu, bytes):
 - student: fp32 master weights 4P, gradients 4P, AdamW moments 8P; with `train.sharding: fsdp` each
   divided by G, plus the all-gathered bf16 root group and two layers (FSDP prefetches one), plus the

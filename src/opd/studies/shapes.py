@@ -2,8 +2,8 @@
 
 Shared by the memory planner (opd.studies.plan) and the cost planner (opd.studies.cost), so both read a
 model's shape one way: `<results_dir>/models/<name>/config.json` when it is on disk, else the model's
-`shape` block (or a miniature model's architecture keys); a `shape` key that contradicts config.json is an
-error. Pure Python (no torch).
+`shape` block over the table of `opd.studies.hub_shapes` (a miniature model: its architecture keys); a
+`shape` key that contradicts config.json is an error. Pure Python (no torch).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+
+from opd.studies.hub_shapes import hub_shape
 
 GIB = 2 ** 30
 NEEDS_SHAPE = "the memory planner needs the model's shape"
@@ -72,7 +74,7 @@ def shape_from_config_json(path: Path) -> dict:
 def model_shape(config: dict, name: str) -> tuple[Shape | None, list[str]]:
     """(the model's Shape or None, problems): config.json on disk first, then the config's shape keys."""
     model = config["models"][name]
-    given = dict(model.get("shape") or {})
+    given = {**hub_shape(model.get("hub")), **(model.get("shape") or {})}  # the table, then the shape keys
     if not model.get("hub"):  # a miniature model: its architecture keys and the world's vocabulary cap
         given.update({hf: model[k] for hf, k in MINIATURE_KEYS.items() if model.get(k) is not None})
         given.setdefault("vocab_size", config.get("world", {}).get("vocab_size", 512))
