@@ -79,7 +79,8 @@ def test_seeds_on_different_problems_refused(tmp_path):
         eval_seeds.read_problem_means(tmp_path, "arith1", "exact_match,strict-match", [0, 2])
 
 
-def test_models_table_shows_the_spread(tmp_path):
+def test_models_table_shows_the_spread(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     _two_seeds(tmp_path / "eval" / "m")
     out = tmp_path / "report"
     report.main(["--results-dir", str(tmp_path / "eval"), "--models", "m", "--tasks", "arith1", "--ood-tasks",

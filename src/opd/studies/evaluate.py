@@ -231,7 +231,7 @@ def training_run_id(train_dir: Path) -> str:
     return json.loads(states[-1].read_text())["run_id"]
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(description="Evaluate a model on lm-eval tasks.")
     parser.add_argument("--model-dir", type=Path, required=True, help="Hugging Face model directory")
     parser.add_argument("--model-name", required=True, help="name of the model in the study")
@@ -267,7 +267,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="let code-executing tasks (HumanEval) run the model's code (config "
                              "evaluation.allow_code_execution; sets HF_ALLOW_CODE_EVAL / confirm_run_unsafe_code)")
     parser.add_argument("--study", default="miniature", help="MLflow experiment name")
-    args = cli.validate(parser.parse_args(argv), FLAGS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = cli.validate(build_parser().parse_args(argv), FLAGS)
     out_dir = eval_seed_dir(args.out_dir, args.eval_seed)
     modeldirs.check_dir(args.model_dir, "--model-dir")
     check_task_data(args.tasks, args.include_path, args.data_root)
