@@ -14,7 +14,8 @@ rule report_models:
         ENV_CORE
     params:
         study=STUDY,
-        results_dir=res("eval"),
+        # <results>/eval, from the first input: eval/<model>[/evalseed~<s>]/<task>.json
+        results_dir=lambda wc, input: str(Path(input[0]).parents[2 if EVAL_SEEDS[0] else 1]),
         models=" ".join(EVAL_MODELS),
         tasks=" ".join(BENCHMARKS),
         bench_args=bench_args(),
