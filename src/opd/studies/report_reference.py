@@ -136,11 +136,15 @@ def plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(description="Put published numbers (a reference CSV) beside ours, cell by cell.")
-    add_grid_args(p, figure="scatter of ours against the paper")
     p.add_argument("--reference", type=Path, required=True, help="reference CSV (config evaluation.reference)")
-    args = cli.validate(p.parse_args(argv), GRID_FLAGS)
+    add_grid_args(p, figure="scatter of ours against the paper")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = cli.validate(build_parser().parse_args(argv), GRID_FLAGS)
     runs = grid_runs(args)
     refs = reference.read(args.reference)
     problems = reference.study_problems(refs, args.reference, list(dict.fromkeys((r.teacher, r.student) for r in runs)),

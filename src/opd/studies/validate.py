@@ -17,7 +17,7 @@ from pathlib import Path
 from opd import worlds
 from opd.infra import modeldirs
 from opd.infra.config import ConfigError, load_yaml, validate_config
-from opd.studies import sweep
+from opd.studies import evaluate, reference, sweep
 
 
 def merge(base: dict, overlay: dict) -> dict:
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     names = " + ".join(map(str, args.configfiles))
     try:
-        validate_config(load(args.configfiles), checks=[worlds.config_problems, model_problems])
+        validate_config(load(args.configfiles), checks=[worlds.config_problems, model_problems,
+                                                        evaluate.code_execution_problems, reference.config_problems])
     except ConfigError as err:
         sys.exit(f"{names}: {err}" if "\n" in str(err) else str(err))
     print(f"{names}: valid")
