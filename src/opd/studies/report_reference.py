@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = cli.validate(build_parser().parse_args(argv), GRID_FLAGS)
+    if len(args.top_k) != 1:
+        raise ValueError(f"--top-k {' '.join(map(str, args.top_k))}: published cells are matched to runs by pair, "
+                         "method and ratio, so the grid must hold one K (config train.top_k)")
     runs = grid_runs(args)
     refs = reference.read(args.reference)
     problems = reference.study_problems(refs, args.reference, list(dict.fromkeys((r.teacher, r.student) for r in runs)),
