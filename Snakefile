@@ -30,6 +30,7 @@ wildcard_constraints:
     k=r"\d+",
     ratio=r"[0-9.e-]+",
     seed=r"\d+",
+    eseed=r"[1-9]\d*",  # evaluation seeds > 0 (seed 0 is the plain evaluation's files)
 
 
 include: "workflow/rules/diagnose.smk"

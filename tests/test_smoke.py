@@ -195,3 +195,43 @@ def test_grown_grid_is_built_whatever_the_rerun_triggers(smoke, tmp_path):
     assert proc.returncode == 0, out[-3000:]
     for run in _train_runs(yaml.safe_load((repo / "tests/config/smoke.yaml").read_text())):
         assert f"train/{run.replace('seed~0', 'seed~1')}/metrics.json" in out, out[-3000:]
+
+
+REF_RESULTS = "out_ref"  # the overlay's own results root: its sampled evaluations do not touch the smoke study's
+
+
+@pytest.fixture(scope="module")
+def reference_smoke(smoke):
+    """tests/config/smoke_reference.yaml over the smoke config: three evaluation seeds with sampling on, then the
+    models table and the side-by-side report against tests/config/smoke_reference.csv (made-up numbers)."""
+    workdir, _ = smoke
+    repo = Path(__file__).resolve().parents[1]
+    targets = [f"{REF_RESULTS}/report/smoke_reference/{name}" for name in ("reference.md", "models.md")]
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "--directory", str(workdir), "--cores", "2",
+           "--configfile", str(repo / "tests/config/smoke.yaml"), str(repo / "tests/config/smoke_reference.yaml"),
+           "--config", f"results_dir={REF_RESULTS}", "--", *targets]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return workdir / REF_RESULTS, yaml.safe_load((repo / "tests/config/smoke_reference.yaml").read_text())
+
+
+def test_evaluation_seeds_to_reference_report(reference_smoke):
+    out, overlay = reference_smoke
+    seeds = overlay["evaluation"]["seeds"]
+    assert seeds == [0, 1, 2]
+    for model in ("teacher", "student_s"):  # seed 0 where a study without seeds writes, the others beside it
+        assert (out / f"eval/{model}/arith1.json").is_file()
+        assert all((out / f"eval/{model}/evalseed~{s}/arith1.samples.jsonl").is_file() for s in seeds[1:])
+    assert (out / "train/teacher/student_s/ta_opd/K~4/ratio~0.1/seed~0/eval/evalseed~2/reverse.json").is_file()
+    assert " ± " in (out / "report/smoke_reference/models.md").read_text()  # mean ± std over the 3 seeds
+    with open(out / "report/smoke_reference/reference.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["method"], r["benchmark"]) for r in rows] == [("base", "arith1"), ("base", "avg"), ("full", "arith2"),
+                                                             ("ta_opd", "reverse"), ("ta_opd", "avg")]
+    for r in rows:
+        assert int(r["eval_seeds"]) == 3
+        assert float(r["diff"]) == pytest.approx(float(r["ours"]) - float(r["paper"]), abs=2e-3)
+        assert float(r["ours_lo"]) <= float(r["ours"]) <= float(r["ours_hi"])
+        assert r["within"] in ("yes", "no") if r["paper_std"] else r["within"] == "—"
+    assert (out / "report/smoke_reference/reference.png").stat().st_size > 1000

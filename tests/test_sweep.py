@@ -42,7 +42,7 @@ def first(n, total=100):
 
 
 def stats_args():
-    return argparse.Namespace(level=0.95, n_boot=2000)
+    return argparse.Namespace(level=0.95, n_boot=2000, eval_seeds=[0])
 
 
 def test_sweep_table_by_hand(tmp_path):
@@ -81,7 +81,7 @@ def test_training_report_verdicts_vs_full_and_base(tmp_path):
         write_eval(tmp_path / "results" / r.path / "eval", {"arith1": first(ind, 500), "reverse": first(ood, 500)})
     write_eval(tmp_path / "results/eval/a", {"arith1": first(30, 500), "reverse": first(60, 500)})
     tasks = ["arith1", "reverse"]
-    ests, comps, scores = report_train.analyse(runs, tasks, ["reverse"], {}, tmp_path / "results", stats_args())
+    ests, comps, scores, _ = report_train.analyse(runs, tasks, ["reverse"], {}, tmp_path / "results", stats_args())
     got = {(c.a, c.b, c.column): c.verdict for c in comps["a"]}
     assert got == {("ta_opd", "full", "in_domain_avg"): "n.d.", ("ta_opd", "full", "ood"): "worse",
                    ("ta_opd", "base", "in_domain_avg"): "better", ("ta_opd", "base", "ood"): "worse",
@@ -100,7 +100,7 @@ def test_training_report_names_runs_it_cannot_pair(tmp_path):
     write_eval(tmp_path / "results" / runs[0].path / "eval", {"arith1": first(40), "reverse": first(50)})
     # the base was evaluated on other problems (doc ids 100-199): pairing them would pair wrong problems
     write_eval(tmp_path / "results/eval/a", {"arith1": first(30), "reverse": first(50)}, offset=100)
-    ests, comps, scores = report_train.analyse(runs, ["arith1", "reverse"], ["reverse"], {}, tmp_path / "results",
+    ests, comps, scores, _ = report_train.analyse(runs, ["arith1", "reverse"], ["reverse"], {}, tmp_path / "results",
                                                stats_args())
     assert all(not c.paired for c in comps["a"])
     md = report_train.markdown(ests, comps, scores, ["arith1", "reverse", "in_domain_avg", "ood"], ["arith1"], 1,

@@ -12,6 +12,7 @@ from opd import worlds
 from opd.engines import optim
 from opd.infra import cli
 from opd.infra.config import ConfigError
+from opd.infra.lmeval_results import eval_seed_dir
 from opd.studies import plan, sweep, validate
 
 try:  # every check of `python -m opd.studies.validate` (opd.studies.validate.CHECKS), before any job
@@ -56,6 +57,7 @@ STUDENTS = [n for n, m in config["models"].items() if m["role"] == "student"]
 DIAGNOSE_FIGURES = ["margin_reverse_kl", "disagreement", "release_points"]
 BENCHMARKS = config["evaluation"]["benchmarks"]
 EVAL_MODELS = config["evaluation"]["models"] or MODELS
+EVAL_SEEDS = config["evaluation"]["seeds"]  # seed 0 writes where a study without seeds does (eval_seed_dir)
 
 
 DATA = config["data"]
@@ -148,7 +150,23 @@ def eval_args(wildcards):
         flags += f" --gen-kwarg {_kv(e['gen_kwargs'])}"
     if e["metrics"]:
         flags += " --metric " + " ".join(shlex.quote(f"{t}={m}") for t, m in e["metrics"].items())
+    flags += " --allow-code-execution" * e["allow_code_execution"]
     return flags
+
+
+def seeded_eval_args(wildcards):
+    """eval_args of evaluation seed {eseed} (> 0; seed 0 is the plain lm_eval / eval_trained job)."""
+    return f"{eval_args(wildcards)} --eval-seed {wildcards.eseed}"
+
+
+def eval_files(eval_dir, tasks=None):
+    """Every evaluation seed's lm-eval result and per-problem samples of each task under one evaluation directory."""
+    return [
+        f"{eval_seed_dir(eval_dir, s)}/{t}{ext}"
+        for s in EVAL_SEEDS
+        for t in (tasks or BENCHMARKS)
+        for ext in (".json", ".samples.jsonl")
+    ]
 
 
 def task_inputs(wildcards):
@@ -256,12 +274,7 @@ def train_launcher(wildcards):
 
 def trained_evals():
     """Every trained run's lm-eval results and per-problem samples (the reports' intervals need both)."""
-    return [
-        res(f"{run.path}/eval/{t}{ext}")
-        for run in sweep.runs(config["models"], TRAIN)
-        for t in BENCHMARKS
-        for ext in (".json", ".samples.jsonl")
-    ]
+    return [f for run in sweep.runs(config["models"], TRAIN) for f in eval_files(res(f"{run.path}/eval"))]
 
 
 def grid_args():
@@ -274,10 +287,14 @@ def grid_args():
 
 
 def bench_args():
-    """Which benchmarks are out-of-domain, and the metric read from each lm-eval result."""
+    """Which benchmarks are out-of-domain, the metric read from each lm-eval result, the evaluation seeds."""
     e = config["evaluation"]
     metrics = " ".join(f"{t}={m}" for t, m in e["metrics"].items())
-    return f"--ood-tasks {' '.join(e['ood_benchmarks'])}" + (f" --metric {metrics}" if metrics else "")
+    return (
+        f"--ood-tasks {' '.join(e['ood_benchmarks'])}"
+        + (f" --metric {metrics}" if metrics else "")
+        + (f" --eval-seeds {' '.join(map(str, EVAL_SEEDS))}" if EVAL_SEEDS != [0] else "")
+    )
 
 
 def all_outputs():
@@ -287,7 +304,14 @@ def all_outputs():
     reports = [f"{REPORT_DIR}/{name}" for name in ("models.md", "models.csv", "models.png", "training.md")]
     if sweep.is_sweep(TRAIN):
         reports.append(f"{REPORT_DIR}/sweep.md")
-    # One file per run is enough to make its eval job a target (all 2 x benchmarks would add thousands of
-    # targets at paper scale and double the dry run's DAG time); the reports' inputs still list every file.
-    runs = [res(f"{run.path}/eval/{BENCHMARKS[0]}.json") for run in sweep.runs(config["models"], TRAIN)]
+    if config["evaluation"]["reference"]:
+        reports.append(f"{REPORT_DIR}/reference.md")
+    # One file per run and evaluation seed is enough to make its eval job a target (all 2 x benchmarks would
+    # add thousands of targets at paper scale and double the dry run's DAG time); the reports' inputs still
+    # list every file.
+    runs = [
+        f"{eval_seed_dir(res(f'{run.path}/eval'), s)}/{BENCHMARKS[0]}.json"
+        for run in sweep.runs(config["models"], TRAIN)
+        for s in EVAL_SEEDS
+    ]
     return [*reports, f"{REPORT_DIR}/diagnose/report.md", *runs]

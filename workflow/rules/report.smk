@@ -3,12 +3,7 @@
 
 rule report_models:
     input:
-        expand(
-            res("eval/{model}/{task}{ext}"),
-            model=EVAL_MODELS,
-            task=BENCHMARKS,
-            ext=[".json", ".samples.jsonl"],
-        ),
+        [f for m in EVAL_MODELS for f in eval_files(res(f"eval/{m}"))],
     output:
         md=f"{REPORT_DIR}/models.md",
         csv=report(f"{REPORT_DIR}/models.csv", caption="../report/models.rst", category="Models"),
@@ -19,7 +14,8 @@ rule report_models:
         ENV_CORE
     params:
         study=STUDY,
-        results_dir=lambda wc, input: os.path.dirname(os.path.dirname(input[0])),  # <results>/eval
+        # <results>/eval, from the first input: eval/<model>[/evalseed~<s>]/<task>.json
+        results_dir=lambda wc, input: str(Path(input[0]).parents[2 if EVAL_SEEDS[0] else 1]),
         models=" ".join(EVAL_MODELS),
         tasks=" ".join(BENCHMARKS),
         bench_args=bench_args(),
@@ -31,12 +27,7 @@ rule report_models:
 rule report_training:
     input:
         trained=trained_evals(),
-        base=expand(
-            res("eval/{model}/{task}{ext}"),
-            model=TRAIN_STUDENTS,
-            task=BENCHMARKS,
-            ext=[".json", ".samples.jsonl"],
-        ),
+        base=[f for m in TRAIN_STUDENTS for f in eval_files(res(f"eval/{m}"))],
     output:
         md=f"{REPORT_DIR}/training.md",
         csv=report(f"{REPORT_DIR}/training.csv", caption="../report/training.rst", category="Training"),
@@ -63,12 +54,7 @@ rule report_training:
 rule report_sweep:
     input:
         trained=trained_evals(),
-        base=expand(
-            res("eval/{model}/{task}{ext}"),
-            model=TRAIN_STUDENTS,
-            task=BENCHMARKS,
-            ext=[".json", ".samples.jsonl"],
-        ),
+        base=[f for m in TRAIN_STUDENTS for f in eval_files(res(f"eval/{m}"))],
     output:
         md=f"{REPORT_DIR}/sweep.md",
         csv=report(f"{REPORT_DIR}/sweep.csv", caption="../report/sweep.rst", category="Sweep"),
@@ -90,3 +76,26 @@ rule report_sweep:
         "python -m opd.studies.report_sweep {params.grid} {params.bench_args} --study {params.study}"
         " --out-md {output.md} --out-csv {output.csv} --out-png {output.png}"
         " --out-comparisons {output.comparisons} > {log} 2>&1"
+
+
+rule report_reference:
+    input:
+        trained=trained_evals(),
+        base=[f for m in TRAIN_STUDENTS for f in eval_files(res(f"eval/{m}"))],
+        reference=lambda wc: str(Path(workflow.basedir) / config["evaluation"]["reference"]),
+    output:
+        md=f"{REPORT_DIR}/reference.md",
+        csv=report(f"{REPORT_DIR}/reference.csv", caption="../report/reference.rst", category="Reference"),
+        png=report(f"{REPORT_DIR}/reference.png", caption="../report/reference.rst", category="Reference"),
+    log:
+        f"{RESULTS}/logs/{STUDY}/report_reference.log",
+    conda:
+        ENV_CORE
+    params:
+        grid=grid_args(),
+        bench_args=bench_args(),
+        study=STUDY,
+    shell:
+        "python -m opd.studies.report_reference {params.grid} {params.bench_args} --study {params.study}"
+        " --reference {input.reference} --out-md {output.md} --out-csv {output.csv} --out-png {output.png}"
+        " > {log} 2>&1"

@@ -68,3 +68,23 @@ rule eval_trained:
         " {params.name}"
         " --tasks {params.tasks} --out-dir {params.train_dir}/eval"
         " --train-dir {params.train_dir} {params.args} --threads {threads} --study $OPD_STUDY > {log} 2>&1"
+
+
+# The same evaluation of a trained student under evaluation seed {eseed} > 0 (config evaluation.seeds).
+use rule eval_trained as eval_trained_seeded with:
+    output:
+        expand(
+            f"{TRAIN_DIR}/eval/evalseed~{{eseed}}/{{task}}{{ext}}",
+            task=BENCHMARKS,
+            ext=[".json", ".samples.jsonl"],
+            allow_missing=True,
+        ),
+    log:
+        f"{RESULTS}/logs/eval_trained/{TRAIN_ID}/evalseed~{{eseed}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/eval_trained/{TRAIN_ID}/evalseed~{{eseed}}.tsv"
+    params:
+        args=seeded_eval_args,
+        train_dir=lambda wc, input: os.path.dirname(input.metrics),
+        tasks=" ".join(BENCHMARKS),
+        name=lambda wc: TRAIN_ID.format(**dict(wc.items())),

@@ -10,6 +10,12 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # Qwen3's thinking tags (lm-eva
 THINKING_KEY = "opd_thinking"  # our addition to a task's results file: how many responses never closed thinking
 
 
+def eval_seed_dir(eval_dir, seed: int) -> Path:
+    """Where evaluation seed `seed` of an evaluation directory writes: the directory itself for seed 0 (the
+    files of a study without evaluation seeds), <eval_dir>/evalseed~<seed> for any other seed."""
+    return Path(eval_dir) if int(seed) == 0 else Path(eval_dir) / f"evalseed~{int(seed)}"
+
+
 def unfinished_thinking(text: str) -> bool:
     """The response opened <think> and never closed it (cut by the token limit): it has no final answer."""
     return THINK_OPEN in text and THINK_CLOSE not in text

@@ -35,13 +35,18 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
 
 
-def tasks_dir(config: dict) -> Path:
-    """`evaluation.tasks_dir` as the workflow reads it: relative to the working directory (the project root,
-    where Snakemake runs), else to the source tree's root."""
-    given = Path(config["evaluation"]["tasks_dir"])
-    if given.is_absolute() or given.is_dir():
+def project_path(name: str | Path) -> Path:
+    """A path named in a config as the workflow reads it: relative to the working directory (the project root,
+    where Snakemake runs) when it exists there, else to the source tree's root."""
+    given = Path(name)
+    if given.is_absolute() or given.exists():
         return given
     return REPO / given
+
+
+def tasks_dir(config: dict) -> Path:
+    """`evaluation.tasks_dir` as the workflow reads it (`project_path`)."""
+    return project_path(config["evaluation"]["tasks_dir"])
 
 
 def our_tasks(folder: Path) -> set[str]:

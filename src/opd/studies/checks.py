@@ -15,7 +15,7 @@ from pathlib import Path
 from opd import worlds
 from opd.infra import modeldirs
 from opd.infra.config import Check, load_yaml, validate_config
-from opd.studies import benchmarks, sweep
+from opd.studies import benchmarks, evaluate, reference, sweep
 
 
 def merge(base: dict, overlay: dict) -> dict:
@@ -81,7 +81,8 @@ def weight_problems(config: dict) -> list[str]:
             for problem in modeldirs.weight_problems(results / "models" / name)]
 
 
-CHECKS: list[Check] = [worlds.config_problems, model_problems, weight_problems, benchmarks.config_problems]
+CHECKS: list[Check] = [worlds.config_problems, model_problems, weight_problems, benchmarks.config_problems,
+                       evaluate.code_execution_problems, reference.config_problems]
 
 
 def validate(config: dict, checks: list[Check] = CHECKS) -> dict:

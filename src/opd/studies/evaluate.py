@@ -19,7 +19,8 @@ import yaml
 
 from opd.infra import cli, modeldirs
 from opd.infra.io import read_jsonl, write_jsonl, write_text
-from opd.infra.lmeval_results import METRIC, THINKING_KEY, thinking_counts
+from opd.infra.lmeval_results import METRIC, THINKING_KEY, eval_seed_dir, thinking_counts
+from opd.studies import benchmarks
 
 # Flag -> the config key it stands for (opd.infra.cli); one line per flag.
 FLAGS = {
@@ -28,7 +29,12 @@ FLAGS = {
     "limit": "evaluation.limit",
     "num_fewshot": "evaluation.num_fewshot",
     "batch_size": "evaluation.batch_size",
+    "eval_seed": "evaluation.seeds[]",
 }
+# lm-eval's default seeds (simple_evaluate's random / numpy / torch, and its vLLM backend's sampling seed):
+# evaluation seed s adds s to each, so seed 0 is an evaluation exactly as it was before evaluation seeds.
+LM_EVAL_SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234}
+VLLM_SEED = 1234
 
 
 def parse_kv(items: list[str], flag: str) -> dict:
@@ -61,6 +67,29 @@ def task_data_files(task_yaml: Path) -> list[Path]:
     return [Path(f) for f in flat if f.endswith((".jsonl", ".json"))]
 
 
+# lm-eval 0.4.13's built-in tasks that run model-written code (unsafe_code: true), by name prefix.
+CODE_TASK_PREFIXES = ("humaneval", "mbpp", "ds1000", "instructhumaneval")
+
+
+def runs_code(task: str, tasks_dir: Path) -> bool:
+    """Whether `task` executes model-written code: our YAML says unsafe_code, or a built-in code task's name."""
+    task_yaml = tasks_dir / f"{task}.yaml"
+    if task_yaml.is_file():
+        return bool((yaml.load(task_yaml.read_text(), Loader=_TaskLoader) or {}).get("unsafe_code"))
+    return task.startswith(CODE_TASK_PREFIXES)
+
+
+def code_execution_problems(config: dict, root: Path | None = None) -> list[str]:
+    """Validation check: a benchmark that runs model-written code needs evaluation.allow_code_execution."""
+    e = config["evaluation"]
+    if e.get("allow_code_execution"):
+        return []
+    tasks_dir = Path(root) / e["tasks_dir"] if root is not None else benchmarks.tasks_dir(config)
+    return [f"evaluation.benchmarks[{i}]: {task!r} executes model-written code; set "
+            f"evaluation.allow_code_execution: true to allow it (docs/paper.md, 'HumanEval')"
+            for i, task in enumerate(e["benchmarks"]) if runs_code(task, tasks_dir)]
+
+
 def check_task_data(tasks: list[str], include_path: Path, data_root: Path = Path(".")) -> None:
     """Parse each of our tasks' JSONL files, relative to `data_root` as lm-eval reads them (a DataFileError
     names file:line); built-in tasks are skipped."""
@@ -71,14 +100,34 @@ def check_task_data(tasks: list[str], include_path: Path, data_root: Path = Path
                 read_jsonl(data_root / path)
 
 
+def seed_args(eval_seed: int, backend: str) -> tuple[dict, dict]:
+    """(simple_evaluate's seed arguments, extra model_args) of evaluation seed `eval_seed`.
+
+    The few-shot draw keeps lm-eval's seed: evaluation seeds change the sampling, not the prompts.
+    """
+    seeds = {k: v + eval_seed for k, v in LM_EVAL_SEEDS.items()}
+    return seeds, ({"seed": VLLM_SEED + eval_seed} if backend == "vllm" and eval_seed else {})
+
+
+def code_execution(allowed: bool) -> None:
+    """lm-eval's code-execution switch (HF_ALLOW_CODE_EVAL) from --allow-code-execution only, never inherited."""
+    if allowed:
+        os.environ["HF_ALLOW_CODE_EVAL"] = "1"
+    else:
+        os.environ.pop("HF_ALLOW_CODE_EVAL", None)
+
+
 def run_lm_eval(model_dir: Path, tasks: list[str], include_path: Path, backend: str, batch_size: int | str,
                 max_gen_toks: int, limit: int | None, device: str, model_args: dict | None = None,
                 gen_kwargs: dict | None = None, apply_chat_template: bool = False, offline: bool = True,
-                num_fewshot: int | None = None, data_root: Path = Path(".")) -> dict:
+                num_fewshot: int | None = None, data_root: Path = Path("."), eval_seed: int = 0,
+                allow_code_execution: bool = False) -> dict:
     """lm-eval's result dict for a model on `tasks` (one process: start-up dominates on small models).
 
     Our task YAMLs name their data files relative to the results root (`data/<task>.jsonl`), so lm-eval
     runs with `data_root` as its working directory; every path given here is made absolute first.
+    `eval_seed` seeds the sampling (seed_args); `allow_code_execution` lets code-executing tasks (HumanEval)
+    run the model's code (lm-eval's confirm_run_unsafe_code and HF_ALLOW_CODE_EVAL, docs/paper.md).
     """
     model_dir, include_path = model_dir.resolve(), include_path.resolve()
     if offline:  # nothing here may reach the hub, so fail fast instead of hanging
@@ -90,7 +139,9 @@ def run_lm_eval(model_dir: Path, tasks: list[str], include_path: Path, backend: 
     args = {"pretrained": str(model_dir), "dtype": "float32"}
     if backend == "vllm":
         args.update({"gpu_memory_utilization": 0.8, "enforce_eager": True})
-    args.update(model_args or {})
+    seeds, seed_model_args = seed_args(eval_seed, backend)
+    args.update({**seed_model_args, **(model_args or {})})
+    code_execution(allow_code_execution)
     # Our task YAMLs first; lm-eval's built-ins (MATH-500, AIME, GPQA, IFEval) stay visible beside them.
     manager = TaskManager(include_path=str(include_path), include_defaults=any(
         not (include_path / f"{t}.yaml").is_file() for t in tasks))
@@ -108,6 +159,8 @@ def run_lm_eval(model_dir: Path, tasks: list[str], include_path: Path, backend: 
             num_fewshot=num_fewshot,
             task_manager=manager,
             bootstrap_iters=1000,
+            confirm_run_unsafe_code=allow_code_execution,
+            **seeds,
         )
     if result is None:
         raise RuntimeError(f"lm-eval returned no result for tasks {tasks}")
@@ -179,7 +232,7 @@ def training_run_id(train_dir: Path) -> str:
     return json.loads(states[-1].read_text())["run_id"]
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(description="Evaluate a model on lm-eval tasks.")
     parser.add_argument("--model-dir", type=Path, required=True, help="Hugging Face model directory")
     parser.add_argument("--model-name", required=True, help="name of the model in the study")
@@ -209,8 +262,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", type=Path, default=Path(os.environ.get("OPD_RESULTS", "results")),
                         help="results root our task YAMLs' data files are relative to (default: $OPD_RESULTS, "
                              "which the workflow sets from config results_dir, else results)")
+    parser.add_argument("--eval-seed", type=int, default=0,
+                        help="evaluation seed: seeds the sampling; seed s > 0 writes under <out-dir>/evalseed~<s>/")
+    parser.add_argument("--allow-code-execution", action="store_true",
+                        help="let code-executing tasks (HumanEval) run the model's code (config "
+                             "evaluation.allow_code_execution; sets HF_ALLOW_CODE_EVAL / confirm_run_unsafe_code)")
     parser.add_argument("--study", default="miniature", help="MLflow experiment name")
-    args = cli.parse(parser, argv, FLAGS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = cli.parse(build_parser(), argv, FLAGS)
+    out_dir = eval_seed_dir(args.out_dir, args.eval_seed)
     modeldirs.check_dir(args.model_dir, "--model-dir")
     check_task_data(args.tasks, args.include_path, args.data_root)
 
@@ -220,23 +283,26 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     name = f"lm_eval[{args.model_name},{args.tasks[0]}]" if len(args.tasks) == 1 else f"lm_eval[{args.model_name}]"
+    name = name if args.eval_seed == 0 else f"{name[:-1]},evalseed~{args.eval_seed}]"
     task_metric = {t: m for t, m in (i.partition("=")[::2] for i in args.metric)}
-    with tracking.run(args.study, name, params=vars(args), tags={"model": args.model_name}) as run:
+    with tracking.run(args.study, name, params=vars(args),
+                      tags={"model": args.model_name, "eval_seed": args.eval_seed}) as run:
         start = time.time()
         result = run_lm_eval(args.model_dir, args.tasks, args.include_path, args.backend, args.batch_size,
                              args.max_gen_toks, args.limit, args.device, parse_kv(args.model_arg, "--model-arg"),
                              parse_kv(args.gen_kwarg, "--gen-kwarg"), args.apply_chat_template, not args.online,
-                             args.num_fewshot, args.data_root)
+                             args.num_fewshot, args.data_root, args.eval_seed, args.allow_code_execution)
         metrics, thinking = {}, bool(parse_kv(args.model_arg, "--model-arg").get("enable_thinking"))
         for task in args.tasks:
             acc, stderr, n = score(result, task, task_metric.get(task, METRIC))
             prefix = "" if len(args.tasks) == 1 else f"{task}."
             metrics.update({f"{prefix}accuracy": acc, f"{prefix}accuracy_stderr": stderr, f"{prefix}n": n})
-            run.log_artifact(write_outputs(result, task, args.out_dir, task_metric.get(task, METRIC), thinking))
+            run.log_artifact(write_outputs(result, task, out_dir, task_metric.get(task, METRIC), thinking))
         run.log_metrics({**metrics, "seconds": time.time() - start})
     if args.train_dir is not None:  # the scores of a trained student belong with its training run too
+        suffix = "" if args.eval_seed == 0 else f".eval_seed_{args.eval_seed}"  # the mean: the reports' runs
         tracking.log_to_run(training_run_id(args.train_dir),
-                            {f"eval.{t}.accuracy": score(result, t, task_metric.get(t, METRIC))[0]
+                            {f"eval.{t}.accuracy{suffix}": score(result, t, task_metric.get(t, METRIC))[0]
                              for t in args.tasks})
     print(json.dumps({"model": args.model_name, **metrics}))
 

@@ -3,7 +3,8 @@
 Reads the per-problem results (<task>.samples.jsonl, checked against lm-eval's <task>.json) of every
 (model, task) pair. In-domain average is the unweighted mean over the in-domain benchmarks that were
 evaluated; OOD is the mean over the out-of-domain ones. Each cell carries its interval over problems
-(one evaluation per model: opd.studies.stats, docs/statistics.md).
+(opd.studies.stats, docs/statistics.md); with several evaluation seeds a problem counts with its mean over
+them, and the cell adds the mean ± std over the seeds (opd.studies.eval_seeds).
 """
 
 from __future__ import annotations
@@ -14,13 +15,18 @@ from pathlib import Path
 
 from opd.infra import cli
 from opd.infra.lmeval_results import METRIC, parse_metrics, read_unfinished_rate
+from opd.studies import eval_seeds
 from opd.studies import report_stats as rs
 from opd.studies.stats import Estimate
 
 
-def to_markdown(ests: dict[str, dict[str, Estimate]], columns: list[str], level: float, n_boot: int) -> str:
+def to_markdown(ests: dict[str, dict[str, Estimate]], columns: list[str], level: float, n_boot: int,
+                spreads: dict | None = None) -> str:
+    """The table; `spreads` ({model: {column: Spread}}, opd.studies.eval_seeds) adds mean ± std over evaluation seeds."""
+    spreads = spreads or {}
     head = "| model | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns) + "\n"
-    body = "".join(f"| {m} | " + " | ".join(rs.cell(cols[c]) for c in columns) + " |\n" for m, cols in ests.items())
+    body = "".join(f"| {m} | " + " | ".join(rs.cell(cols[c], spreads.get(m, {}).get(c)) for c in columns) + " |\n"
+                   for m, cols in ests.items())
     return rs.explain(level, n_boot, comparisons=False) + "\n" + head + body
 
 
@@ -83,22 +89,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-png", type=Path, required=True, help="bar chart to write")
     parser.add_argument("--study", default="miniature", help="MLflow experiment name")
     rs.add_stats_args(parser)
-    args = cli.parse(parser, argv, {})
+    args = cli.parse(parser, argv, {"eval_seeds": "evaluation.seeds"})
 
     from opd.infra import tracking
 
-    scores = rs.load_scores([(m, 0, args.results_dir / m) for m in args.models], args.tasks,
-                            parse_metrics(args.metric))
+    scores, seed_scores = rs.load_evals([(m, 0, args.results_dir / m) for m in args.models], args.tasks,
+                                        parse_metrics(args.metric), args.eval_seeds)
     columns = rs.columns_of(args.tasks, args.ood_tasks)
     ests = rs.estimates(scores, columns, args)
     args.out_md.parent.mkdir(parents=True, exist_ok=True)
-    args.out_md.write_text(to_markdown(ests, list(columns), args.level, args.n_boot)
+    args.out_md.write_text(to_markdown(ests, list(columns), args.level, args.n_boot,
+                                       eval_seeds.spreads(seed_scores, columns))
                            + unfinished_table(args.results_dir, args.models, args.tasks))
     write_csv(ests, list(columns), args.out_csv)
     plot(ests, args.tasks, args.out_png, args.level)
     with tracking.run(args.study, "report", params={"models": args.models, "tasks": args.tasks,
                                                     "level": args.level, "n_boot": args.n_boot}) as run:
-        run.log_metrics(rs.mlflow_metrics("", ests, []))
+        run.log_metrics({**rs.mlflow_metrics("", ests, []), **eval_seeds.mlflow_metrics("", seed_scores)})
         for path in (args.out_md, args.out_csv, args.out_png):
             run.log_artifact(path)
     print(args.out_md.read_text())

@@ -11,7 +11,8 @@ import csv
 import math
 from pathlib import Path
 
-from opd.infra.lmeval_results import METRIC, read_samples
+from opd.infra.lmeval_results import METRIC
+from opd.studies import eval_seeds as eval_seeds_mod
 from opd.studies import stats
 
 MARK = {"better": "▲", "worse": "▼", "n.d.": ""}
@@ -21,22 +22,37 @@ def add_stats_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--level", type=float, default=stats.LEVEL,
                    help="confidence level of the intervals; verdicts test at 1 - level after Holm")
     p.add_argument("--n-boot", type=int, default=stats.N_BOOT, help="bootstrap replicates per estimate")
+    p.add_argument("--eval-seeds", nargs="+", type=int, default=[0],
+                   help="evaluation seeds of every evaluation (config evaluation.seeds): a problem's score is its mean")
 
 
-def load_scores(evals: list[tuple[str, object, Path]], tasks: list[str],
-                metrics: dict[str, str]) -> dict[str, stats.Scores]:
-    """{row name: Scores} from (row name, seed, eval dir) triples; each eval dir holds <task>.samples.jsonl."""
+def load_evals(evals: list[tuple[str, object, Path]], tasks: list[str], metrics: dict[str, str],
+               eval_seeds: list[int] = (0,)) -> tuple[dict[str, stats.Scores], eval_seeds_mod.SeedScores]:
+    """({row name: Scores}, per-evaluation-seed accuracies) from (row name, seed, eval dir) triples.
+
+    Each eval dir holds <task>.samples.jsonl per evaluation seed (opd.infra.lmeval_results.eval_seed_dir);
+    a problem's score is its mean over the evaluation seeds (opd.studies.eval_seeds).
+    """
     runs = {(name, seed): str(eval_dir) for name, seed, eval_dir in evals}
-    rows = []
+    rows, seed_scores = [], {}
     for task in tasks:
-        read = [(name, seed, read_samples(d / f"{task}.samples.jsonl", task, metrics.get(task, METRIC)))
-                for name, seed, d in evals]
+        read = []
+        for name, seed, d in evals:
+            means, accuracy = eval_seeds_mod.read_problem_means(d, task, metrics.get(task, METRIC), list(eval_seeds))
+            eval_seeds_mod.add(seed_scores, name, task, accuracy)
+            read.append((name, seed, means))
         # Problems are "doc_id:doc_hash"; files written before doc_hash was kept have bare doc_ids. Where
         # any evaluation of the task lacks the hash, pair on doc_id alone rather than on nothing.
         bare = any(":" not in k for _, _, got in read for k in got)
         rows += [(name, seed, task, k.partition(":")[0] if bare else k, c)
                  for name, seed, got in read for k, c in got.items()]
-    return stats.group(rows, runs)
+    return stats.group(rows, runs), seed_scores
+
+
+def load_scores(evals: list[tuple[str, object, Path]], tasks: list[str], metrics: dict[str, str],
+                eval_seeds: list[int] = (0,)) -> dict[str, stats.Scores]:
+    """{row name: Scores} from (row name, seed, eval dir) triples (load_evals without the per-seed part)."""
+    return load_evals(evals, tasks, metrics, eval_seeds)[0]
 
 
 def columns_of(tasks: list[str], ood_tasks: list[str]) -> dict[str, list[str]]:
@@ -59,8 +75,12 @@ def estimates(scores: dict[str, stats.Scores], columns: dict[str, list[str]],
             for name, s in scores.items()}
 
 
-def cell(e: stats.Estimate | None) -> str:
-    return "—" if e is None else f"{100 * e.mean:.1f} [{100 * e.lo:.1f}, {100 * e.hi:.1f}]"
+def cell(e: stats.Estimate | None, spread: eval_seeds_mod.Spread | None = None) -> str:
+    """'mean [lo, hi]' (%), and with several evaluation seeds '(mean ± std)' over them as TA-OPD prints it."""
+    if e is None:
+        return "—"
+    seeds = eval_seeds_mod.text(spread)
+    return f"{100 * e.mean:.1f} [{100 * e.lo:.1f}, {100 * e.hi:.1f}]" + (f" ({seeds})" if seeds else "")
 
 
 def verdict_of(comps: list[stats.Comparison], a: str, b: str, columns) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from opd.infra import cli
 from opd.infra.lmeval_results import METRIC, parse_metrics
+from opd.studies import eval_seeds
 from opd.studies import report_stats as rs
 from opd.studies import stats
 from opd.studies.sweep import Run, grid, pair_label
@@ -27,17 +28,24 @@ def row_name(run: Run, several: bool) -> str:
     return run.method if not several else f"{run.method} K={run.k}" + ("" if run.ratio == "1" else f" ρ={run.ratio}")
 
 
-def pair_scores(runs: list[Run], tasks: list[str], metrics: dict[str, str], results: Path,
-                several: bool) -> dict[str, dict[str, stats.Scores]]:
-    """{pair label: {'base' or row name: Scores}}, rows in grid order."""
+def pair_evals(runs: list[Run], tasks: list[str], metrics: dict[str, str], results: Path, several: bool,
+               eval_seeds: list[int] = (0,)) -> tuple[dict, dict]:
+    """({pair label: {'base' or row name: Scores}}, {pair label: SeedScores}), rows in grid order."""
     pair_list = list(dict.fromkeys((r.teacher, r.student) for r in runs))
-    out = {}
+    out, seed_scores = {}, {}
     for teacher, student in pair_list:
         evals = [("base", 0, results / "eval" / student)]
         evals += [(row_name(r, several), r.seed, results / r.path / "eval") for r in runs
                   if (r.teacher, r.student) == (teacher, student)]
-        out[pair_label(teacher, student, pair_list)] = rs.load_scores(evals, tasks, metrics)
-    return out
+        label = pair_label(teacher, student, pair_list)
+        out[label], seed_scores[label] = rs.load_evals(evals, tasks, metrics, eval_seeds)
+    return out, seed_scores
+
+
+def pair_scores(runs: list[Run], tasks: list[str], metrics: dict[str, str], results: Path,
+                several: bool, eval_seeds: list[int] = (0,)) -> dict[str, dict[str, stats.Scores]]:
+    """{pair label: {'base' or row name: Scores}}, rows in grid order."""
+    return pair_evals(runs, tasks, metrics, results, several, eval_seeds)[0]
 
 
 def is_several(runs: list[Run]) -> bool:
@@ -57,10 +65,11 @@ def reference_pairs(runs: list[Run], several: bool) -> list[tuple[str, str]]:
 
 
 def analyse(runs: list[Run], tasks: list[str], ood_tasks: list[str], metrics: dict[str, str], results: Path,
-            args: argparse.Namespace) -> tuple[dict, dict, dict]:
-    """(estimates {label: {row: {col: Estimate}}}, comparisons {label: [...]}, scores {label: {row: Scores}})."""
+            args: argparse.Namespace) -> tuple[dict, dict, dict, dict]:
+    """(estimates {label: {row: {col: Estimate}}}, comparisons {label: [...]}, scores {label: {row: Scores}},
+    spreads over evaluation seeds {label: {row: {col: Spread}}})."""
     several, pair_list = is_several(runs), list(dict.fromkeys((r.teacher, r.student) for r in runs))
-    scores = pair_scores(runs, tasks, metrics, results, several)
+    scores, seed_scores = pair_evals(runs, tasks, metrics, results, several, args.eval_seeds)
     columns = rs.columns_of(tasks, ood_tasks)
     summary = {c: columns[c] for c in rs.SUMMARY if c in columns}
     ests, comps = {}, {}
@@ -70,14 +79,17 @@ def analyse(runs: list[Run], tasks: list[str], ood_tasks: list[str], metrics: di
         ests[label] = rs.estimates(scores[label], columns, args)
         comps[label] = stats.compare_all(scores[label], summary, reference_pairs(pair_runs, several),
                                          args.level, args.n_boot)
-    return ests, comps, scores
+    return ests, comps, scores, {label: eval_seeds.spreads(seed_scores[label], columns) for label in seed_scores}
 
 
 def markdown(ests: dict, comps: dict, scores: dict, columns: list[str], ind_tasks: list[str], n_seeds: int,
-             args: argparse.Namespace) -> str:
+             args: argparse.Namespace, spreads: dict | None = None) -> str:
     summary = [c for c in rs.SUMMARY if c in columns]
+    n_eval = len(args.eval_seeds)
+    seeds = "" if n_eval < 2 else (f" Each checkpoint is evaluated with {n_eval} evaluation seeds: a problem counts "
+                                   f"with its mean over them; (mean ± std) is over the evaluation seeds.")
     parts = [f"# On-policy distillation results\n\n{n_seeds} seed(s) per method; `base` is the student before "
-             f"distillation. {rs.explain(args.level, args.n_boot)}"]
+             f"distillation.{seeds} {rs.explain(args.level, args.n_boot)}"]
     for label, rows in ests.items():
         heads = [f"vs full ({' / '.join(summary)})", f"vs base ({' / '.join(summary)})"]
         parts.append(f"\n## {label}\n\n| method | " + " | ".join(columns + heads) + " |\n|---|"
@@ -86,7 +98,9 @@ def markdown(ests: dict, comps: dict, scores: dict, columns: list[str], ind_task
             ref = next((c.b for c in comps[label] if c.a == name and c.b != "base"), None)
             vs = [rs.verdict_of(comps[label], name, ref, summary) if ref else "—",
                   rs.verdict_of(comps[label], name, "base", summary) if name != "base" else "—"]
-            parts.append(f"| {name} | " + " | ".join([rs.cell(cols[c]) for c in columns] + vs) + " |\n")
+            row_spreads = (spreads or {}).get(label, {}).get(name, {})
+            parts.append(f"| {name} | " + " | ".join([rs.cell(cols[c], row_spreads.get(c)) for c in columns] + vs)
+                         + " |\n")
         parts.append(rs.comparisons_markdown(comps[label], args.level))
         parts.append(rs.power_markdown(scores[label], ind_tasks, args.level))
     return "".join(parts)
@@ -131,7 +145,8 @@ def plot(ests: dict, path: Path, level: float) -> None:
 
 
 # The grid flags -> the config keys they stand for (opd.infra.cli; shared with opd.studies.report_sweep).
-GRID_FLAGS = {"methods": "train.methods", "top_k": "train.top_k", "ratios": "train.ratio", "seeds": "train.seeds"}
+GRID_FLAGS = {"methods": "train.methods", "top_k": "train.top_k", "ratios": "train.ratio", "seeds": "train.seeds",
+              "eval_seeds": "evaluation.seeds"}
 
 
 def add_grid_args(p: argparse.ArgumentParser, figure: str = "figure") -> None:
@@ -180,12 +195,12 @@ def main(argv: list[str] | None = None) -> None:
     p = cli.ArgumentParser(description="Tabulate OPD results per student: method x benchmark.")
     add_grid_args(p)
     args = cli.parse(p, argv, GRID_FLAGS)
-    ests, comps, scores = analyse(grid_runs(args), args.tasks, args.ood_tasks, parse_metrics(args.metric),
-                                  args.results, args)
+    ests, comps, scores, spreads = analyse(grid_runs(args), args.tasks, args.ood_tasks, parse_metrics(args.metric),
+                                           args.results, args)
     columns = list(rs.columns_of(args.tasks, args.ood_tasks))
     ind = [t for t in args.tasks if t not in args.ood_tasks]
     args.out_md.parent.mkdir(parents=True, exist_ok=True)
-    args.out_md.write_text(markdown(ests, comps, scores, columns, ind, len(args.seeds), args))
+    args.out_md.write_text(markdown(ests, comps, scores, columns, ind, len(args.seeds), args, spreads))
     write_csv(ests, args.out_csv)
     if args.out_comparisons is not None:
         rs.write_comparisons_csv(comps, args.out_comparisons)

@@ -7,7 +7,7 @@ One rule for unfinished thinking on every task of the paper table (docs/paper.md
 response that opened <think> and never closed it within max_gen_toks has no final answer and scores 0 on every
 metric. lm-eval keeps the text after </think> (vllm backend with think_end_token) but hands an unclosed trace
 over whole, so the built-ins would score an answer written mid-reasoning; our variants of aime24, aime25,
-minerva_math500, gpqa_diamond_cot_zeroshot and ifeval (same names: a task under --include-path replaces the
+minerva_math500, gpqa_diamond_cot_zeroshot, ifeval and humaneval_instruct (same names: a task under --include-path replaces the
 built-in) wrap the built-in scorers of lm-eval 0.4.13 with this rule and change nothing else. The hf backend
 does not drop the thinking, so the wrappers do (text after the last </think>). These tasks import `opd` and
 lm-eval's own task modules: run them through `python -m opd.studies.evaluate` or with the package installed.
@@ -55,6 +55,17 @@ def process_results_minerva(doc: dict, results: list[str]) -> dict:
 
 def process_results_ifeval(doc: dict, results: list[str]) -> dict:
     return unfinished_scores_zero(_builtin("ifeval.utils", "process_results"), doc, results)
+
+
+def process_results_humaneval(doc: dict, results: list[str]) -> dict:
+    """pass@1 of humaneval_instruct (opd.worlds.paper.code_eval runs the program); 0 if thinking never closed."""
+    from opd.worlds.paper import code_eval
+
+    final = final_response(results[0])
+    if final is None:
+        return {"pass_at_1": 0}
+    source = code_eval.program(doc["prompt"], _as_lm_eval_strips(final, results[0]), doc["test"], doc["entry_point"])
+    return {"pass_at_1": int(code_eval.passes(source))}
 
 
 def final_responses(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
