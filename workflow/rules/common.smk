@@ -9,10 +9,13 @@ from snakemake.exceptions import WorkflowError
 from opd import worlds
 from opd.infra.config import ConfigError, validate_config
 from opd.studies import plan, sweep
-from opd.studies.validate import model_problems
+from opd.studies.validate import model_problems, served_teacher_problems
 
 try:  # the schema, the world's rules, the memory plan, then the models already on disk (K, tokenizers)
-    validate_config(config, checks=[worlds.config_problems, plan.config_problems, model_problems])
+    validate_config(
+        config,
+        checks=[worlds.config_problems, plan.config_problems, model_problems, served_teacher_problems],
+    )
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
@@ -210,7 +213,7 @@ def train_args(wildcards):
     checkpointing = " --gradient-checkpointing" if TRAIN["gradient_checkpointing"] else ""
     return (
         f"{flags} {prompt_args()} {release_args()} {signal_args('--aggregation')} {memory_args(TRAIN)}"
-        f"{checkpointing}{engine_args()}"
+        f"{checkpointing}{engine_args()}{served_teacher_args(wildcards.teacher)}"
     )
 
 
@@ -224,6 +227,18 @@ def engine_args():
     flags += [f"--{k.replace('_', '-')}" for k in ("vllm_sleep", "recompute_rollout_logprobs") if TRAIN[k]]
     flags += [f"--teacher-device {TRAIN['teacher_device']}"] if TRAIN["teacher_device"] else []
     flags += [f"--async-rollouts {TRAIN['async_rollouts']}"] if TRAIN["async_rollouts"] else []
+    return "".join(f" {f}" for f in flags)
+
+
+def served_teacher_args(teacher):
+    """With train.teacher_placement server: the URL of this teacher's vLLM server, and the request limits that
+    differ from the defaults (opd.engines.teacher_server); nothing otherwise."""
+    if TRAIN["teacher_placement"] != "server":
+        return ""
+    url = TRAIN["teacher_url"]
+    flags = [f"--teacher-url {shlex.quote(url[teacher] if isinstance(url, dict) else url)}"]
+    flags += [f"--teacher-timeout {TRAIN['teacher_timeout']}"] if TRAIN["teacher_timeout"] != 300 else []
+    flags += [f"--teacher-concurrency {TRAIN['teacher_concurrency']}"] if TRAIN["teacher_concurrency"] != 4 else []
     return "".join(f" {f}" for f in flags)
 
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from opd import worlds
+from opd.engines import teacher_server
 from opd.infra import modeldirs
 from opd.infra.config import ConfigError, load_yaml, validate_config
 from opd.studies import sweep
@@ -74,13 +75,23 @@ def model_problems(config: dict) -> list[str]:
     return problems
 
 
+def served_teacher_problems(config: dict) -> list[str]:
+    """`train.teacher_placement: server`: signals a vLLM server cannot score, and a URL for every teacher."""
+    try:
+        teachers = [t for t, _ in sweep.pairs(config["models"], config["train"])]
+    except StopIteration:
+        teachers = []
+    return teacher_server.config_problems(config, teachers)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Validate study config(s) against the schema and the world.")
     parser.add_argument("configfiles", nargs="+", type=Path, help="YAML config(s), merged in order")
     args = parser.parse_args(argv)
     names = " + ".join(map(str, args.configfiles))
     try:
-        validate_config(load(args.configfiles), checks=[worlds.config_problems, model_problems])
+        checks = [worlds.config_problems, model_problems, served_teacher_problems]
+        validate_config(load(args.configfiles), checks=checks)
     except ConfigError as err:
         sys.exit(f"{names}: {err}" if "\n" in str(err) else str(err))
     print(f"{names}: valid")
