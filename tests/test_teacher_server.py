@@ -238,3 +238,19 @@ def test_training_with_a_served_teacher_matches_in_process_training(tiny_world, 
     assert a.keys() == b.keys() and fake.completions >= 3  # the probe, then each step's requests
     for key in ("loss", "reverse_kl_all", "frac_supervised", "train_accuracy"):
         assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), key
+
+
+def test_the_planner_counts_a_served_teacher_on_its_server_not_in_training(repo):
+    from opd.studies import plan
+
+    files = [repo / "config" / "paper.yaml", repo / "config" / "served_teacher.yaml"]
+    config = plan.load_config(files[:1])
+    served = {e.job: e for e in plan.estimates(plan.load_config(files))[0]}
+    local = {e.job: e for e in plan.estimates(config)[0]}
+    job = "train qwen3_8b -> qwen3_1p7b"
+    teacher = local[job].static["teacher"]
+    assert teacher == 2 * plan.model_shape(config, "qwen3_8b")[0].params()  # bf16
+    assert served[job].static["teacher"] == 0 and served[job].phases["scoring"] == 0
+    assert served["serve qwen3_8b"].peak == teacher  # its weights (bf16); its KV cache takes what vLLM is given
+    assert local[job].peak - served[job].peak == teacher  # scoring was not this job's largest phase
+    assert "serve qwen3_8b" not in local

