@@ -198,3 +198,129 @@ def test_async_rollouts_push_only_after_the_pending_generate_returned(tiny_world
     # step 3 trained on vLLM's samples of the weights after 1 update, recomputed by the snapshot of those weights
     assert 0.0 <= final["rollout_logprob_mismatch"] <= final["rollout_logprob_mismatch_max"] < 5e-3
     assert not engine.shm_weights_dir(out).exists()
+
+
+# --- A served teacher (`--teacher-placement server`): one `vllm serve` of the tiny teacher for the tests below,
+# which run in this order (the last one stops it mid-run).
+
+@pytest.fixture(scope="module")
+def served_teacher(tiny_world):
+    from opd.engines.serve_teacher import TeacherServer, serve_command, server_env
+    from test_distributed import _free_port
+
+    port = _free_port()
+    cmd = serve_command(VLLM_PYTHON, tiny_world["teacher"], port, 8, "float32", 256, extra=["--enforce-eager"])
+    with TeacherServer(cmd, port, start_timeout=900, env=server_env(threads=1)) as server:
+        yield server
+
+
+def _served_requests(url: str) -> float:
+    """Requests the server has finished, from its Prometheus metrics."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:request_success_total"))
+
+
+def _served_argv(world, out, url, *extra):
+    from test_train import argv
+
+    return argv(world, out, "--method", "ta_opd", "--ratio", "0.3", "--signal-variant", "official",
+                "--teacher-placement", "server", "--teacher-url", url, *extra)
+
+
+@pytest.mark.skipif(not VLLM_PYTHON, reason="needs OPD_VLLM_PYTHON (run `make test-vllm`)")
+def test_served_scores_equal_in_process_scores(tiny_world, served_teacher):
+    """Same model, fp32: the server's top-K ids equal the trainer's, log-probabilities within 1e-4."""
+    from transformers import AutoModelForCausalLM
+
+    from opd.engines.rollout import Rollouts, generate_hf
+    from opd.engines.score import score_rollouts
+    from opd.engines.teacher_server import ServedTeacher
+
+    tok, K = tiny_world["tokenizer"], 8
+    student = AutoModelForCausalLM.from_pretrained(str(tiny_world["student"])).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(str(tiny_world["teacher"])).eval()
+    prompts = [tok(f"Question: Start with {i}. Add 3. What is the result?\nAnswer:")["input_ids"] for i in range(6)]
+    rollouts = Rollouts([str(i) for i in range(6)], generate_hf(student, tok, prompts, K, 1.0, 1.0, 16, seed=1,
+                                                                 batch_size=6))
+    served = ServedTeacher(served_teacher.url, tiny_world["teacher"], timeout=120, concurrency=2)
+    served.check(tok, K)
+    got, want = served.score(rollouts, K, 4), score_rollouts(teacher, rollouts, K, 4)
+    assert torch.equal(got["offsets_B1"], want["offsets_B1"])
+    assert torch.equal(got["t_topk_ids_NK"], want["t_topk_ids_NK"])
+    assert (got["t_logprob_N"] - want["t_logprob_N"]).abs().max() < 1e-4
+    assert (got["t_topk_logprobs_NK"] - want["t_topk_logprobs_NK"]).abs().max() < 1e-4
+    with pytest.raises(RuntimeError, match=r"--top-k \(train.top_k\) 9 is refused .*--max-logprobs >= 9"):
+        served.check(tok, 9)  # the server was started with --max-logprobs 8
+
+
+@pytest.mark.skipif(not VLLM_PYTHON, reason="needs OPD_VLLM_PYTHON (run `make test-vllm`)")
+def test_a_sigkilled_run_with_a_served_teacher_resumes_and_replays_exactly(tiny_world, tmp_path, served_teacher,
+                                                                           monkeypatch):
+    import sys
+
+    from opd.engines import train
+    from test_train import _final_state, _kill_when_complete
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    common = ("--steps", "3", "--checkpoint-every", "1", "--max-new-tokens", "120", "--teacher-concurrency", "1")
+    train.main(_served_argv(tiny_world, tmp_path / "A", served_teacher.url, *common))
+    cmd = [sys.executable, "-m", "opd.engines.train", *_served_argv(tiny_world, tmp_path / "B", served_teacher.url,
+                                                                     *common)]
+    _kill_when_complete(cmd, tmp_path / "B" / "checkpoints" / "step_000002", env=dict(os.environ))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (metrics_a, weights_a), (metrics_b, weights_b) = _final_state(tmp_path / "A"), _final_state(tmp_path / "B")
+    assert metrics_a == metrics_b and metrics_a["step"] == 3
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+@pytest.mark.skipif(not VLLM_PYTHON, reason="needs OPD_VLLM_PYTHON (run `make test-vllm`)")
+def test_two_torchrun_ranks_share_one_served_teacher(tiny_world, tmp_path, served_teacher):
+    import json
+    import sys
+
+    from test_distributed import _free_port
+
+    out, before = tmp_path / "ddp", _served_requests(served_teacher.url)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OPD_DEBUG_CHECKSUM_DIR=str(tmp_path / "checksums"), OMP_NUM_THREADS="1",
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "opd.engines.train",
+           *_served_argv(tiny_world, out, served_teacher.url, "--steps", "2", "--batch-size", "8")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0, rank1 = (json.loads((tmp_path / "checksums" / f"rank{r}.json").read_text()) for r in range(2))
+    assert rank0 == rank1  # DDP kept the replicas identical on the two ranks' own scores
+    # each rank: one pre-flight probe, then one request per step (2 sequences, batch size 8)
+    assert _served_requests(served_teacher.url) - before == 2 * (1 + 2)
+
+
+@pytest.mark.skipif(not VLLM_PYTHON, reason="needs OPD_VLLM_PYTHON (run `make test-vllm`)")
+def test_a_server_stopped_mid_run_stops_training_with_one_error_naming_it(tiny_world, tmp_path, served_teacher):
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    cmd = [sys.executable, "-m", "opd.engines.train",
+           *_served_argv(tiny_world, out, served_teacher.url, "--steps", "200", "--checkpoint-every", "1")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "step_000001" / "state.json").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, "no step 1 checkpoint"
+            time.sleep(0.05)
+        served_teacher.close()  # the server goes away between two steps' requests
+        stopped = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and time.monotonic() - stopped < 60  # a few retries, never a hang
+    assert f"the teacher server {served_teacher.url} does not answer /v1/completions" in err
+    assert "is it running? (train.teacher_url)" in err and "Traceback" not in err  # one clear line

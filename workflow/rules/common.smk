@@ -238,7 +238,7 @@ def train_args(wildcards):
     checkpointing = " --gradient-checkpointing" if TRAIN["gradient_checkpointing"] else ""
     return (
         f"{flags} {prompt_args()} {release_args()} {signal_args('--aggregation')} {memory_args(TRAIN)}"
-        f"{checkpointing}{engine_args()}{optimizer_args()}"
+        f"{checkpointing}{engine_args()}{optimizer_args()}{served_teacher_args(wildcards.teacher)}"
     )
 
 
@@ -258,6 +258,18 @@ def engine_args():
     flags += [f"--top-p {TRAIN['top_p']}"] if TRAIN["top_p"] != 1.0 else []
     flags += [f"--teacher-device {TRAIN['teacher_device']}"] if TRAIN["teacher_device"] else []
     flags += [f"--async-rollouts {TRAIN['async_rollouts']}"] if TRAIN["async_rollouts"] else []
+    return "".join(f" {f}" for f in flags)
+
+
+def served_teacher_args(teacher):
+    """With train.teacher_placement server: the URL of this teacher's vLLM server, and the request limits that
+    differ from the defaults (opd.engines.teacher_server); nothing otherwise."""
+    if TRAIN["teacher_placement"] != "server":
+        return ""
+    url = TRAIN["teacher_url"]
+    flags = [f"--teacher-url {shlex.quote(url[teacher] if isinstance(url, dict) else url)}"]
+    flags += [f"--teacher-timeout {TRAIN['teacher_timeout']}"] if TRAIN["teacher_timeout"] != 300 else []
+    flags += [f"--teacher-concurrency {TRAIN['teacher_concurrency']}"] if TRAIN["teacher_concurrency"] != 4 else []
     return "".join(f" {f}" for f in flags)
 
 

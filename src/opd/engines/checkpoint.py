@@ -50,6 +50,7 @@ RESUME_EXEMPT = ("threads", "out_dir", "checkpoint_every", "restart_if_flags_cha
                  "vllm_memory_fraction", "save_dtype", "keep_checkpoints",
                  # where the engines run and how weights reach them: the same numbers either way
                  "vllm_weight_push", "vllm_sleep", "vllm_enforce_eager", "teacher_placement", "teacher_device",
+                 "teacher_url", "teacher_timeout", "teacher_concurrency",
                  # memory bounds: the same loss and gradient (to float rounding; checkpointing bit for bit)
                  "max_tokens_per_microbatch", "logit_chunk", "gradient_checkpointing")
 

@@ -31,29 +31,31 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from opd.engines import accel, worker_proc
+from opd.engines import accel, teacher_server, worker_proc
 from opd.engines.rollout import Rollouts
 from opd.engines.pairing import PromptBook
 from opd.engines.score import score_rollouts, score_through, student_on_teacher_topk
 from opd.engines.vllm_engine import SHM_ROOT, owner_tag, remove_stale_copies, worker_env
 
-PLACEMENTS = ("in_process", "worker")
+PLACEMENTS = ("in_process", "worker", "server")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-placement", choices=PLACEMENTS, default="in_process",
                         help="in_process: the teacher beside the student; worker: a forward-only teacher "
-                             "process (opd.engines.teacher_worker) that returns the scoring tensors")
+                             "process (opd.engines.teacher_worker) that returns the scoring tensors; server: a "
+                             "vLLM server at --teacher-url (opd.engines.teacher_server; top-K signals only)")
     parser.add_argument("--teacher-device", default=None,
                         help="device of the teacher worker (cpu, cuda, cuda:1; default: --device)")
+    teacher_server.add_args(parser)
 
 
 def in_process_teacher(args: argparse.Namespace, device: torch.device):
     """The teacher as the trainer (and the worker) loads it: on `device`, frozen, bf16 with --dtype bfloat16;
-    None with --teacher-placement worker (the worker holds it)."""
+    None with --teacher-placement worker or server (the worker or the server holds it)."""
     from transformers import AutoModelForCausalLM
 
-    if getattr(args, "teacher_placement", "in_process") == "worker":
+    if getattr(args, "teacher_placement", "in_process") != "in_process":
         return None
     teacher = AutoModelForCausalLM.from_pretrained(str(args.teacher), dtype=accel.teacher_dtype(args.dtype))
     return teacher.to(device).eval().requires_grad_(False)
@@ -94,8 +96,8 @@ class TeacherWorker(worker_proc.WorkerProcess):
 
 
 def teacher_scores(tr, rollouts: Rollouts, student) -> dict[str, Tensor]:
-    """The step's scores, from the teacher in this process or from the teacher worker (`tr.teacher`);
-    `student` (the model rollouts come from) supplies the exact signals' log p_S."""
+    """The step's scores, from the teacher in this process, the teacher worker or the teacher server
+    (`tr.teacher`); `student` (the model rollouts come from) supplies the exact signals' log p_S."""
     args = tr.args
     student = student if args.signal_disagreement == "exact" else None  # exact D needs log p_S at T_K
     book: PromptBook | None = tr.prompt_book
@@ -105,7 +107,7 @@ def teacher_scores(tr, rollouts: Rollouts, student) -> dict[str, Tensor]:
                 tr.teacher, r, args.top_k, args.batch_size, logit_chunk=args.logit_chunk,
                 max_tokens=args.max_tokens_per_microbatch, t2s=t2s))
         return score_through(book.view(rollouts.ids), rollouts, score, args.top_k, args.batch_size, student)
-    if not isinstance(tr.teacher, TeacherWorker):
+    if not isinstance(tr.teacher, (TeacherWorker, teacher_server.ServedTeacher)):
         return score_rollouts(tr.teacher, rollouts, args.top_k, args.batch_size, student=student,
                               logit_chunk=args.logit_chunk, max_tokens=args.max_tokens_per_microbatch)
     scores = tr.teacher.score(rollouts, args.top_k, args.batch_size)
@@ -117,8 +119,18 @@ def teacher_scores(tr, rollouts: Rollouts, student) -> dict[str, Tensor]:
 
 @contextlib.contextmanager
 def for_trainer(tr):
-    """With --teacher-placement worker: a TeacherWorker as `tr.teacher` while the block runs."""
+    """With --teacher-placement worker: a TeacherWorker as `tr.teacher` while the block runs; with server: a
+    ServedTeacher, checked against the server (URL, model, K) before the first step."""
     args = tr.args
+    if args.teacher_placement == "server":
+        tr.teacher = teacher_server.ServedTeacher(args.teacher_url, args.teacher, timeout=args.teacher_timeout,
+                                                  concurrency=args.teacher_concurrency)
+        tr.teacher.check(tr.tokenizer, args.top_k)
+        try:
+            yield tr.teacher
+        finally:
+            tr.teacher = None
+        return
     if args.teacher_placement != "worker":
         yield None
         return

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from opd import worlds
-from opd.engines import accel, async_rollouts, distributed, forward, optim, recompute, teacher_worker
+from opd.engines import accel, async_rollouts, distributed, forward, optim, recompute, teacher_server, teacher_worker
 from opd.engines import vllm_engine as engine
 from opd.engines.checkpoint import (KEEP_CHECKPOINTS, changed_flags, load_latest_checkpoint, prune_finished,
                                     restore_rng_states, save_checkpoint, set_aside_replaced)
@@ -105,6 +105,7 @@ def check_args(args: argparse.Namespace, world: int = 1) -> None:
     optim.check_args(args)
     forward.check_memory_args(args)
     async_rollouts.check_args(args)
+    teacher_server.check_args(args)  # --teacher-placement server: a URL, and top-K signals only
 
 
 def check_fits(args: argparse.Namespace, prompt_ids: list[list[int]]) -> None:
@@ -143,7 +144,7 @@ def setup(args: argparse.Namespace, world: worlds.World | None = None,
     device = accel.resolve_device(args.device)
     # fp32 master weights for the student whatever --dtype says (see opd.engines.accel); a bf16 teacher with bf16.
     student = AutoModelForCausalLM.from_pretrained(str(args.student), dtype=torch.float32).to(device)
-    teacher = teacher_worker.in_process_teacher(args, device)  # None with --teacher-placement worker
+    teacher = teacher_worker.in_process_teacher(args, device)  # None with --teacher-placement worker/server
     if args.gradient_checkpointing:
         forward.enable_checkpointing(student)
     ddp, replica = distributed.wrap_student(student, ctx, args.sharding, args.dtype, lambda: AutoModelForCausalLM.

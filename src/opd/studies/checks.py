@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from opd import worlds
+from opd.engines import teacher_server
 from opd.infra import modeldirs
 from opd.infra.config import Check, load_yaml, validate_config
 from opd.studies import benchmarks, evaluate, reference, sweep
@@ -81,8 +82,17 @@ def weight_problems(config: dict) -> list[str]:
             for problem in modeldirs.weight_problems(results / "models" / name)]
 
 
+def served_teacher_problems(config: dict) -> list[str]:
+    """`train.teacher_placement: server`: signals a vLLM server cannot score, and a URL for every teacher."""
+    try:
+        teachers = [t for t, _ in sweep.pairs(config["models"], config["train"])]
+    except StopIteration:
+        teachers = []
+    return teacher_server.config_problems(config, teachers)
+
+
 CHECKS: list[Check] = [worlds.config_problems, model_problems, weight_problems, benchmarks.config_problems,
-                       evaluate.code_execution_problems, reference.config_problems]
+                       evaluate.code_execution_problems, reference.config_problems, served_teacher_problems]
 
 
 def validate(config: dict, checks: list[Check] = CHECKS) -> dict:

@@ -8,21 +8,19 @@ Pure Python (no torch): planning a 1874-job DAG offline stays fast.
 Shapes: `<results_dir>/models/<name>/config.json` when on disk, else the `shape` block over the table of
 `opd.studies.hub_shapes` (a miniature model: its architecture keys), so planning works offline; a `shape`
 key that contradicts config.json is an error. The terms, per GPU (G = resources.train.gpu, bytes):
-- student: fp32 master weights 4P, gradients 4P, AdamW moments 8P; with `train.sharding: fsdp` each
-  divided by G, plus the all-gathered bf16 root group and two layers (FSDP prefetches one), plus the
-  unsharded replica rollouts and scoring read (opd.engines.distributed); DDP (G > 1) adds its 4P
-  gradient buckets;
-- teacher: 2 bytes per parameter in bf16 (4 in fp32); the vLLM share: `vllm_memory_fraction` of the GPU;
+- student: fp32 master weights 4P, gradients 4P, AdamW moments 8P; with `train.sharding: fsdp` each divided by G, plus
+  the all-gathered bf16 root group and two layers (FSDP prefetches one), plus the unsharded replica rollouts and
+  scoring read (opd.engines.distributed); DDP (G > 1) adds its 4P gradient buckets;
+- teacher: 2 (bf16) or 4 (fp32) bytes per parameter, 0 if served (a `serve` row); vLLM: `vllm_memory_fraction` of a GPU;
 - activations of one micro-batch of `train.max_tokens_per_microbatch` tokens (all of a rank's batch when
   unset) kept for backward: `layer_elements` per token and layer without checkpointing; with
   `train.gradient_checkpointing`, each layer's input plus one layer recomputed;
 - one logit chunk: `train.logit_chunk` positions (when unset, the engines' default for the model's vocabulary,
   `opd.infra.memory.chunk_positions`; at most a micro-batch) × V × LOGIT_BYTES.
-The peak is the static terms plus the largest phase: the update (activations + logits), teacher scoring
-(a no-grad forward of one micro-batch) or hf rollouts (a KV cache); a term that is on the GPU during one
-phase only (the fixed-context job's teacher, on the host during the τ steps, and the τ steps' gradients
-and AdamW state) counts in that phase. The diagnostics use the `diagnose` block's memory keys.
-`tests/test_plan.py` checks the estimate against peaks measured on CPU.
+The peak is the static terms plus the largest phase: the update (activations + logits), teacher scoring (a no-grad
+forward of one micro-batch) or hf rollouts (a KV cache); a term on the GPU in one phase only (the fixed-context job's
+teacher, on the host during the τ steps, and the τ steps' gradients and AdamW state) counts in that phase. The
+diagnostics use the `diagnose` block's memory keys; `tests/test_plan.py` checks the estimate against CPU peaks.
 """
 
 from __future__ import annotations
@@ -154,9 +152,10 @@ def train_settings(config: dict, pair: tuple[str, str] | None = None, **override
 def train_estimate(config: dict, pair: tuple[str, str], S: Shape, T: Shape, **override) -> Estimate:
     """One training job of a (teacher, student) pair: peak memory per GPU."""
     st, cap = train_settings(config, pair, **override)
-    static = {**student_bytes(S, st), "teacher": st.compute_bytes * T.params(),
+    served = config["train"].get("teacher_placement") == "server"  # the teacher on its server's GPU ("serve" rows)
+    static = {**student_bytes(S, st), "teacher": 0 if served else st.compute_bytes * T.params(),
               "vLLM share": st.vllm_fraction * (cap or 80) * GIB, "CUDA context": 1.0 * GIB}
-    phases = {"update": update_bytes(S, st), "scoring": scoring_bytes([T, S], st),
+    phases = {"update": update_bytes(S, st), "scoring": 0 if served else scoring_bytes([T, S], st),
               "hf rollouts": kv_cache_bytes(S, st)}
     return Estimate(f"train {pair[0]} -> {pair[1]}", "train", static, phases, cap, st)
 
@@ -205,7 +204,9 @@ def estimates(config: dict) -> tuple[list[Estimate], list[str]]:
     out = []
     for t, s in sweep.pairs(config["models"], config["train"]):
         if shapes[t] and shapes[s]:
-            out.append(train_estimate(config, (t, s), shapes[s], shapes[t]))
+            out.append(e := train_estimate(config, (t, s), shapes[s], shapes[t]))
+            if config["train"].get("teacher_placement") == "server":  # bf16 weights; vLLM's KV cache fills the rest
+                out.append(Estimate(f"serve {t}", "serve", {"teacher": 2 * shapes[t].params()}, {}, None, e.settings))
             out += diagnose_estimates(config, (t, s), shapes[s], shapes[t])
     unique = {e.job: e for e in out}  # a student's rollouts serve every pair it is in
     return list(unique.values()), problems

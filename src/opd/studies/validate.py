@@ -18,7 +18,7 @@ from pathlib import Path
 
 from opd.infra.config import ConfigError
 from opd.studies import checks, cost, plan
-from opd.studies.checks import load, merge, model_problems  # noqa: F401 - this module's API before opd.studies.checks
+from opd.studies.checks import load, merge, model_problems, served_teacher_problems  # noqa: F401 - this module's API before opd.studies.checks
 
 CHECKS = [*checks.CHECKS, plan.config_problems, cost.config_problems]
 
