@@ -8,8 +8,8 @@ safetensors files whose paths the commands name (written atomically, never read 
 
 `WorkerProcess` is the trainer's side: it starts the worker in its own process group, so `close()` (on
 exit, on an exception) can end it and every process it started; if the trainer is killed outright, the
-worker sees the end of its stdin and shuts itself down. A worker that dies mid-run gives one RuntimeError
-naming its exit code at the next answer, never a hang.
+worker sees the end of its stdin and shuts itself down. A worker that dies mid-run gives one Fault (a
+RuntimeError) naming its exit code and signal at the next answer, never a hang.
 
 Only the standard library (and opd.infra.io, which imports nothing else) is imported here: the vLLM worker
 runs under another environment's python. A worker that is gone is a `Fault`: `opd.infra.cli.run` prints it

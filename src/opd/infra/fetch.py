@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-dir", type=Path, required=True, help="model directory to fill")
     p.add_argument("--name", required=True, help="name of the model in the study")
     p.add_argument("--study", default="miniature", help="MLflow experiment name")
-    args = cli.validate(p.parse_args(argv), {"repo": "models.*.hub", "revision": "models.*.revision"})
+    args = cli.parse(p, argv, {"repo": "models.*.hub", "revision": "models.*.revision"})
     from opd.infra import tracking
 
     with tracking.run(args.study, f"fetch[{args.name}]", params=vars(args)) as run:
