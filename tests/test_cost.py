@@ -179,3 +179,12 @@ def test_the_miniature_study_costs_through_the_hf_paths():
     assert sum(j.count for j in jobs if j.rule == "eval_trained") == runs
     evals = sum(j.count for j in jobs if j.rule == "lm_eval")
     assert evals == len(config["evaluation"]["models"] or config["models"]) * len(config["evaluation"]["benchmarks"])
+
+
+def test_a_hub_model_without_shape_stops_the_estimate_naming_it(tmp_path):
+    config = paper(gpu_type="h100")
+    config["results_dir"] = str(tmp_path)
+    del config["models"]["qwen3_4b"]["shape"]
+    with pytest.raises(ConfigError, match=r"models.qwen3_4b: no .*config.json and no models.qwen3_4b.shape keys .*: "
+                                          r"the memory and cost planners need the model's shape"):
+        validate_config(config, checks=[cost.config_problems])

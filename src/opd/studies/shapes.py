@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 GIB = 2 ** 30
-NEEDS_SHAPE = "the memory planner needs the model's shape"
+NEEDS_SHAPE = "the memory and cost planners need the model's shape"
 VLLM_ROLLOUT_FRACTION = 0.85  # opd.engines.rollout's vLLM gpu_memory_utilization
 PROMPT_TOKENS = 1024  # the longest prompt the paper study allows (docs/paper.md): a bound, not a mean
 HF_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
