@@ -86,14 +86,14 @@ class JobCost:
 
 def assumptions(config: dict, gpu_name: str | None = None, key: str = "resources.gpu_type") -> Assumptions:
     """The GPU (`gpu_name`, else resources.gpu_type) and the config's cost assumptions; InputError naming the key."""
-    res, cost = config["resources"], config["resources"].get("cost") or {}
+    res, cost = config["resources"], config["resources"]["cost"]
     name = gpu_name or res.get("gpu_type")
     if not name:
         raise InputError("no GPU to cost the study on: set resources.gpu_type or pass --gpu")
     problems = response_problems(config)
     if problems:
         raise InputError("; ".join(problems))
-    return Assumptions(find_gpu(name, key), cost.get("compute_efficiency", 0.4), cost.get("bandwidth_efficiency", 0.6),
+    return Assumptions(find_gpu(name, key), cost["compute_efficiency"], cost["bandwidth_efficiency"],  # schema defaults
                        cost.get("train_response_tokens") or config["train"]["max_new_tokens"],
                        cost.get("diagnose_response_tokens") or config["diagnose"]["max_new_tokens"],
                        cost.get("eval_response_tokens") or config["evaluation"]["max_gen_toks"])
