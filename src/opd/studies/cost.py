@@ -4,7 +4,7 @@
 (`--json` for a machine-readable plan); with `resources.gpu_type` set the workflow estimates it at
 validation (workflow/rules/common.smk) and, with `resources.budget_gpu_hours`, stops a study whose estimate
 exceeds the budget, naming the three biggest drivers. The model (docs/cost.md): each phase's FLOPs and bytes
-from the models' shapes (the memory planner's, opd.studies.plan.model_shape), seconds = the larger of
+from the models' shapes (the memory planner's, opd.studies.shapes.model_shape), seconds = the larger of
 FLOPs / (peak x `resources.cost.compute_efficiency`) and bytes / (bandwidth x
 `resources.cost.bandwidth_efficiency`); a training step adds its phases (with `train.async_rollouts: 1` the
 rollouts overlap the rest: the larger of the two); a job's GPU-hours = its seconds x its GPUs. Response
@@ -19,10 +19,10 @@ import math
 from opd.infra.hardware import Gpu, gpu as find_gpu
 from opd.infra.io import InputError
 from opd.studies import cost_model as cm
-from opd.studies.shapes import GIB, PROMPT_TOKENS, VLLM_ROLLOUT_FRACTION, Shape, model_shape, pair_gpus
+from opd.studies.shapes import (GIB, HF_GENERATE_SEQS, PROMPT_TOKENS, VLLM_ROLLOUT_FRACTION, Shape, model_shape,
+                                pair_gpus)
 
 VLLM_RESERVE = 2 * GIB  # vLLM's share beyond weights and KV cache: activations of its profile run, CUDA graphs
-HF_GENERATE_SEQS = 64  # sequences per hf generate() call (opd.studies.plan's kv_sequences)
 # Problems per benchmark (published sizes; docs/paper.md's table); resources.cost.eval_problems overrides.
 BENCHMARK_PROBLEMS = {"minerva_math500": 500, "aime24": 30, "aime25": 30, "amc23": 40, "olympiadbench": 675,
                       "gpqa_diamond_cot_zeroshot": 198, "ifeval": 541, "humaneval": 164}

@@ -35,8 +35,8 @@ from pathlib import Path
 
 from opd.infra import cli
 from opd.infra.memory import chunk_positions
-from opd.studies.shapes import (GIB, NEEDS_SHAPE, PROMPT_TOKENS, VLLM_ROLLOUT_FRACTION, Shape,  # noqa: F401
-                                model_shape, pair_gpus, shape_from_config_json)
+from opd.studies.shapes import (GIB, HF_GENERATE_SEQS, NEEDS_SHAPE, PROMPT_TOKENS,  # noqa: F401 (re-exported)
+                                VLLM_ROLLOUT_FRACTION, Shape, model_shape, pair_gpus, shape_from_config_json)
 
 LOGIT_BYTES = {4: 16, 2: 20}  # per [position, V] element: logits, log-softmax and their two gradients
 
@@ -143,7 +143,8 @@ def train_settings(config: dict, pair: tuple[str, str] | None = None, **override
                   microbatch=tr.get("max_tokens_per_microbatch"), logit_chunk=tr.get("logit_chunk"),
                   checkpointing=bool(tr.get("gradient_checkpointing")),
                   vllm_fraction=tr["vllm_memory_fraction"] if vllm else 0.0,
-                  kv_sequences=0 if vllm else min(64, math.ceil(tr["prompts_per_step"] / gpus) * tr["samples"]),
+                  kv_sequences=0 if vllm else min(HF_GENERATE_SEQS,
+                                                  math.ceil(tr["prompts_per_step"] / gpus) * tr["samples"]),
                   seq_tokens=seq)
     st = dataclasses.replace(st, **override)
     if "gpus" in override:
@@ -166,7 +167,8 @@ def diagnose_estimates(config: dict, pair: tuple[str, str], S: Shape, T: Shape) 
     d, res = config["diagnose"], config["resources"]["diagnose"]
     cap = res.get("gpu_mem_gb")
     st, _ = train_settings(config, gpus=1, sharding="ddp", vllm_fraction=0.0,
-                           kv_sequences=0 if d["backend"] == "vllm" else min(64, d["n_prompts"] * d["samples"]),
+                           kv_sequences=0 if d["backend"] == "vllm" else min(HF_GENERATE_SEQS,
+                                                                              d["n_prompts"] * d["samples"]),
                            seq_tokens=PROMPT_TOKENS + d["max_new_tokens"], microbatch=d["max_tokens_per_microbatch"],
                            logit_chunk=d["logit_chunk"], checkpointing=bool(d.get("gradient_checkpointing")))
     st = dataclasses.replace(st, rank_tokens=d["n_prompts"] * d["samples"] * st.seq_tokens)
