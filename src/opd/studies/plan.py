@@ -4,6 +4,7 @@
 largest settings that fit; the workflow runs `config_problems` at validation (workflow/rules/common.smk),
 so a job whose estimate exceeds `resources.<kind>.gpu_mem_gb` stops the run before any job starts.
 Pure Python (no torch): planning a 1874-job DAG offline stays fast.
+With `--gpu` (or `resources.gpu_type`) it prints the cost plan too: GPU-hours per job and study (opd.studies.cost).
 
 Model shapes come from `<results_dir>/models/<name>/config.json` when it is on disk, else from the
 model's `shape` block (or a miniature model's architecture keys), so planning works offline; a `shape`
