@@ -26,7 +26,7 @@ VLLM_RESERVE = 2 * GIB  # vLLM's share beyond weights and KV cache: activations 
 # Problems per benchmark (published sizes; docs/paper.md's table); resources.cost.eval_problems overrides.
 BENCHMARK_PROBLEMS = {"minerva_math500": 500, "aime24": 30, "aime25": 30, "amc23": 40, "olympiadbench": 675,
                       "gpqa_diamond_cot_zeroshot": 198, "ifeval": 541, "humaneval": 164}
-TRAINING_RULES = ("train_opd",)
+TRAINING_RULES = ("train_opd", "serve_teacher")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,10 +130,28 @@ def vllm_kv_budget(S: Shape, fraction: float, a: Assumptions) -> float:
 
 
 def served_teacher_gpus(config: dict) -> int:
-    """GPUs of a teacher on its own server (train.teacher_placement: server): counted in every training job's
-    GPU-hours, the scoring phase timed on them. 0 for a teacher in the trainer's process or worker."""
+    """GPUs of a teacher served on its own (train.teacher_placement: server, issue 23): the scoring of every
+    rank is timed on them, and their busy time is a `serve_teacher` row of its own (the server is shared by
+    every training job of its teacher, so no one job owns it). 0 for a teacher in the trainer's process or
+    worker. `train.teacher_gpus` is where the server's GPU count is read once the served teacher is merged."""
     train = config["train"]
     return int(train.get("teacher_gpus") or 1) if train.get("teacher_placement") == "server" else 0
+
+
+def serve_teacher_jobs(config: dict, trains: list[JobCost], a: Assumptions) -> list[JobCost]:
+    """One row per served teacher: the scoring FLOPs of every step of every rank of every run it serves, on its
+    GPUs at the compute efficiency: busy time, a lower bound (a server also idles while the ranks decode)."""
+    served = served_teacher_gpus(config)
+    out: dict[str, JobCost] = {}
+    for j in trains if served else []:
+        teacher = j.job.split()[1]
+        flops = j.count * j.repeats * j.gpus * next(p.flops for p in j.phases if p.name == "teacher scoring")
+        row = out.setdefault(teacher, JobCost("serve_teacher", f"serve_teacher {teacher}", 1, served,
+                                              [Phase("teacher scoring (busy)", 0, 0)]))
+        row.phases[0].flops += flops
+    for row in out.values():
+        row.phases[0].timed(a).seconds /= served
+    return list(out.values())
 
 
 def train_job(config: dict, pair: tuple[str, str], S: Shape, T: Shape, a: Assumptions, count: int) -> JobCost:
@@ -162,7 +180,7 @@ def train_job(config: dict, pair: tuple[str, str], S: Shape, T: Shape, a: Assump
     phases += [scoring, update[ckpt], Phase("optimizer", 0, cm.adam_bytes(S.params() / shard)).timed(a)]
     notes.update(sharding=tr.get("sharding", "ddp"), sequences_per_rank=seqs, served_teacher_gpus=served)
     notes[f"update_seconds_checkpointing_{'off' if ckpt else 'on'}"] = round(update[not ckpt].seconds, 1)
-    return JobCost("train_opd", f"train {pair[0]} -> {pair[1]}", count, gpus + served, phases, tr["steps"], notes,
+    return JobCost("train_opd", f"train {pair[0]} -> {pair[1]}", count, gpus, phases, tr["steps"], notes,
                    overlap=bool(tr.get("async_rollouts")))
 
 
@@ -261,6 +279,7 @@ def plan_costs(config: dict, gpu_name: str | None = None, key: str = "resources.
     runs = sweep.runs(config["models"], config["train"])
     out = [train_job(config, p, shapes[p[1]], shapes[p[0]], a, sum(1 for r in runs if (r.teacher, r.student) == p))
            for p in pairs]
+    out += serve_teacher_jobs(config, out, a)
     out += eval_jobs(config, shapes, a)
     for p in pairs:
         out += diagnose_jobs(config, p, shapes[p[1]], shapes[p[0]], a)
