@@ -114,12 +114,13 @@ def rollout_phases(S: Shape, seqs: int, response: int, kv_budget: float, a: Assu
     """Prefill (compute-bound, causal) and decode (memory-bound: opd.studies.cost_model.decode); `key`: the
     setting that gives the KV budget, for the message when it cannot hold one sequence."""
     try:
-        d = cm.decode(S, seqs, PROMPT_TOKENS, response, kv_budget, weight_bytes * S.params(), max_seqs)
+        weights = weight_bytes * S.params()
+        d = cm.decode(S, seqs, PROMPT_TOKENS, response, kv_budget, weights, max_seqs, dtype_bytes=weight_bytes)
     except ValueError as err:
         raise InputError(f"{key} on {a.gpu.label}: {err}") from None
-    prefill = Phase(f"{label} prefill", cm.forward_flops(S, seqs, PROMPT_TOKENS, 1, "causal"),
-                    d.waves * weight_bytes * S.params())
-    notes = {"decode_concurrent": d.concurrent, "decode_waves": d.waves, "kv_budget_gib": round(kv_budget / GIB, 2),
+    prefill = Phase(f"{label} prefill", cm.forward_flops(S, seqs, PROMPT_TOKENS, 1, "causal"), d.waves * weights)
+    budget = None if math.isinf(kv_budget) else round(kv_budget / GIB, 2)  # None: hf generate, no KV budget
+    notes = {"decode_concurrent": d.concurrent, "decode_waves": d.waves, "kv_budget_gib": budget,
              "response_tokens": response, "prompt_tokens": PROMPT_TOKENS}
     return [prefill.timed(a), Phase(f"{label} decode", d.flops, d.bytes).timed(a)], notes
 
