@@ -180,7 +180,11 @@ def estimated(dims: dict, sizes: dict, vocab: int, checkpointing: bool) -> dict[
 
 def calibration(result: dict, work: dict, gpu, on_gpu: bool) -> None:
     """Add to each measured phase the planner's seconds (default efficiencies) and the implied efficiency."""
-    peak = {"flops": (gpu.bf16_flops, 0.4), "bytes": (gpu.bandwidth, 0.6)}
+    from opd.infra.config import load_schema
+
+    defaults = load_schema()["properties"]["resources"]["properties"]["cost"]["properties"]
+    peak = {"flops": (gpu.bf16_flops, defaults["compute_efficiency"]["default"]),
+            "bytes": (gpu.bandwidth, defaults["bandwidth_efficiency"]["default"])}
     for name, (amount, kind) in work.items():
         if name not in result or "error" in result[name]:
             continue

@@ -141,18 +141,26 @@ def test_grouped_jobs_cover_the_paper_grid():
                                               "teacher scoring", "update", "optimizer"]
 
 
-def test_a_served_teacher_adds_its_gpus_and_takes_the_scoring():
+def test_a_served_teacher_is_timed_on_its_gpus_and_billed_on_its_own_row():
     config = validate_config(paper())
     served = copy.deepcopy(config)
-    served["train"]["teacher_placement"] = "server"  # helper 23's key; the schema of this branch lacks it
+    served["train"]["teacher_placement"] = "server"  # issue 23's value; the schema of this branch lacks it
     a = cost.assumptions(config, "h100")
     S, T = (plan.model_shape(config, n)[0] for n in ("qwen3_1p7b", "qwen3_8b"))
     here = cost.train_job(config, ("qwen3_8b", "qwen3_1p7b"), S, T, a, 1)
     there = cost.train_job(served, ("qwen3_8b", "qwen3_1p7b"), S, T, a, 1)
-    assert (here.gpus, there.gpus) == (2, 3)
-    scoring = {j: next(p.seconds for p in job.phases if p.name == "teacher scoring") for j, job in (("in", here),
-                                                                                                     ("out", there))}
-    assert scoring["out"] == pytest.approx(2 * scoring["in"])  # both ranks' sequences on one server GPU
+    assert (here.gpus, there.gpus) == (2, 2)
+    scoring = [next(p for p in job.phases if p.name == "teacher scoring") for job in (here, there)]
+    assert scoring[1].seconds == pytest.approx(2 * scoring[0].seconds)  # both ranks' sequences on one server GPU
+    rows = {j.job: j for j in cost.plan_costs(served, "h100") if j.rule == "serve_teacher"}
+    assert set(rows) == {"serve_teacher qwen3_8b", "serve_teacher qwen3_4b"}
+    # busy time of the 8B server: 306 runs x 200 steps x 2 ranks (1.7B student) + 306 x 200 x 4 (4B student)
+    jobs = {j.job: j for j in cost.plan_costs(served, "h100")}
+    per_rank = {s: next(p.flops for p in jobs[f"train qwen3_8b -> {s}"].phases if p.name == "teacher scoring")
+                for s in ("qwen3_1p7b", "qwen3_4b")}
+    busy = (306 * 200 * 2 * per_rank["qwen3_1p7b"] + 306 * 200 * 4 * per_rank["qwen3_4b"]) / (989.4e12 * 0.4) / 3600
+    assert rows["serve_teacher qwen3_8b"].gpu_hours == pytest.approx(busy)
+    assert not [j for j in cost.plan_costs(config, "h100") if j.rule == "serve_teacher"]
 
 
 def test_plan_cli_prints_every_job_and_the_totals(capsys):
@@ -179,3 +187,12 @@ def test_the_miniature_study_costs_through_the_hf_paths():
     assert sum(j.count for j in jobs if j.rule == "eval_trained") == runs
     evals = sum(j.count for j in jobs if j.rule == "lm_eval")
     assert evals == len(config["evaluation"]["models"] or config["models"]) * len(config["evaluation"]["benchmarks"])
+
+
+def test_a_hub_model_without_shape_stops_the_estimate_naming_it(tmp_path):
+    config = paper(gpu_type="h100")
+    config["results_dir"] = str(tmp_path)
+    del config["models"]["qwen3_4b"]["shape"]
+    with pytest.raises(ConfigError, match=r"models.qwen3_4b: no .*config.json and no models.qwen3_4b.shape keys .*: "
+                                          r"the memory and cost planners need the model's shape"):
+        validate_config(config, checks=[cost.config_problems])

@@ -60,7 +60,9 @@ def _counted(model, prompts, responses, backward: bool) -> int:
     return fc.get_total_flops()
 
 
-@pytest.mark.parametrize("case", CASES, ids=["v1000", "v151936-untied", "q!=H"])
+# The first shape runs with the fast tests (~8 s of CPU); the other two (~25 s together) with `-m slow`.
+@pytest.mark.parametrize("case", [pytest.param(c, id=i, marks=[pytest.mark.slow] * (i != "v1000"))
+                                  for c, i in zip(CASES, ["v1000", "v151936-untied", "q!=H"])])
 def test_forward_and_backward_flops_match_flop_counter(case, tmp_path):
     kwargs, P, R, B = case
     model, S = _model(kwargs, tmp_path)

@@ -4,7 +4,7 @@
 (`--json` for a machine-readable plan); with `resources.gpu_type` set the workflow estimates it at
 validation (workflow/rules/common.smk) and, with `resources.budget_gpu_hours`, stops a study whose estimate
 exceeds the budget, naming the three biggest drivers. The model (docs/cost.md): each phase's FLOPs and bytes
-from the models' shapes (the memory planner's, opd.studies.plan.model_shape), seconds = the larger of
+from the models' shapes (the memory planner's, opd.studies.shapes.model_shape), seconds = the larger of
 FLOPs / (peak x `resources.cost.compute_efficiency`) and bytes / (bandwidth x
 `resources.cost.bandwidth_efficiency`); a training step adds its phases (with `train.async_rollouts: 1` the
 rollouts overlap the rest: the larger of the two); a job's GPU-hours = its seconds x its GPUs. Response
@@ -19,14 +19,14 @@ import math
 from opd.infra.hardware import Gpu, gpu as find_gpu
 from opd.infra.io import InputError
 from opd.studies import cost_model as cm
-from opd.studies.shapes import GIB, PROMPT_TOKENS, VLLM_ROLLOUT_FRACTION, Shape, model_shape, pair_gpus
+from opd.studies.shapes import (GIB, HF_GENERATE_SEQS, PROMPT_TOKENS, VLLM_ROLLOUT_FRACTION, Shape, model_shape,
+                                pair_gpus)
 
 VLLM_RESERVE = 2 * GIB  # vLLM's share beyond weights and KV cache: activations of its profile run, CUDA graphs
-HF_GENERATE_SEQS = 64  # sequences per hf generate() call (opd.studies.plan's kv_sequences)
 # Problems per benchmark (published sizes; docs/paper.md's table); resources.cost.eval_problems overrides.
 BENCHMARK_PROBLEMS = {"minerva_math500": 500, "aime24": 30, "aime25": 30, "amc23": 40, "olympiadbench": 675,
                       "gpqa_diamond_cot_zeroshot": 198, "ifeval": 541, "humaneval": 164}
-TRAINING_RULES = ("train_opd",)
+TRAINING_RULES = ("train_opd", "serve_teacher")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,14 +86,14 @@ class JobCost:
 
 def assumptions(config: dict, gpu_name: str | None = None, key: str = "resources.gpu_type") -> Assumptions:
     """The GPU (`gpu_name`, else resources.gpu_type) and the config's cost assumptions; InputError naming the key."""
-    res, cost = config["resources"], config["resources"].get("cost") or {}
+    res, cost = config["resources"], config["resources"]["cost"]
     name = gpu_name or res.get("gpu_type")
     if not name:
         raise InputError("no GPU to cost the study on: set resources.gpu_type or pass --gpu")
     problems = response_problems(config)
     if problems:
         raise InputError("; ".join(problems))
-    return Assumptions(find_gpu(name, key), cost.get("compute_efficiency", 0.4), cost.get("bandwidth_efficiency", 0.6),
+    return Assumptions(find_gpu(name, key), cost["compute_efficiency"], cost["bandwidth_efficiency"],  # schema defaults
                        cost.get("train_response_tokens") or config["train"]["max_new_tokens"],
                        cost.get("diagnose_response_tokens") or config["diagnose"]["max_new_tokens"],
                        cost.get("eval_response_tokens") or config["evaluation"]["max_gen_toks"])
@@ -114,12 +114,13 @@ def rollout_phases(S: Shape, seqs: int, response: int, kv_budget: float, a: Assu
     """Prefill (compute-bound, causal) and decode (memory-bound: opd.studies.cost_model.decode); `key`: the
     setting that gives the KV budget, for the message when it cannot hold one sequence."""
     try:
-        d = cm.decode(S, seqs, PROMPT_TOKENS, response, kv_budget, weight_bytes * S.params(), max_seqs)
+        weights = weight_bytes * S.params()
+        d = cm.decode(S, seqs, PROMPT_TOKENS, response, kv_budget, weights, max_seqs, dtype_bytes=weight_bytes)
     except ValueError as err:
         raise InputError(f"{key} on {a.gpu.label}: {err}") from None
-    prefill = Phase(f"{label} prefill", cm.forward_flops(S, seqs, PROMPT_TOKENS, 1, "causal"),
-                    d.waves * weight_bytes * S.params())
-    notes = {"decode_concurrent": d.concurrent, "decode_waves": d.waves, "kv_budget_gib": round(kv_budget / GIB, 2),
+    prefill = Phase(f"{label} prefill", cm.forward_flops(S, seqs, PROMPT_TOKENS, 1, "causal"), d.waves * weights)
+    budget = None if math.isinf(kv_budget) else round(kv_budget / GIB, 2)  # None: hf generate, no KV budget
+    notes = {"decode_concurrent": d.concurrent, "decode_waves": d.waves, "kv_budget_gib": budget,
              "response_tokens": response, "prompt_tokens": PROMPT_TOKENS}
     return [prefill.timed(a), Phase(f"{label} decode", d.flops, d.bytes).timed(a)], notes
 
@@ -130,10 +131,28 @@ def vllm_kv_budget(S: Shape, fraction: float, a: Assumptions) -> float:
 
 
 def served_teacher_gpus(config: dict) -> int:
-    """GPUs of a teacher on its own server (train.teacher_placement: server): counted in every training job's
-    GPU-hours, the scoring phase timed on them. 0 for a teacher in the trainer's process or worker."""
+    """GPUs of a teacher served on its own (train.teacher_placement: server, issue 23): the scoring of every
+    rank is timed on them, and their busy time is a `serve_teacher` row of its own (the server is shared by
+    every training job of its teacher, so no one job owns it). 0 for a teacher in the trainer's process or
+    worker. `train.teacher_gpus` is where the server's GPU count is read once the served teacher is merged."""
     train = config["train"]
     return int(train.get("teacher_gpus") or 1) if train.get("teacher_placement") == "server" else 0
+
+
+def serve_teacher_jobs(config: dict, trains: list[JobCost], a: Assumptions) -> list[JobCost]:
+    """One row per served teacher: the scoring FLOPs of every step of every rank of every run it serves, on its
+    GPUs at the compute efficiency: busy time, a lower bound (a server also idles while the ranks decode)."""
+    served = served_teacher_gpus(config)
+    out: dict[str, JobCost] = {}
+    for j in trains if served else []:
+        teacher = j.job.split()[1]
+        flops = j.count * j.repeats * j.gpus * next(p.flops for p in j.phases if p.name == "teacher scoring")
+        row = out.setdefault(teacher, JobCost("serve_teacher", f"serve_teacher {teacher}", 1, served,
+                                              [Phase("teacher scoring (busy)", 0, 0)]))
+        row.phases[0].flops += flops
+    for row in out.values():
+        row.phases[0].timed(a).seconds /= served
+    return list(out.values())
 
 
 def train_job(config: dict, pair: tuple[str, str], S: Shape, T: Shape, a: Assumptions, count: int) -> JobCost:
@@ -162,7 +181,7 @@ def train_job(config: dict, pair: tuple[str, str], S: Shape, T: Shape, a: Assump
     phases += [scoring, update[ckpt], Phase("optimizer", 0, cm.adam_bytes(S.params() / shard)).timed(a)]
     notes.update(sharding=tr.get("sharding", "ddp"), sequences_per_rank=seqs, served_teacher_gpus=served)
     notes[f"update_seconds_checkpointing_{'off' if ckpt else 'on'}"] = round(update[not ckpt].seconds, 1)
-    return JobCost("train_opd", f"train {pair[0]} -> {pair[1]}", count, gpus + served, phases, tr["steps"], notes,
+    return JobCost("train_opd", f"train {pair[0]} -> {pair[1]}", count, gpus, phases, tr["steps"], notes,
                    overlap=bool(tr.get("async_rollouts")))
 
 
@@ -261,6 +280,7 @@ def plan_costs(config: dict, gpu_name: str | None = None, key: str = "resources.
     runs = sweep.runs(config["models"], config["train"])
     out = [train_job(config, p, shapes[p[1]], shapes[p[0]], a, sum(1 for r in runs if (r.teacher, r.student) == p))
            for p in pairs]
+    out += serve_teacher_jobs(config, out, a)
     out += eval_jobs(config, shapes, a)
     for p in pairs:
         out += diagnose_jobs(config, p, shapes[p[1]], shapes[p[0]], a)

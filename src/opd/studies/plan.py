@@ -4,6 +4,7 @@
 largest settings that fit, and exits 1 where the workflow would refuse: `config_problems` is one of its
 parse-time checks (`opd.studies.validate.CHECKS`), so a job over `resources.<kind>.gpu_mem_gb` stops the run.
 Pure Python (no torch): planning a 1874-job DAG offline stays fast.
+With `--gpu` (or `resources.gpu_type`) it prints the cost plan too: GPU-hours per job and study (opd.studies.cost).
 
 Shapes: `<results_dir>/models/<name>/config.json` when on disk, else the `shape` block over the table of
 `opd.studies.hub_shapes` (a miniature model: its architecture keys), so planning works offline; a `shape`
@@ -33,8 +34,8 @@ from pathlib import Path
 
 from opd.infra import cli
 from opd.infra.memory import chunk_positions
-from opd.studies.shapes import (GIB, NEEDS_SHAPE, PROMPT_TOKENS, VLLM_ROLLOUT_FRACTION, Shape,  # noqa: F401
-                                model_shape, pair_gpus, shape_from_config_json)
+from opd.studies.shapes import (GIB, HF_GENERATE_SEQS, NEEDS_SHAPE, PROMPT_TOKENS,  # noqa: F401 (re-exported)
+                                VLLM_ROLLOUT_FRACTION, Shape, model_shape, pair_gpus, shape_from_config_json)
 
 LOGIT_BYTES = {4: 16, 2: 20}  # per [position, V] element: logits, log-softmax and their two gradients
 
@@ -141,7 +142,8 @@ def train_settings(config: dict, pair: tuple[str, str] | None = None, **override
                   microbatch=tr.get("max_tokens_per_microbatch"), logit_chunk=tr.get("logit_chunk"),
                   checkpointing=bool(tr.get("gradient_checkpointing")),
                   vllm_fraction=tr["vllm_memory_fraction"] if vllm else 0.0,
-                  kv_sequences=0 if vllm else min(64, math.ceil(tr["prompts_per_step"] / gpus) * tr["samples"]),
+                  kv_sequences=0 if vllm else min(HF_GENERATE_SEQS,
+                                                  math.ceil(tr["prompts_per_step"] / gpus) * tr["samples"]),
                   seq_tokens=seq)
     st = dataclasses.replace(st, **override)
     if "gpus" in override:
@@ -165,7 +167,8 @@ def diagnose_estimates(config: dict, pair: tuple[str, str], S: Shape, T: Shape) 
     d, res = config["diagnose"], config["resources"]["diagnose"]
     cap = res.get("gpu_mem_gb")
     st, _ = train_settings(config, gpus=1, sharding="ddp", vllm_fraction=0.0,
-                           kv_sequences=0 if d["backend"] == "vllm" else min(64, d["n_prompts"] * d["samples"]),
+                           kv_sequences=0 if d["backend"] == "vllm" else min(HF_GENERATE_SEQS,
+                                                                              d["n_prompts"] * d["samples"]),
                            seq_tokens=PROMPT_TOKENS + d["max_new_tokens"], microbatch=d["max_tokens_per_microbatch"],
                            logit_chunk=d["logit_chunk"], checkpointing=bool(d.get("gradient_checkpointing")))
     st = dataclasses.replace(st, rank_tokens=d["n_prompts"] * d["samples"] * st.seq_tokens)

@@ -15,8 +15,9 @@ from pathlib import Path
 from opd.studies.hub_shapes import hub_shape
 
 GIB = 2 ** 30
-NEEDS_SHAPE = "the memory planner needs the model's shape"
+NEEDS_SHAPE = "the memory and cost planners need the model's shape"
 VLLM_ROLLOUT_FRACTION = 0.85  # opd.engines.rollout's vLLM gpu_memory_utilization
+HF_GENERATE_SEQS = 64  # sequences per hf generate() call (opd.engines.rollout --batch-size default)
 PROMPT_TOKENS = 1024  # the longest prompt the paper study allows (docs/paper.md): a bound, not a mean
 HF_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
            "head_dim", "intermediate_size", "tie_word_embeddings")
