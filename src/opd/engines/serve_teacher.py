@@ -106,6 +106,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="OMP threads of the CPU build")
     p.add_argument("--start-timeout", type=float, default=600.0, help="seconds the server may take to come up")
     p.add_argument("--url-file", type=Path, default=None, help="write the base URL here once the server is up")
+    p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
+                   help="one more argument for the vLLM server, repeatable (e.g. --vllm-arg=--tensor-parallel-size "
+                        "--vllm-arg=2)")
     return p.parse_args(argv)
 
 
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
 
     eager = [] if torch.cuda.is_available() else ["--enforce-eager"]  # the CPU build: no compile warm-up
     cmd = serve_command(vllm_python(args.vllm_python), args.teacher, args.port, args.max_logprobs, args.dtype,
-                        args.max_model_len, host=args.host, extra=eager)
+                        args.max_model_len, host=args.host, extra=eager + args.vllm_arg)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # leave through `finally`: the server goes too
     with TeacherServer(cmd, args.port, args.start_timeout, server_env(args.threads), args.host) as server:
         try:
