@@ -79,9 +79,16 @@ def test_config_pair_with_two_tokenizers_is_refused(tiny_world, tmp_path):
     for name in ("teacher", "student"):
         shutil.copytree(tiny_world[name], models / name)
     tok = tiny_world["tokenizer"].__class__.from_pretrained(str(models / "teacher"))
-    tok.add_tokens(["<|extra|>"])
+    tok.add_special_tokens({"additional_special_tokens": ["<|extra|>"]})
     tok.save_pretrained(str(models / "teacher"))
-    with pytest.raises(ConfigError, match="models: 'teacher' and 'student' have different tokenizers"):
+    validate_config(_study(tmp_path), checks=[validate.model_problems])  # an added token: a pair across templates
+    from opd.worlds.miniature import generator as toy
+    from opd.worlds.miniature.tokenizer import train_tokenizer
+
+    other = train_tokenizer([p + t for p, t in toy.iter_problems(toy.generate("reverse", 40, 1, "x"))], 300)
+    other.save_pretrained(str(models / "teacher"))
+    with pytest.raises(ConfigError, match="models: 'teacher' and 'student' have different tokenizers .*: regular "
+                                          "token id \\d+ is "):
         validate_config(_study(tmp_path), checks=[validate.model_problems])
 
 

@@ -112,10 +112,17 @@ def _token_ids(tokenizer: dict) -> dict:
     return out
 
 
-def same_tokenizer(a: Path | str, b: Path | str) -> bool | None:
-    """Whether two directories' tokenizer.json map the same tokens to the same ids; None if one is missing."""
+def regular_difference(a: Path | str, b: Path | str) -> tuple[int, str | None, str | None] | None:
+    """(id, token in a, token in b) of the first id that two directories' tokenizer.json read differently among
+    their regular (non-added) tokens; None if they agree or one is missing. Added tokens and chat templates
+    may differ: a teacher then reads the student's ids through opd.engines.pairing."""
     ta, tb = _tokenizer_json(a), _tokenizer_json(b)
-    return None if ta is None or tb is None else _token_ids(ta) == _token_ids(tb)
+    if ta is None or tb is None:
+        return None
+    ra, rb = ({i: t for t, i in _token_ids(tok).items() if i not in {x["id"] for x in tok.get("added_tokens", [])}}
+              for tok in (ta, tb))
+    first = next((i for i in sorted(set(ra) | set(rb)) if ra.get(i) != rb.get(i)), None)
+    return None if first is None else (first, ra.get(first), rb.get(first))
 
 
 def check_top_k(k: int, n_vocab: int, flag: str, where: Path | str) -> None:

@@ -68,9 +68,12 @@ def model_problems(config: dict) -> list[str]:
         pair_list = []
     for teacher, student in pair_list:
         dirs = [results / "models" / teacher, results / "models" / student]
-        if modeldirs.same_tokenizer(*dirs) is False:
-            problems.append(f"models: {teacher!r} and {student!r} have different tokenizers ({dirs[0]}, {dirs[1]}); "
-                            f"on-policy distillation compares token ids, so a pair must share one")
+        diff = modeldirs.regular_difference(*dirs)
+        if diff is not None:
+            problems.append(f"models: {teacher!r} and {student!r} have different tokenizers ({dirs[0]}, {dirs[1]}): "
+                            f"regular token id {diff[0]} is {diff[1]!r} vs {diff[2]!r}; on-policy distillation "
+                            f"compares token ids, so a pair must share its regular vocabulary (special tokens and "
+                            f"chat templates may differ)")
     return problems
 
 

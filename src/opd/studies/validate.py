@@ -5,7 +5,7 @@
 Several files are merged in order (later ones override, as `snakemake --configfile A B` does). A YAML
 syntax error names the file and the line (Snakemake's own loader does not: run this first). `CHECKS` is
 the one list the workflow runs too (workflow/rules/common.smk): the schema, the world's rules, the benchmark
-names, the models already on disk (K within each vocabulary, one tokenizer per pair, weight files that load;
+names, the models already on disk (K within each vocabulary, one regular vocabulary per pair, weight files that load;
 `opd.studies.checks`) and the memory planner (`opd.studies.plan`), so "valid" means the workflow will not
 refuse the config. Each job checks its own inputs again when it starts.
 """
