@@ -15,6 +15,9 @@ ARGS = report.argparse.Namespace(level=0.95, n_boot=2000)
 def test_seed_dirs_and_lm_eval_seeds(tmp_path):
     assert eval_seed_dir(tmp_path, 0) == tmp_path  # seed 0: the files of a study without evaluation seeds
     assert eval_seed_dir(tmp_path, 3) == tmp_path / "evalseed~3"
+    # the workflow's strings stay strings, wildcards and "./" kept, so they match the rules' outputs exactly
+    assert eval_seed_dir("./out/eval/{model}", 2) == "./out/eval/{model}/evalseed~2"
+    assert eval_seed_dir("./out/eval/{model}", 0) == "./out/eval/{model}"
     # Seed 0 = lm-eval's own defaults (so today's numbers stay); seed s adds s; vLLM's sampling seed too.
     assert evaluate.seed_args(0, "hf") == ({"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234}, {})
     assert evaluate.seed_args(0, "vllm")[1] == {}

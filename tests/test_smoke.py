@@ -213,6 +213,10 @@ def reference_smoke(smoke):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    page = f"{REF_RESULTS}/report.html"  # `snakemake --report` of the same targets: the Reference category
+    proc = subprocess.run([*cmd[:-3], "--report", page, *cmd[-3:]], capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     return workdir / REF_RESULTS, yaml.safe_load((repo / "tests/config/smoke_reference.yaml").read_text())
 
 
@@ -235,3 +239,5 @@ def test_evaluation_seeds_to_reference_report(reference_smoke):
         assert float(r["ours_lo"]) <= float(r["ours"]) <= float(r["ours_hi"])
         assert r["within"] in ("yes", "no") if r["paper_std"] else r["within"] == "—"
     assert (out / "report/smoke_reference/reference.png").stat().st_size > 1000
+    html = (out / "report.html").read_text()
+    assert all(name in html for name in ("Reference", "reference.csv", "reference.png"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 METRIC = "exact_match,strict-match"  # lm-eval's 'name,filter' key of the miniature tasks' score
@@ -10,10 +11,12 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # Qwen3's thinking tags (lm-eva
 THINKING_KEY = "opd_thinking"  # our addition to a task's results file: how many responses never closed thinking
 
 
-def eval_seed_dir(eval_dir, seed: int) -> Path:
+def eval_seed_dir(eval_dir: Path | str, seed: int) -> Path | str:
     """Where evaluation seed `seed` of an evaluation directory writes: the directory itself for seed 0 (the
-    files of a study without evaluation seeds), <eval_dir>/evalseed~<seed> for any other seed."""
-    return Path(eval_dir) if int(seed) == 0 else Path(eval_dir) / f"evalseed~{int(seed)}"
+    files of a study without evaluation seeds), <eval_dir>/evalseed~<seed> for any other seed. A string stays
+    a string, unnormalised (the workflow's paths, wildcards and all, must match its rules' outputs exactly)."""
+    out = eval_dir if int(seed) == 0 else os.path.join(eval_dir, f"evalseed~{int(seed)}")
+    return Path(out) if isinstance(eval_dir, Path) else out
 
 
 def unfinished_thinking(text: str) -> bool:

@@ -38,6 +38,7 @@ def read_problem_means(eval_dir: Path, task: str, metric: str, eval_seeds: list[
     Every seed must have scored the same problems: a mean over seeds that saw different problems would
     mix problems, so the error names both files.
     """
+    eval_dir = Path(eval_dir)
     per_seed = {s: read_samples(eval_seed_dir(eval_dir, s) / f"{task}.samples.jsonl", task, metric)
                 for s in eval_seeds}
     first = eval_seeds[0]
