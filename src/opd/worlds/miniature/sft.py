@@ -18,7 +18,16 @@ import torch
 
 from opd.infra import cli, modeldirs
 from opd.infra.io import read_jsonl, save_model_dir
-from opd.worlds.miniature.generator import iter_problems
+from opd.worlds.miniature.generator import IN_DOMAIN, chain_length, iter_problems
+
+
+def within_coverage(records: list[dict], max_chain: int | None) -> list[dict]:
+    """The records a model's SFT sees: arithmetic chains of at most `max_chain` operations, and every
+    out-of-domain record (None: all of them). A student whose SFT stops at short chains is weaker by what its
+    data covers, not by stopping its training early, so distillation has something to teach it."""
+    if max_chain is None:
+        return records
+    return [r for r in records if r["task"] not in IN_DOMAIN or chain_length(r["task"]) <= max_chain]
 
 
 def build_model(vocab_size: int, hidden_size: int, layers: int, heads: int, kv_heads: int,
@@ -111,6 +120,7 @@ FLAGS = {
     "steps": "models.*.steps",
     "batch_size": "models.*.batch_size",
     "lr": "models.*.lr",
+    "max_chain": "models.*.max_chain",
     "seed": "seed",
     "log_every": cli.POSITIVE,
 }
@@ -131,6 +141,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, required=True, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per step")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    parser.add_argument("--max-chain", type=int, default=None,
+                        help="train only on arithmetic chains of at most this many operations (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="init and sampling seed")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--log-every", type=int, default=50, help="steps per logged loss")
@@ -147,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(str(modeldirs.check_dir(args.tokenizer, "--tokenizer",
                                                                       modeldirs.TOKENIZER_FILES)))
-    examples = encode_examples(tokenizer, read_jsonl(args.data, required=("question", "solution")))
+    records = read_jsonl(args.data, required=("task", "question", "solution"))
+    examples = encode_examples(tokenizer, within_coverage(records, args.max_chain))
     model = build_model(len(tokenizer), args.hidden_size, args.layers, args.heads, args.kv_heads,
                         args.intermediate_size, tokenizer.eos_token_id, args.seed, args.head_dim)
     n_params = sum(p.numel() for p in model.parameters())
