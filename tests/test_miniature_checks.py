@@ -57,3 +57,33 @@ def test_sft_coverage_keeps_short_chains_and_every_out_of_domain_record():
     assert [r["task"] for r in within_coverage(records, 2)] == ["arith1", "reverse", "arith2"]
     assert within_coverage(records, None) == records
     assert [r["task"] for r in within_coverage(records, 5)] == [r["task"] for r in records]
+
+
+class _Draws:
+    """A stand-in for random.Random whose random() returns the given draws in turn."""
+
+    def __init__(self, draws):
+        self.draws = list(draws)
+
+    def random(self):
+        return self.draws.pop(0)
+
+
+def test_sloppy_steps_are_off_by_one_and_the_chain_goes_on_from_the_written_value():
+    from opd.worlds.miniature.generator import sloppy
+
+    rec = {"task": "arith2", "question": "Start with 7. Add 5. Multiply by 2. What is the result?",
+           "solution": "7 plus 5 is 12. 12 times 2 is 24. The answer is 24. I checked every step.", "answer": "24"}
+    # draw 0.9 >= 0.5: step one is right (12); draw 0.1 < 0.5: step two is written 12 x 2 + 1 = 25
+    out = sloppy(rec, _Draws([0.9, 0.1]), noise=0.5, max_value=30)
+    assert out["solution"] == "7 plus 5 is 12. 12 times 2 is 25. The answer is 25. I checked every step."
+    assert out["answer"] == "25" and rec["answer"] == "24"
+    # step one sloppy (12 -> 13), step two right from the written 13: 26
+    out = sloppy(rec, _Draws([0.1, 0.9]), noise=0.5, max_value=30)
+    assert out["solution"].startswith("7 plus 5 is 13. 13 times 2 is 26. The answer is 26.")
+    # at max_value the slip goes down: 18 + 2 = 20 is written 19
+    top = {"task": "arith1", "question": "Start with 18. Add 2. What is the result?",
+           "solution": "18 plus 2 is 20. The answer is 20.", "answer": "20"}
+    assert sloppy(top, _Draws([0.0]), noise=0.6, max_value=20)["solution"] == "18 plus 2 is 19. The answer is 19."
+    rev = {"task": "reverse", "question": "Reverse the digits 1 2.", "solution": "x", "answer": "21"}
+    assert sloppy(rev, _Draws([]), noise=0.9) is rev  # the out-of-domain task is never sloppy
