@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 
-.PHONY: study sweep test test-vllm test-slurm lint clean-results
+.PHONY: study study-check sweep test test-vllm test-slurm lint clean-results
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,14 @@ study: $(STAMP)
 	$(PY) -m opd.studies.validate config/config.yaml
 	PATH="$(abspath $(VENV))/bin:$$PATH" snakemake --profile workflow/profiles/default --cores $(CORES)
 	@cat results/report/miniature/models.md results/report/miniature/training.md
+
+# The robustness check (not run by CI): the study under ATEN_CPU_CAPABILITY=default, avx2 and the native kernels,
+# each into results/check/<setting>/, then whether every base score and every verdict agree
+# (opd.studies.study_check; docs/miniature-world.md quotes its output). CHECK_CONFIGS picks the study.
+CHECK_CONFIGS ?= config/config.yaml
+study-check: $(STAMP)
+	$(PY) -m opd.studies.validate $(CHECK_CONFIGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" python -m opd.studies.study_check --configfiles $(CHECK_CONFIGS) --cores $(CORES)
 
 # A K x ratio sweep of the miniature study (config/sweep.yaml overlays config/config.yaml).
 sweep: $(STAMP)

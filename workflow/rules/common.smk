@@ -129,6 +129,8 @@ def sft_args(wildcards):
     m = config["models"][wildcards.model]
     keys = ["hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "steps", "batch_size", "lr"]
     flags = " ".join(f"--{k.replace('_', '-')} {m[k]}" for k in keys)
+    flags += f" --max-chain {m['max_chain']}" if m["max_chain"] else ""
+    flags += f" --step-noise {m['step_noise']} --max-value {config['world']['max_value']}" if m["step_noise"] else ""
     return flags + (f" --head-dim {m['head_dim']}" if m["head_dim"] else "")
 
 

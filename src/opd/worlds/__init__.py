@@ -38,6 +38,7 @@ class World:
     prompt_source: str  # where its training prompts come from (for logs and docs)
     answer_template: str  # a correct final answer written the way the checker reads it, {answer} slot
     closed_benchmarks: bool  # True: evaluation.benchmarks must be among local_tasks (no other data exists)
+    config_check: Callable[[dict], list[str]] | None = None  # the world's own config checks (one line per problem)
 
     @property
     def benchmarks(self) -> tuple[str, ...]:
@@ -73,18 +74,20 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def config_problems(config: dict) -> list[str]:
-    """World-specific checks of a schema-valid config: the world exists and can provide the benchmarks."""
+    """World-specific checks of a schema-valid config: the world exists, can provide the benchmarks and passes
+    its own checks (`World.config_check`: e.g. the miniature world can build the models as asked)."""
     name = config.get("world", {}).get("name", "miniature")
     try:
         world = get(name)
     except UnknownWorldError as err:
         return [f"world.name: {err}"]
+    problems = world.config_check(config) if world.config_check else []
     if not world.closed_benchmarks:
-        return []
-    return [f"evaluation.benchmarks[{i}]: {task!r} is not a task of world {name!r}; allowed values: "
-            f"{', '.join(map(repr, world.local_tasks))}"
-            for i, task in enumerate(config.get("evaluation", {}).get("benchmarks", []))
-            if task not in world.local_tasks]
+        return problems
+    return problems + [f"evaluation.benchmarks[{i}]: {task!r} is not a task of world {name!r}; allowed values: "
+                       f"{', '.join(map(repr, world.local_tasks))}"
+                       for i, task in enumerate(config.get("evaluation", {}).get("benchmarks", []))
+                       if task not in world.local_tasks]
 
 
 def check_answers(world: World, records: list[dict], path, sample: int = 20) -> None:

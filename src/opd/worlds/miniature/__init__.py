@@ -4,6 +4,7 @@ Nothing outside this package imports it except the registry (`opd.worlds.get("mi
 """
 
 from opd.worlds import World
+from opd.worlds.miniature.checks import config_problems
 from opd.worlds.miniature.generator import BENCHMARKS, IN_DOMAIN, OUT_OF_DOMAIN, PROMPT_TEMPLATE, is_correct
 
 WORLD = World(
@@ -16,4 +17,5 @@ WORLD = World(
     prompt_source="generated: opd.worlds.miniature.generator writes <results>/data/train_prompts.jsonl",
     answer_template="The answer is {answer}.",
     closed_benchmarks=True,
+    config_check=config_problems,
 )

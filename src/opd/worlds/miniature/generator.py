@@ -93,6 +93,29 @@ def make_arith(rng: random.Random, n_ops: int, max_value: int = DEFAULT_MAX_VALU
     }
 
 
+_STEP_RE = re.compile(r"(Add|Subtract|Multiply by) (\d+)\.")
+_VERB_FN = {ask.split(" {d}")[0]: (verb, fn) for ask, verb, fn, _ in _OPS.values()}
+
+
+def sloppy(record: dict, rng: random.Random, noise: float, max_value: int = DEFAULT_MAX_VALUE) -> dict:
+    """An arithmetic record rewritten by a sloppy author: each step's result is off by one with probability
+    `noise` (one more, or one less at max_value), and the chain goes on from the value written, so the worked
+    solution stays self-consistent and its answer is the sloppy chain's. Other records come back unchanged."""
+    if record["task"] not in IN_DOMAIN or noise <= 0:
+        return record
+    value = int(re.match(r"Start with (\d+)\.", record["question"]).group(1))
+    steps = []
+    for name, d in _STEP_RE.findall(record["question"]):
+        verb, fn = _VERB_FN[name]
+        new = fn(value, int(d))
+        if rng.random() < noise:
+            new = new + 1 if new < max_value else new - 1
+        steps.append(f"{value} {verb} {d} is {new}.")
+        value = new
+    chatter = record["solution"].split(f"The answer is {record['answer']}.", 1)[1]
+    return {**record, "solution": " ".join(steps) + f" The answer is {value}." + chatter, "answer": str(value)}
+
+
 def make_reverse(rng: random.Random, min_len: int = 3, max_len: int = 6) -> dict:
     """One digit-reversal problem (the out-of-domain skill)."""
     digits = [str(rng.randint(0, 9)) for _ in range(rng.randint(min_len, max_len))]

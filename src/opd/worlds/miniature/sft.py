@@ -18,7 +18,25 @@ import torch
 
 from opd.infra import cli, modeldirs
 from opd.infra.io import read_jsonl, save_model_dir
-from opd.worlds.miniature.generator import iter_problems
+from opd.worlds.miniature.generator import DEFAULT_MAX_VALUE, IN_DOMAIN, chain_length, iter_problems, sloppy, task_seed
+
+
+def within_coverage(records: list[dict], max_chain: int | None) -> list[dict]:
+    """The records a model's SFT sees: arithmetic chains of at most `max_chain` operations, and every
+    out-of-domain record (None: all of them). A student whose SFT stops at short chains is weaker by what its
+    data covers, not by stopping its training early, so distillation has something to teach it."""
+    if max_chain is None:
+        return records
+    return [r for r in records if r["task"] not in IN_DOMAIN or chain_length(r["task"]) <= max_chain]
+
+
+def sloppy_copy(records: list[dict], noise: float, seed: int, max_value: int) -> list[dict]:
+    """The SFT set as a sloppy author wrote it (`generator.sloppy`: each arithmetic step off by one with
+    probability `noise`); a pure function of the seed."""
+    import random
+
+    rng = random.Random(task_seed(seed, "sloppy", "sft"))
+    return [sloppy(r, rng, noise, max_value) for r in records]
 
 
 def build_model(vocab_size: int, hidden_size: int, layers: int, heads: int, kv_heads: int,
@@ -111,6 +129,9 @@ FLAGS = {
     "steps": "models.*.steps",
     "batch_size": "models.*.batch_size",
     "lr": "models.*.lr",
+    "max_chain": "models.*.max_chain",
+    "step_noise": "models.*.step_noise",
+    "max_value": "world.max_value",
     "seed": "seed",
     "log_every": cli.POSITIVE,
 }
@@ -131,6 +152,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, required=True, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per step")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    parser.add_argument("--max-chain", type=int, default=None,
+                        help="train only on arithmetic chains of at most this many operations (default: all)")
+    parser.add_argument("--step-noise", type=float, default=0.0,
+                        help="probability that each arithmetic step of the SFT data is written off by one")
+    parser.add_argument("--max-value", type=int, default=DEFAULT_MAX_VALUE, help="the world's largest number (world.max_value)")
     parser.add_argument("--seed", type=int, default=0, help="init and sampling seed")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--log-every", type=int, default=50, help="steps per logged loss")
@@ -147,7 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(str(modeldirs.check_dir(args.tokenizer, "--tokenizer",
                                                                       modeldirs.TOKENIZER_FILES)))
-    examples = encode_examples(tokenizer, read_jsonl(args.data, required=("question", "solution")))
+    records = read_jsonl(args.data, required=("task", "question", "solution"))
+    records = sloppy_copy(within_coverage(records, args.max_chain), args.step_noise, args.seed, args.max_value)
+    examples = encode_examples(tokenizer, records)
     model = build_model(len(tokenizer), args.hidden_size, args.layers, args.heads, args.kv_heads,
                         args.intermediate_size, tokenizer.eos_token_id, args.seed, args.head_dim)
     n_params = sum(p.numel() for p in model.parameters())

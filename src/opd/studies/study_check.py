@@ -1,0 +1,149 @@
+"""Does the study's conclusion depend on the CPU's float kernels? Rerun it under several, compare.
+
+    python -m opd.studies.study_check --configfiles config/config.yaml config/study_check.yaml
+
+For each kernel setting (`ATEN_CPU_CAPABILITY=default`, `avx2`, and the machine's own, `native`) it runs
+Snakemake over the config(s) into `<out-root>/<setting>/` (every model is rebuilt there: data, tokenizer,
+SFT, evaluation, distillation, reports), then compares the settings' reports:
+
+- every base model's score (each benchmark, in-domain average, OOD) must lie inside the 95% interval of
+  the same score under every other setting (`models.csv`);
+- every comparison of the training report (`training_comparisons.csv`: method − base, method − `full`, ...)
+  must reach the same verdict ("better" / "worse" / "n.d.") under every setting.
+
+It prints one table per check and a last line `study-check: AGREE` (exit 0) or `study-check: DISAGREE`
+(exit 1). `--compare-only` compares directories that exist already. The CPU time (user + sys of each
+Snakemake process tree) is printed per setting. CI does not run it (three studies); docs/miniature-world.md
+quotes its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from opd.studies.validate import load
+
+SETTINGS = ("default", "avx2", "native")  # native: ATEN_CPU_CAPABILITY unset, the best the CPU has
+
+
+def run_setting(setting: str, configfiles: list[Path], out: Path, cores: int) -> dict[str, float]:
+    """Snakemake over the configs into `out`, under one kernel setting; wall and CPU seconds."""
+    env = dict(os.environ)
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    if setting != "native":
+        env["ATEN_CPU_CAPABILITY"] = setting
+    cmd = [sys.executable, "-m", "snakemake", "--profile", "workflow/profiles/default", "--cores", str(cores),
+           "--configfile", *map(str, configfiles), "--config", f"results_dir={out}"]
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "study_check.log", "w") as log:
+        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if rc != 0:
+        sys.exit(f"study-check: snakemake failed under {setting} (exit {rc}); see {out / 'study_check.log'}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall_s": time.time() - start, "cpu_s": cpu}
+
+
+def read_csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        sys.exit(f"study-check: {path} is missing; run without --compare-only first")
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def base_disagreements(tables: dict[str, list[dict]]) -> tuple[list[str], list[str]]:
+    """(lines of the score table, problems): a score outside another setting's interval is a problem."""
+    settings = list(tables)
+    first = tables[settings[0]]
+    columns = [c for c in first[0] if c != "model" and not c.endswith(("_lo", "_hi"))]
+    rows = {s: {r["model"]: r for r in t} for s, t in tables.items()}
+    lines, problems = [f"| model | column | {' | '.join(settings)} |", "|---|---|" + "---:|" * len(settings)], []
+    for model in rows[settings[0]]:
+        for col in columns:
+            cells = {s: rows[s].get(model) for s in settings}
+            if any(c is None for c in cells.values()):
+                problems.append(f"{model}: missing under {[s for s, c in cells.items() if c is None]}")
+                break
+            lines.append(f"| {model} | {col} | " + " | ".join(
+                f"{float(c[col]):.1f} [{float(c[col + '_lo']):.1f}, {float(c[col + '_hi']):.1f}]"
+                for c in cells.values()) + " |")
+            for a, b in itertools.permutations(settings, 2):
+                x, lo, hi = float(cells[a][col]), float(cells[b][col + "_lo"]), float(cells[b][col + "_hi"])
+                if not lo <= x <= hi:
+                    problems.append(f"{model} {col}: {x:.1f} under {a} is outside [{lo:.1f}, {hi:.1f}] under {b}")
+    return lines, problems
+
+
+def verdict_disagreements(tables: dict[str, list[dict]]) -> tuple[list[str], list[str]]:
+    """(lines of the verdict table, problems): a comparison whose verdict differs between settings."""
+    def key(r):
+        return r["table"], r["a"], r["b"], r["metric"]
+
+    settings = list(tables)
+    rows = {s: {key(r): r for r in t} for s, t in tables.items()}
+    lines = [f"| student | comparison | metric | {' | '.join(settings)} |", "|---|---|---|" + "---:|" * len(settings)]
+    problems = []
+    for k in rows[settings[0]]:
+        cells = {s: rows[s].get(k) for s in settings}
+        if any(c is None for c in cells.values()):
+            problems.append(f"{k}: missing under {[s for s, c in cells.items() if c is None]}")
+            continue
+        lines.append(f"| {k[0]} | {k[1]} − {k[2]} | {k[3]} | " + " | ".join(
+            f"{float(c['diff']):+.1f} {c['verdict']}" for c in cells.values()) + " |")
+        if len({c["verdict"] for c in cells.values()}) > 1:
+            problems.append(f"{k[0]}: {k[1]} − {k[2]} ({k[3]}): " +
+                            ", ".join(f"{s} {c['verdict']}" for s, c in cells.items()))
+    return lines, problems
+
+
+def compare(out_root: Path, settings: list[str], study: str) -> list[str]:
+    """Print both tables; return every disagreement."""
+    problems = []
+    for title, name, fn in (("Base models (score [95% interval], %)", "models.csv", base_disagreements),
+                            ("Training comparisons (difference, verdict)", "training_comparisons.csv",
+                             verdict_disagreements)):
+        tables = {s: read_csv(out_root / s / "report" / study / name) for s in settings}
+        lines, found = fn(tables)
+        print(f"\n{title}:\n" + "\n".join(lines))
+        problems += found
+    return problems
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Rerun the study under several CPU kernel settings and "
+                                                 "check that base scores and verdicts agree.")
+    parser.add_argument("--configfiles", type=Path, nargs="+", default=[Path("config/config.yaml")],
+                        help="study config(s), merged in order as snakemake --configfile does")
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS),
+                        help="ATEN_CPU_CAPABILITY values to run (native: unset)")
+    parser.add_argument("--out-root", type=Path, default=Path("results/check"),
+                        help="one results directory per setting under this folder")
+    parser.add_argument("--cores", type=int, default=2, help="snakemake --cores per setting (settings run in turn)")
+    parser.add_argument("--compare-only", action="store_true", help="compare existing results, run nothing")
+    args = parser.parse_args(argv)
+    if len(args.settings) < 2:
+        parser.error("--settings: name at least two settings to compare")
+    study = load(args.configfiles)["study"]
+    if not args.compare_only:
+        for setting in args.settings:
+            t = run_setting(setting, args.configfiles, args.out_root.resolve() / setting, args.cores)
+            print(f"{setting}: {t['wall_s'] / 60:.1f} min wall, {t['cpu_s'] / 60:.1f} min CPU (user + sys)",
+                  flush=True)
+    problems = compare(args.out_root, args.settings, study)
+    for p in problems:
+        print(f"DISAGREE: {p}")
+    print(f"\nstudy-check: {'DISAGREE' if problems else 'AGREE'} ({', '.join(args.settings)}; {args.out_root})")
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()
