@@ -49,7 +49,8 @@ class FakeVllm:
                     return self._send(400, {"error": {"message": f"Requested prompt logprobs of "
                                                       f"{body['prompt_logprobs']}, which is greater than max "
                                                       f"allowed: {fake.max_logprobs}"}})
-                self._send(200, {"choices": [{"index": i, "prompt_logprobs": fake.entries(seq, body["prompt_logprobs"])}
+                K = body["prompt_logprobs"]
+                self._send(200, {"choices": [{"index": i, "prompt_logprobs": fake.entries(seq, K)}
                                              for i, seq in enumerate(body["prompt"])]})
 
             def _send(self, code, obj):
@@ -72,7 +73,8 @@ class FakeVllm:
         out = [None]
         for p in range(1, len(seq)):
             top = logp[p - 1].topk(K)
-            entry = {str(int(i)): {"logprob": float(v), "rank": r + 1} for r, (v, i) in enumerate(zip(top.values, top.indices))}
+            entry = {str(int(i)): {"logprob": float(v), "rank": r + 1}
+                     for r, (v, i) in enumerate(zip(top.values, top.indices))}
             if str(seq[p]) not in entry:
                 rank = int((logp[p - 1] > logp[p - 1, seq[p]]).sum()) + 1
                 entry[str(seq[p])] = {"logprob": float(logp[p - 1, seq[p]]), "rank": rank}
@@ -102,7 +104,8 @@ def fake(tiny_world, models):
 def _rollouts(tiny_world, student, K=4, n=5):
     tok = tiny_world["tokenizer"]
     prompts = [tok(f"Question: Start with {i}. Add 3. What is the result?\nAnswer:")["input_ids"] for i in range(n)]
-    return Rollouts([str(i) for i in range(n)], generate_hf(student, tok, prompts, K, 1.0, 1.0, 12, seed=3, batch_size=n))
+    tensors = generate_hf(student, tok, prompts, K, 1.0, 1.0, 12, seed=3, batch_size=n)
+    return Rollouts([str(i) for i in range(n)], tensors)
 
 
 def test_read_positions_takes_the_token_there_and_the_top_k_by_rank():
@@ -234,7 +237,8 @@ def test_training_with_a_served_teacher_matches_in_process_training(tiny_world, 
             "--top-k", "4", "--prompts-per-step", "2", "--samples", "2", "--max-new-tokens", "10", "--lr", "1e-3",
             "--study", "test_teacher_server", "--batch-size", "3", "--signal-variant", "official"]
     a = train.main([*base, "--out-dir", str(tmp_path / "a")])
-    b = train.main([*base, "--out-dir", str(tmp_path / "b"), "--teacher-placement", "server", "--teacher-url", fake.url])
+    b = train.main([*base, "--out-dir", str(tmp_path / "b"), "--teacher-placement", "server",
+                    "--teacher-url", fake.url])
     assert a.keys() == b.keys() and fake.completions >= 3  # the probe, then each step's requests
     for key in ("loss", "reverse_kl_all", "frac_supervised", "train_accuracy"):
         assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), key

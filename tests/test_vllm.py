@@ -204,14 +204,39 @@ def test_async_rollouts_push_only_after_the_pending_generate_returned(tiny_world
 # which run in this order (the last one stops it mid-run).
 
 @pytest.fixture(scope="module")
-def served_teacher(tiny_world):
-    from opd.engines.serve_teacher import TeacherServer, serve_command, server_env
+def served_teacher(tiny_world, tmp_path_factory):
+    """`python -m opd.engines.serve_teacher` as a user starts it: up once its URL file is there; SIGTERM (`close`)
+    ends it, its vLLM server and the URL file."""
+    import signal
+    import sys
+    import time
+    import types
+
     from test_distributed import _free_port
 
-    port = _free_port()
-    cmd = serve_command(VLLM_PYTHON, tiny_world["teacher"], port, 8, "float32", 256, extra=["--enforce-eager"])
-    with TeacherServer(cmd, port, start_timeout=900, env=server_env(threads=1)) as server:
-        yield server
+    url_file = tmp_path_factory.mktemp("serve") / "teacher.url"
+    cmd = [sys.executable, "-m", "opd.engines.serve_teacher", "--teacher", str(tiny_world["teacher"]), "--vllm-python",
+           VLLM_PYTHON, "--port", str(_free_port()), "--max-logprobs", "8", "--max-model-len", "256", "--threads", "1",
+           "--url-file", str(url_file)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True)
+
+    def close():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
+        assert not url_file.exists()  # a URL file means a server up
+
+    try:
+        deadline = time.monotonic() + 900
+        while not url_file.is_file():
+            assert proc.poll() is None, f"serve_teacher exited (code {proc.returncode}) before the server was up"
+            assert time.monotonic() < deadline, "the teacher server was not up after 900 s"
+            time.sleep(1)
+        yield types.SimpleNamespace(url=url_file.read_text().strip(), close=close)
+    finally:
+        close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _served_requests(url: str) -> float:

@@ -3,14 +3,14 @@
     python -m opd.engines.serve_teacher --teacher DIR --vllm-python PY --max-logprobs 32 --port 8765 \
         --url-file results/serve/TEACHER.url
 
-runs vLLM's OpenAI-compatible server (`vllm serve DIR`) under the vLLM environment's python, bound to 127.0.0.1 only (`--host`; another host
-only where the cluster's network is private: docs/training.md), named as the teacher's directory
-(`--served-model-name`, which the trainer checks), with `--max-logprobs` (the largest K of the study), waits
-until `/health` answers, writes the base URL to `--url-file` (atomically: a file there means a server up),
-then stays in the foreground until it is stopped (SIGTERM, SIGINT: the server and its children are ended
-and the URL file removed). A server that dies, or is not up within `--start-timeout`, ends this with an error
-naming its exit code; its log is this process's stderr. On SLURM it is a job of its own on its own GPUs,
-and the training jobs get its URL (docs/training.md).
+runs vLLM's OpenAI-compatible server (`vllm serve DIR`) under the vLLM environment's python, bound to
+127.0.0.1 only (`--host`: another address only on a cluster's private network, docs/training.md), named as the
+teacher's directory (`--served-model-name`, which the trainer checks), with `--max-logprobs` (the largest K of
+the study); waits until `/v1/models` answers, writes the base URL to `--url-file` (atomically: a file there
+means a server up), then stays in the foreground until it is stopped (SIGTERM: the server and its children are
+ended and the URL file removed; SIGKILL: the kernel tells the server, which ends, and the URL file stays). A
+server that dies, or is not up within `--start-timeout`, ends this with an error naming its exit code; its log
+is this process's stderr. On SLURM it is a job of its own on its own GPUs, and the training jobs get its URL.
 """
 
 from __future__ import annotations
@@ -39,13 +39,23 @@ def serve_command(python: str, teacher: Path, port: int, max_logprobs: int, dtyp
     return cmd + (["--max-model-len", str(max_model_len)] if max_model_len else []) + list(extra or [])
 
 
+def _end_with_parent() -> None:
+    """In the server's process (Linux): SIGTERM when the process that started it dies, even by SIGKILL, so that
+    no server outlives its `serve_teacher` job (vLLM then shuts its engine processes down)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class TeacherServer:
     """A running `vllm serve` in its own process group: `.url`, `close()` (also a context manager)."""
 
     def __init__(self, cmd: list[str], port: int, start_timeout: float = 600.0, env: dict | None = None,
                  host: str = "127.0.0.1"):
         self.url = f"http://{host}:{port}"
-        self.proc = subprocess.Popen(cmd, stdout=sys.stderr, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=sys.stderr, env=env, start_new_session=True,
+                                     preexec_fn=_end_with_parent)
         try:
             self._wait(start_timeout)
         except BaseException:
