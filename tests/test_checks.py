@@ -45,7 +45,8 @@ def test_benchmark_that_exists_nowhere_is_refused_naming_key_value_and_closest(r
         f"invalid config:\n  - evaluation.benchmarks[7]: 'aime2' is not a task of workflow/tasks/paper "
         f"(evaluation.tasks_dir) nor of lm-eval {LM_EVAL}'s registry; closest: 'aime25', 'aime24', 'aime'")
     # gsm8k is one of lm-eval's own tasks, the others ours: accepted
-    overlay = _overlay(tmp_path, {"evaluation": {"benchmarks": [*paper, "gsm8k"]}})
+    overlay = _overlay(tmp_path, {"evaluation": {"benchmarks": [*paper, "gsm8k"]},  # its size for the cost plan:
+                                  "resources": {"cost": {"eval_problems": {"gsm8k": 1319}}}})
     validate.main([str(repo / "config" / "paper.yaml"), str(overlay)])
 
 

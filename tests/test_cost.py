@@ -193,6 +193,7 @@ def test_a_hub_model_without_shape_stops_the_estimate_naming_it(tmp_path):
     config = paper(gpu_type="h100")
     config["results_dir"] = str(tmp_path)
     del config["models"]["qwen3_4b"]["shape"]
+    config["models"]["qwen3_4b"]["hub"] = "example/not-in-the-shape-table"  # opd.studies.hub_shapes knows Qwen3-4B
     with pytest.raises(ConfigError, match=r"models.qwen3_4b: no .*config.json and no models.qwen3_4b.shape keys .*: "
                                           r"the memory and cost planners need the model's shape"):
         validate_config(config, checks=[cost.config_problems])

@@ -18,6 +18,7 @@ import math
 
 from opd.infra.hardware import Gpu, gpu as find_gpu
 from opd.infra.io import InputError
+from opd.studies import benchmarks
 from opd.studies import cost_model as cm
 from opd.studies.shapes import (GIB, HF_GENERATE_SEQS, PROMPT_TOKENS, VLLM_ROLLOUT_FRACTION, Shape, model_shape,
                                 pair_gpus)
@@ -308,6 +309,8 @@ def drivers(jobs: list[JobCost], n: int = 3) -> list[tuple[str, float]]:
 def config_problems(config: dict) -> list[str]:
     """Validation check: bad cost assumptions; with resources.gpu_type the estimate itself, and with
     resources.budget_gpu_hours a study whose estimate exceeds it (the estimate and its three biggest drivers)."""
+    if benchmarks.config_problems(config):
+        return []  # an unknown benchmark: its own check names it, and nothing can be costed for it
     res = config["resources"]
     budget, name = res.get("budget_gpu_hours"), res.get("gpu_type")
     if not name:

@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> str:
     problems = config_problems(config)
     text = table(config, found) + ("\n\nDoes not fit:\n" + "\n".join(f"- {x}" for x in problems) if problems
                                    else "\n\nEvery job fits its gpu_mem_gb.")
-    cost_text, cost_json = cost.report(config, args)
+    cost_text, cost_json = ("", None) if problems else cost.report(config, args)  # a misfit first: no cost then
     if args.json:
         memory = [{"job": e.job, "gpus": e.settings.gpus, "peak_gib": e.peak / GIB, "cap_gib": e.cap_gib,
                    "fits": e.fits, "terms_gib": {k: v / GIB for k, v in e.terms().items()}} for e in found]
