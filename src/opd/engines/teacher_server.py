@@ -34,12 +34,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-
-from opd.engines.rollout import Rollouts
 from opd.infra.io import InputError
+
+if TYPE_CHECKING:  # no torch at import: the workflow imports this module's config check while it parses
+    from torch import Tensor
+
+    from opd.engines.rollout import Rollouts
 
 RETRIES, BACKOFF_S = 3, 1.0
 PROBE_TEXT = "Question: Start with 12. Add 3, then multiply by 4. What is the result?\nAnswer: 60"
@@ -213,6 +215,8 @@ class ServedTeacher:
 
     def score(self, rollouts: Rollouts, K: int, batch_size: int) -> dict[str, Tensor]:
         """The scoring tensors of `opd.engines.score` from the server (t_on_s_logprobs_NK: NaN, unknown)."""
+        import torch
+
         seqs = rollouts.sequences()
         batches = [seqs[i:i + batch_size] for i in range(0, len(seqs), batch_size)]
         with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:

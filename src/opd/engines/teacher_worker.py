@@ -123,6 +123,10 @@ def for_trainer(tr):
     ServedTeacher, checked against the server (URL, model, K) before the first step."""
     args = tr.args
     if args.teacher_placement == "server":
+        if tr.prompt_book is not None:  # the server would read the student's prompt, not its own template's
+            raise teacher_server.ServerError(
+                f"train.teacher_placement: server does not serve a pair across chat templates yet ({args.teacher} "
+                f"-> {args.student}); use in_process or worker (docs/training.md)")
         tr.teacher = teacher_server.ServedTeacher(args.teacher_url, args.teacher, timeout=args.teacher_timeout,
                                                   concurrency=args.teacher_concurrency)
         tr.teacher.check(tr.tokenizer, args.top_k)

@@ -135,9 +135,9 @@ def served_teacher_gpus(config: dict) -> int:
     """GPUs of a teacher served on its own (train.teacher_placement: server, issue 23): the scoring of every
     rank is timed on them, and their busy time is a `serve_teacher` row of its own (the server is shared by
     every training job of its teacher, so no one job owns it). 0 for a teacher in the trainer's process or
-    worker. `train.teacher_gpus` is where the server's GPU count is read once the served teacher is merged."""
-    train = config["train"]
-    return int(train.get("teacher_gpus") or 1) if train.get("teacher_placement") == "server" else 0
+    worker. One GPU per server, as the memory planner's `serve` rows place it (a tensor-parallel server is
+    started by hand with its own GPU count, which the config does not hold)."""
+    return 1 if config["train"].get("teacher_placement") == "server" else 0
 
 
 def serve_teacher_jobs(config: dict, trains: list[JobCost], a: Assumptions) -> list[JobCost]:
