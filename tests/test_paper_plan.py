@@ -51,15 +51,15 @@ def _plan(repo: Path, tmp_path: Path, *configs: str) -> dict[str, str]:
 @pytest.mark.slow
 def test_ta_opd_table3_plans_offline(repo: Path, tmp_path):
     counts = _plan(repo, tmp_path, "config/papers/ta_opd.yaml")
-    # 3 pairs x 5 methods (full, entropy, tip, ta_opd, ta_opd_ent; K 16, ratio 0.1, one training seed) = 15 runs;
+    # 4 pairs x 5 methods (full, entropy, tip, ta_opd, ta_opd_ent; K 16, ratio 0.1, one training seed) = 20 runs;
     # each evaluated once per evaluation seed: seed 0 by eval_trained, seeds 1-4 by eval_trained_seeded.
-    assert (counts["train_opd"], counts["eval_trained"], counts["eval_trained_seeded"]) == ("15", "15", "60")
-    # 4 hub models x 6 benchmarks, x 4 more evaluation seeds
-    assert (counts["fetch_model"], counts["lm_eval"], counts["lm_eval_seeded"]) == ("4", "24", "96")
-    # rollouts per student (1.7B, 4B), scores and fixed-context gains per pair; the paper-vs-ours report
-    assert (counts["rollout_initial"], counts["score_initial"], counts["fixed_context"]) == ("2", "3", "3")
+    assert (counts["train_opd"], counts["eval_trained"], counts["eval_trained_seeded"]) == ("20", "20", "80")
+    # 6 hub models x 6 benchmarks, x 4 more evaluation seeds
+    assert (counts["fetch_model"], counts["lm_eval"], counts["lm_eval_seeded"]) == ("6", "36", "144")
+    # rollouts per student (1.7B, 4B, Qwen2.5-3B), scores and fixed-context gains per pair; the paper-vs-ours report
+    assert (counts["rollout_initial"], counts["score_initial"], counts["fixed_context"]) == ("3", "4", "4")
     assert counts["report_reference"] == "1" and "report_sweep" not in counts
-    assert counts["total"] == str(1 + 4 + 24 + 96 + 2 + 15 + 15 + 60 + 3 + 3 + 1 + 1 + 1 + 1 + 1)  # dapo_data ... all
+    assert counts["total"] == str(1 + 6 + 36 + 144 + 3 + 20 + 20 + 80 + 4 + 4 + 1 + 1 + 1 + 1 + 1)  # dapo_data ... all
 
 
 @pytest.mark.slow
@@ -68,7 +68,7 @@ def test_ta_opd_table4_overlay_plans_offline(repo: Path, tmp_path):
     # 2 pairs x (full once + ta_opd at 4 ratios) = 10 runs, 5 evaluation seeds each
     assert (counts["train_opd"], counts["eval_trained"], counts["eval_trained_seeded"]) == ("10", "10", "40")
     assert (counts["rollout_initial"], counts["score_initial"], counts["report_sweep"]) == ("1", "2", "1")
-    assert counts["total"] == "196"
+    assert counts["total"] == "258"  # with the 6 models x 6 benchmarks x 5 seeds of Table 3
 
 
 def test_ta_opd_config_is_valid_and_labels_the_stand_in(repo: Path):
