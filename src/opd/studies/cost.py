@@ -26,7 +26,8 @@ from opd.studies.shapes import (GIB, HF_GENERATE_SEQS, PROMPT_TOKENS, VLLM_ROLLO
 VLLM_RESERVE = 2 * GIB  # vLLM's share beyond weights and KV cache: activations of its profile run, CUDA graphs
 # Problems per benchmark (published sizes; docs/paper.md's table); resources.cost.eval_problems overrides.
 BENCHMARK_PROBLEMS = {"minerva_math500": 500, "aime24": 30, "aime25": 30, "amc23": 40, "olympiadbench": 675,
-                      "gpqa_diamond_cot_zeroshot": 198, "ifeval": 541, "humaneval": 164}
+                      "gpqa_diamond_cot_zeroshot": 198, "ifeval": 541, "humaneval": 164,
+                      "humaneval_instruct": 164}
 TRAINING_RULES = ("train_opd", "serve_teacher")
 
 
@@ -220,18 +221,20 @@ def eval_phases(config: dict, S: Shape, tasks: list[str], a: Assumptions) -> tup
 
 
 def eval_jobs(config: dict, shapes: dict, a: Assumptions) -> list[JobCost]:
-    """lm_eval: one job per (model, benchmark); eval_trained: one job per run, every benchmark."""
+    """lm_eval: one job per (model, benchmark, evaluation seed); eval_trained: one job per (run, evaluation seed),
+    every benchmark (the `_seeded` rules of seeds > 0 are counted with them)."""
     from opd.studies import sweep
 
     ev, gpus = config["evaluation"], max(1, config["resources"]["eval"]["gpu"])
+    seeds = len(ev.get("seeds") or [0])
     out = []
     for name in ev.get("models") or list(config["models"]):
         for task in ev["benchmarks"]:
             phases, notes = eval_phases(config, shapes[name], [task], a)
-            out.append(JobCost("lm_eval", f"lm_eval {name} {task}", 1, gpus, phases, notes=notes))
+            out.append(JobCost("lm_eval", f"lm_eval {name} {task}", seeds, gpus, phases, notes=notes))
     runs = sweep.runs(config["models"], config["train"])
     for t, s in sweep.pairs(config["models"], config["train"]):
-        n = sum(1 for r in runs if (r.teacher, r.student) == (t, s))
+        n = seeds * sum(1 for r in runs if (r.teacher, r.student) == (t, s))
         phases, notes = eval_phases(config, shapes[s], ev["benchmarks"], a)
         out.append(JobCost("eval_trained", f"eval_trained {t} -> {s}", n, gpus, phases, notes=notes))
     return out
