@@ -141,6 +141,17 @@ def test_grouped_jobs_cover_the_paper_grid():
                                               "teacher scoring", "update", "optimizer"]
 
 
+def test_evaluation_seeds_multiply_the_evaluation_jobs():
+    # 3 evaluation seeds: 3 x (21 lm_eval + 918 eval_trained) jobs, each as long as with one seed.
+    one, three = paper(), paper()
+    three["evaluation"]["seeds"] = [0, 1, 2]
+    costs = [cost.totals(cost.plan_costs(validate_config(c), "h100")) for c in (one, three)]
+    counts = {j.rule: j.count for j in cost.plan_costs(validate_config(three), "h100") if j.job == "lm_eval qwen3_8b aime24"}
+    assert counts == {"lm_eval": 3}
+    assert costs[1]["evaluation"] == pytest.approx(3 * costs[0]["evaluation"])
+    assert costs[1]["training"] == pytest.approx(costs[0]["training"])
+
+
 def test_a_served_teacher_is_timed_on_its_gpus_and_billed_on_its_own_row():
     config = validate_config(paper())
     served = copy.deepcopy(config)

@@ -207,10 +207,9 @@ def benchmark_problems(config: dict, task: str) -> int:
 
 
 def eval_phases(config: dict, S: Shape, tasks: list[str], a: Assumptions) -> tuple[list[Phase], dict]:
-    """lm-eval with vLLM: each task's problems x evaluation seeds decoded at the eval response length."""
+    """One lm-eval job (one evaluation seed) with vLLM: each task's problems decoded at the eval response length."""
     ev = config["evaluation"]
-    seeds = len(ev.get("seeds") or [0])
-    seqs = sum(benchmark_problems(config, t) for t in tasks) * seeds
+    seqs = sum(benchmark_problems(config, t) for t in tasks)
     if ev["backend"] == "vllm":
         fraction = (ev.get("model_args") or {}).get("gpu_memory_utilization", 0.9)
         phases, notes = rollout_phases(S, seqs, a.eval_response, vllm_kv_budget(S, fraction, a), a, cm.VLLM_MAX_SEQS,
