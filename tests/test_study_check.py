@@ -1,13 +1,16 @@
 """opd.studies.study_check: the comparison of one study's reports across kernel settings."""
 
 import csv
+import json
 
 import pytest
 
 from opd.studies import study_check
 
+TASKS = ("arith1", "arith2", "reverse")  # tests/config/smoke.yaml's benchmarks; its models: teacher, student_s
 
-def _write(path, header, rows):
+
+def _write_csv(path, header, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
@@ -15,34 +18,57 @@ def _write(path, header, rows):
         w.writerows(rows)
 
 
-def _reports(root, base_b, verdict_b):
-    header = ["model", "in_domain_avg", "ood", "in_domain_avg_lo", "in_domain_avg_hi", "ood_lo", "ood_hi"]
+def _eval(d, task, correct):
+    """<task>.samples.jsonl and <task>.json as opd.studies.evaluate writes them."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{task}.samples.jsonl").write_text("".join(
+        json.dumps({"doc_id": i, "doc_hash": f"h{i}", "filter": "strict-match", "correct": float(c)}) + "\n"
+        for i, c in enumerate(correct)))
+    score = sum(correct) / len(correct)
+    (d / f"{task}.json").write_text(json.dumps({"results": {task: {"exact_match,strict-match": score}}}))
+
+
+def _study(root, student_arith1_avx2, verdict_avx2):
+    """Two settings. Every base model answers the same 20 problems per task alike under both, except
+    student_s on arith1 under avx2; training comparisons identical except the `full − base` verdict."""
     comp = ["table", "a", "b", "metric", "diff", "lo", "hi", "p", "p_holm", "verdict", "paired", "note"]
-    for setting, score, verdict in (("default", 40.0, "better"), ("avx2", base_b, verdict_b)):
-        _write(root / setting / "report/miniature/models.csv", header, [["st", score, 90, score - 5, score + 5, 85, 95]])
-        _write(root / setting / "report/miniature/training_comparisons.csv", comp,
-               [["st", "full", "base", "in_domain_avg", 12, 6, 18, 0.001, 0.002, verdict, True, ""],
-                ["st", "random", "full", "in_domain_avg", -1, -6, 4, 0.7, 1.0, "n.d.", True, ""]])
+    for setting in ("default", "avx2"):
+        for model in ("teacher", "student_s"):
+            for task in TASKS:
+                correct = [i % 2 for i in range(20)]  # 10 of 20 right
+                if (setting, model, task) == ("avx2", "student_s", "arith1"):
+                    correct = student_arith1_avx2
+                _eval(root / setting / "eval" / model, task, correct)
+        _write_csv(root / setting / "report/smoke/models.csv",
+                   ["model", "in_domain_avg", "in_domain_avg_lo", "in_domain_avg_hi"],
+                   [["teacher", 50, 40, 60], ["student_s", 50, 40, 60]])
+        verdict = verdict_avx2 if setting == "avx2" else "better"
+        _write_csv(root / setting / "report/smoke/training_comparisons.csv", comp,
+                   [["student_s", "full", "base", "in_domain_avg", 12, 6, 18, 0.001, 0.002, verdict, True, ""],
+                    ["student_s", "random", "full", "in_domain_avg", -1, -6, 4, 0.7, 1.0, "n.d.", True, ""]])
 
 
-def test_agreeing_settings_exit_zero(tmp_path, capsys):
-    _reports(tmp_path, 44.0, "better")  # 44 lies in [35, 45] and 40 in [39, 49]
+def _run(root, repo):
     with pytest.raises(SystemExit) as info:
-        study_check.main(["--compare-only", "--out-root", str(tmp_path), "--settings", "default", "avx2",
-                          "--configfiles", "config/config.yaml"])
-    out = capsys.readouterr().out
-    assert info.value.code == 0 and out.strip().endswith("study-check: AGREE (default, avx2; " + str(tmp_path) + ")")
-    assert "| st | full − base | in_domain_avg | +12.0 better | +12.0 better |" in out
+        study_check.main(["--compare-only", "--out-root", str(root), "--settings", "default", "avx2",
+                          "--configfiles", str(repo / "tests/config/smoke.yaml")])
+    return info.value.code
 
 
-def test_a_score_outside_the_other_interval_and_a_changed_verdict_disagree(tmp_path, capsys):
-    _reports(tmp_path, 46.0, "n.d.")  # 46 is outside [35, 45], 40 outside [41, 51]
-    with pytest.raises(SystemExit) as info:
-        study_check.main(["--compare-only", "--out-root", str(tmp_path), "--settings", "default", "avx2",
-                          "--configfiles", "config/config.yaml"])
-    out = capsys.readouterr().out
-    assert info.value.code == 1 and "study-check: DISAGREE" in out
-    assert "DISAGREE: st in_domain_avg: 46.0 under avx2 is outside [35.0, 45.0] under default" in out
-    assert "DISAGREE: st in_domain_avg: 40.0 under default is outside [41.0, 51.0] under avx2" in out
-    assert "DISAGREE: st: full − base (in_domain_avg): default better, avx2 n.d." in out
+def test_agreeing_settings_exit_zero(tmp_path, repo, capsys):
+    # student_s on arith1 under avx2: 11 of 20 instead of 10, one problem flipped: far from resolved
+    _study(tmp_path, [i % 2 for i in range(18)] + [1, 1], "better")
+    code, out = _run(tmp_path, repo), capsys.readouterr().out
+    assert code == 0 and out.strip().endswith(f"study-check: AGREE (default, avx2; {tmp_path})")
+    assert "| student_s | default − avx2 | arith1 | -5.0 [" in out  # 10/20 − 11/20
+    assert "| student_s | full − base | in_domain_avg | +12.0 better | +12.0 better |" in out
+
+
+def test_a_resolved_base_difference_and_a_changed_verdict_disagree(tmp_path, repo, capsys):
+    _study(tmp_path, [1] * 20, "n.d.")  # every arith1 problem right under avx2, half under default
+    code, out = _run(tmp_path, repo), capsys.readouterr().out
+    assert code == 1 and "study-check: DISAGREE" in out
+    assert "DISAGREE: student_s arith1: default − avx2 = -50.0 points, worse" in out
+    assert "DISAGREE: student_s: full − base (in_domain_avg): default better, avx2 n.d." in out
+    assert "teacher" not in out.split("DISAGREE:", 1)[1]  # identical answers: no disagreement
     assert "random − full" not in out.split("DISAGREE:", 1)[1]  # same verdict: not a disagreement

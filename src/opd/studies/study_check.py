@@ -6,8 +6,9 @@ For each kernel setting (`ATEN_CPU_CAPABILITY=default`, `avx2`, and the machine'
 Snakemake over the config(s) into `<out-root>/<setting>/` (every model is rebuilt there: data, tokenizer,
 SFT, evaluation, distillation, reports), then compares the settings' reports:
 
-- every base model's score (each benchmark, in-domain average, OOD) must lie inside the 95% interval of
-  the same score under every other setting (`models.csv`);
+- every base model must score the same under every setting up to problem sampling: the model built under
+  one setting against the one built under another, paired on the same problems, on each benchmark and the
+  in-domain / OOD averages, Holm-corrected over all of these (`opd.studies.stats`), must be "n.d.";
 - every comparison of the training report (`training_comparisons.csv`: method − base, method − `full`, ...)
   must reach the same verdict ("better" / "worse" / "n.d.") under every setting.
 
@@ -29,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from opd.infra.config import validate_config
+from opd.studies import report_stats, stats
 from opd.studies.validate import load
 
 SETTINGS = ("default", "avx2", "native")  # native: ATEN_CPU_CAPABILITY unset, the best the CPU has
@@ -60,26 +63,42 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def base_disagreements(tables: dict[str, list[dict]]) -> tuple[list[str], list[str]]:
-    """(lines of the score table, problems): a score outside another setting's interval is a problem."""
+def score_table(tables: dict[str, list[dict]]) -> list[str]:
+    """Every base model's score [95% interval] under each setting (`models.csv`), for reading."""
     settings = list(tables)
-    first = tables[settings[0]]
-    columns = [c for c in first[0] if c != "model" and not c.endswith(("_lo", "_hi"))]
+    columns = [c for c in tables[settings[0]][0] if c != "model" and not c.endswith(("_lo", "_hi"))]
     rows = {s: {r["model"]: r for r in t} for s, t in tables.items()}
-    lines, problems = [f"| model | column | {' | '.join(settings)} |", "|---|---|" + "---:|" * len(settings)], []
+    lines = [f"| model | column | {' | '.join(settings)} |", "|---|---|" + "---:|" * len(settings)]
     for model in rows[settings[0]]:
         for col in columns:
-            cells = {s: rows[s].get(model) for s in settings}
-            if any(c is None for c in cells.values()):
-                problems.append(f"{model}: missing under {[s for s, c in cells.items() if c is None]}")
-                break
+            cells = [rows[s].get(model) for s in settings]
             lines.append(f"| {model} | {col} | " + " | ".join(
-                f"{float(c[col]):.1f} [{float(c[col + '_lo']):.1f}, {float(c[col + '_hi']):.1f}]"
-                for c in cells.values()) + " |")
-            for a, b in itertools.permutations(settings, 2):
-                x, lo, hi = float(cells[a][col]), float(cells[b][col + "_lo"]), float(cells[b][col + "_hi"])
-                if not lo <= x <= hi:
-                    problems.append(f"{model} {col}: {x:.1f} under {a} is outside [{lo:.1f}, {hi:.1f}] under {b}")
+                f"{float(c[col]):.1f} [{float(c[col + '_lo']):.1f}, {float(c[col + '_hi']):.1f}]" if c else "—"
+                for c in cells) + " |")
+    return lines
+
+
+def base_disagreements(out_root: Path, settings: list[str], config: dict) -> tuple[list[str], list[str]]:
+    """(lines, problems): each base model under one setting against itself under another, paired on the same
+    problems, every benchmark and the in-domain/OOD averages, Holm over all of them (opd.studies.stats). A
+    difference the problems resolve ("better"/"worse") is a disagreement; "n.d." means the two models differ
+    by no more than problem sampling can hide."""
+    e = config["evaluation"]
+    models = e.get("models") or list(config["models"])
+    evals = [(f"{m}@{s}", 0, out_root / s / "eval" / m) for m in models for s in settings]
+    scores = report_stats.load_scores(evals, e["benchmarks"], e.get("metrics") or {})
+    pairs = [(f"{m}@{a}", f"{m}@{b}") for m in models for a, b in itertools.combinations(settings, 2)]
+    comps = stats.compare_all(scores, report_stats.columns_of(e["benchmarks"], e["ood_benchmarks"]), pairs)
+    lines = ["| model | settings | column | difference [95% CI] | Holm p | verdict |", "|---|---|---|---:|---:|---|"]
+    problems = []
+    for c in comps:
+        model, a = c.a.split("@")
+        b = c.b.split("@")[1]
+        lines.append(f"| {model} | {a} − {b} | {c.column} | {100 * c.diff:+.1f} [{100 * c.lo:+.1f}, "
+                     f"{100 * c.hi:+.1f}] | {c.p_holm:.3f} | {c.verdict} |")
+        if c.verdict != "n.d.":
+            problems.append(f"{model} {c.column}: {a} − {b} = {100 * c.diff:+.1f} points, {c.verdict} "
+                            f"(Holm p {c.p_holm:.3f})")
     return lines, problems
 
 
@@ -105,17 +124,17 @@ def verdict_disagreements(tables: dict[str, list[dict]]) -> tuple[list[str], lis
     return lines, problems
 
 
-def compare(out_root: Path, settings: list[str], study: str) -> list[str]:
-    """Print both tables; return every disagreement."""
-    problems = []
-    for title, name, fn in (("Base models (score [95% interval], %)", "models.csv", base_disagreements),
-                            ("Training comparisons (difference, verdict)", "training_comparisons.csv",
-                             verdict_disagreements)):
-        tables = {s: read_csv(out_root / s / "report" / study / name) for s in settings}
-        lines, found = fn(tables)
-        print(f"\n{title}:\n" + "\n".join(lines))
-        problems += found
-    return problems
+def compare(out_root: Path, settings: list[str], config: dict) -> list[str]:
+    """Print the tables; return every disagreement."""
+    report = Path("report") / config["study"]
+    models = {s: read_csv(out_root / s / report / "models.csv") for s in settings}
+    print("\nBase models (score [95% interval], %):\n" + "\n".join(score_table(models)))
+    lines, problems = base_disagreements(out_root, settings, config)
+    print("\nBase models, setting against setting (paired on problems, Holm):\n" + "\n".join(lines))
+    training = {s: read_csv(out_root / s / report / "training_comparisons.csv") for s in settings}
+    lines, found = verdict_disagreements(training)
+    print("\nTraining comparisons (difference, verdict):\n" + "\n".join(lines))
+    return problems + found
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,13 +151,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if len(args.settings) < 2:
         parser.error("--settings: name at least two settings to compare")
-    study = load(args.configfiles)["study"]
+    config = validate_config(load(args.configfiles))
     if not args.compare_only:
         for setting in args.settings:
             t = run_setting(setting, args.configfiles, args.out_root.resolve() / setting, args.cores)
             print(f"{setting}: {t['wall_s'] / 60:.1f} min wall, {t['cpu_s'] / 60:.1f} min CPU (user + sys)",
                   flush=True)
-    problems = compare(args.out_root, args.settings, study)
+    problems = compare(args.out_root, args.settings, config)
     for p in problems:
         print(f"DISAGREE: {p}")
     print(f"\nstudy-check: {'DISAGREE' if problems else 'AGREE'} ({', '.join(args.settings)}; {args.out_root})")
