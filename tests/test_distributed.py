@@ -72,6 +72,7 @@ def test_torchrun_two_ranks_train_one_model_and_log_one_run(tiny_world, tmp_path
     metrics = json.loads((out / "metrics.json").read_text())
     signals = metrics.pop("signals")  # the resolved paper/official settings (opd.math.variant)
     assert signals["variant"] == "paper" and signals["aggregation"] == "token_mean"
+    assert metrics.pop("optimizer")["train.optimizer.name"] == "adamw"  # the resolved optimizer (opd.engines.optim)
     assert metrics["step"] == 2 and all(isinstance(v, (int, float)) for v in metrics.values())
     assert (out / "model" / "model.safetensors").is_file()
     assert [p.name for p in checkpoint.complete_checkpoints(out / "checkpoints")] == ["step_000002"]
