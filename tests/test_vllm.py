@@ -151,7 +151,8 @@ def test_training_with_vllm_rollouts_pushes_weights_every_step(tiny_world, tmp_p
                         "--ratio", "0.3", "--steps", "2", "--top-k", "4", "--prompts-per-step", "2", "--samples", "2",
                         "--max-new-tokens", "12", "--lr", "1e-3", "--study", "test_vllm", "--rollout-backend", "vllm",
                         "--vllm-python", VLLM_PYTHON, "--vllm-memory-fraction", "0.1", "--recompute-rollout-logprobs"])
-    assert final["step"] == 2 and all(isinstance(v, (int, float)) for k, v in final.items() if k != "signals")
+    assert final["step"] == 2 and all(isinstance(v, (int, float)) for k, v in final.items()
+                                      if k not in ("signals", "optimizer"))  # the resolved settings (dicts)
     assert json.loads((out / "metrics.json").read_text()) == final
     assert len(pushes) == 2  # before step 1 (the start weights) and after step 1's update
     assert [kw["version"] for _, _, kw in pushes] == [1, 2]  # each push names the step it is for
@@ -347,5 +348,9 @@ def test_a_server_stopped_mid_run_stops_training_with_one_error_naming_it(tiny_w
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode != 0 and time.monotonic() - stopped < 60  # a few retries, never a hang
-    assert f"the teacher server {served_teacher.url} does not answer /v1/completions" in err
-    assert "is it running? (train.teacher_url)" in err and "Traceback" not in err  # one clear line
+    # Stopping vLLM can kill its engine before its HTTP listener: the request then meets a refused connection
+    # (after the retries) or the dying server's HTTP 500. Either way one line naming the URL, no traceback.
+    refused = f"the teacher server {served_teacher.url} does not answer /v1/completions" in err
+    assert refused and "is it running? (train.teacher_url)" in err or \
+        f"the teacher server {served_teacher.url} answered /v1/completions with HTTP 500" in err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].count(served_teacher.url) == 1
