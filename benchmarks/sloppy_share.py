@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 
 import torch
 
 from opd import worlds
-from opd.worlds.miniature.generator import IN_DOMAIN
+from opd.worlds.miniature.generator import IN_DOMAIN, sloppy
 
 WORLD = worlds.get("miniature")
 
@@ -32,11 +33,11 @@ def first_step_share(model_dir: Path, data_dir: Path, max_value: int) -> tuple[f
     for task in IN_DOMAIN:
         for line in (data_dir / f"{task}.jsonl").open():
             rec = json.loads(line)
-            head, right = rec["solution"].split(".")[0].rsplit(" is ", 1)
-            wrong = int(right) + 1 if int(right) < max_value else int(right) - 1
+            # The first step as written clean and as the sloppy author writes it when he slips (noise 1).
+            steps = (r["solution"].split(".")[0] for r in (rec, sloppy(rec, random.Random(0), 1.0, max_value)))
             prompt = WORLD.encode_prompt(tok, rec["question"], "plain", True)
             # The solution follows "Answer:" after a space, as in the SFT data.
-            ids_r, ids_w = (tok(f" {head} is {v}.", add_special_tokens=False)["input_ids"] for v in (right, wrong))
+            ids_r, ids_w = (tok(f" {step}.", add_special_tokens=False)["input_ids"] for step in steps)
             first = next(i for i, (a, b) in enumerate(zip(ids_r, ids_w)) if a != b)
             logps = []
             for ids in (ids_r, ids_w):
