@@ -131,3 +131,11 @@ def test_corrupt_weights_on_disk_are_refused_at_validation_naming_file_and_role(
         validate.main([str(repo / "config" / "config.yaml"), str(overlay)])
     assert (f"  - models.teacher (teacher): {weights}: truncated or corrupt ({size - 100} bytes, its header "
             f"describes {size}); delete the model directory and rerun the job that made it") in str(err.value)
+
+
+def test_per_seed_student_builds_of_a_hub_student_are_refused_naming_key_and_model(repo, tmp_path):
+    overlay = _overlay(tmp_path, {"train": {"seeds": [0, 1], "student_builds": "per_seed"}})
+    with pytest.raises(SystemExit) as err:
+        validate.main([str(repo / "config" / "paper.yaml"), str(overlay)])
+    assert "train.student_builds: per_seed builds every student once per seed, but models.qwen3_1p7b is a hub" \
+        in str(err.value)

@@ -241,3 +241,22 @@ def test_evaluation_seeds_to_reference_report(reference_smoke):
     assert (out / "report/smoke_reference/reference.png").stat().st_size > 1000
     html = (out / "report.html").read_text()
     assert all(name in html for name in ("Reference", "reference.csv", "reference.png"))
+
+
+def test_per_seed_student_builds_plan_one_build_per_seed(tmp_path):
+    """`train.student_builds: per_seed`: seed 1 trains from its own build (SFT seed 1), evaluated as a base model."""
+    overlay = tmp_path / "per_seed.yaml"
+    overlay.write_text("train: {seeds: [0, 1], student_builds: per_seed, methods: [full]}\n")
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "--directory", str(tmp_path), "-n", "-p",
+           "--configfile", str(repo / "tests/config/smoke.yaml"), str(overlay), "--config", f"results_dir={RESULTS}",
+           "--cores", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert f"--out-dir {RESULTS}/models/student_s~build1 --name student_s~build1" in out
+    assert "--max-chain 1 --seed 1 " in out  # the build is made like its student, with SFT seed `seed` + 1
+    assert f"--student {RESULTS}/models/student_s~build1 " in out and "ratio~1/seed~1 --method full" in out
+    assert f"--student {RESULTS}/models/student_s " in out and "ratio~1/seed~0 --method full" in out
+    assert f"--out-dir {RESULTS}/eval/student_s~build1" in out  # the base row's second build
+    assert "--seeds 0 1 --student-builds per_seed" in out

@@ -151,3 +151,23 @@ def test_noise_and_power():
     # (1.96 + 0.84) · sqrt(2 · 0.02² / 3 + 0.4² / 500) = 2.80 · sqrt(0.0002667 + 0.00032) = 0.0678
     assert stats.detectable(0.02, 0.4, 3, 500) == pytest.approx(0.0678, abs=5e-4)
     assert math.isnan(stats.noise(stats.group(rows("a", {0: a})), ["t"])[1])
+
+
+def test_seeds_paired_when_each_seed_is_one_student_build():
+    # Two builds of one student: build 1 is far more distillable (b: 0 vs 0.5), but a beats b by exactly
+    # 0.25 on every problem of both builds. Paired on seeds, every replicate draws the same builds for a and
+    # b: each replicate is 0.25. Unpaired, a's draw and b's draw are independent: a's seed means are
+    # {0.25, 0.75}, b's {0, 0.5}; the replicate a − b ranges over 0.25 ± 0.5, so the interval holds 0.
+    s = stats.group(rows("a", {0: [0.25] * 20, 1: [0.75] * 20}) + rows("b", {0: [0.0] * 20, 1: [0.5] * 20}))
+    paired = stats.compare(s["a"], s["b"], ["t"], seeds_paired=True)
+    assert (paired.diff, paired.lo, paired.hi, paired.p) == pytest.approx((0.25, 0.25, 0.25, 0.0))
+    unpaired = stats.compare(s["a"], s["b"], ["t"])
+    assert unpaired.diff == pytest.approx(0.25)
+    assert unpaired.lo == pytest.approx(-0.25) and unpaired.hi == pytest.approx(0.75)
+    assert unpaired.p > 0.05
+
+
+def test_seeds_paired_needs_the_same_seeds():
+    s = stats.group(rows("a", {0: [1, 0], 1: [1, 1]}) + rows("base", {0: [0, 0]}))
+    with pytest.raises(ValueError, match=r"a \(seeds \[0, 1\]\) and base \(seeds \[0\]\) cannot be paired on seeds"):
+        stats.compare(s["a"], s["base"], ["t"], seeds_paired=True)

@@ -42,7 +42,7 @@ def first(n, total=100):
 
 
 def stats_args():
-    return argparse.Namespace(level=0.95, n_boot=2000, eval_seeds=[0])
+    return argparse.Namespace(level=0.95, n_boot=2000, eval_seeds=[0], student_builds="shared")
 
 
 def test_sweep_table_by_hand(tmp_path):
@@ -138,3 +138,33 @@ def test_training_report_main_logs_intervals_and_comparisons_to_mlflow(tmp_path,
     assert m["a.full_vs_base.in_domain_avg.diff"] == pytest.approx(10.0) and m["a.full_vs_base.ood.paired"] == 1.0
     assert run.data.params["n_boot"] == "500"
     assert "full − base | in_domain_avg | +10.0" in (out / "t.md").read_text()
+
+
+def test_student_builds_per_seed():
+    train = {"methods": ["full"], "top_k": [8], "ratio": [0.1], "seeds": [0, 2], "students": ["a"]}
+    assert sweep.builds(MODELS, train) == {}  # shared: every seed starts from `a`
+    per_seed = {**train, "student_builds": "per_seed"}
+    assert sweep.builds(MODELS, per_seed) == {"a~build2": ("a", 2)}  # seed 0 keeps the student itself
+    assert [sweep.student_build("a", s, True) for s in (0, 2)] == ["a", "a~build2"]
+    assert sweep.student_build("a", 2, False) == "a"
+
+
+def test_training_report_per_seed_builds_pairs_on_seeds(tmp_path):
+    # Two builds of student a: build 0 scores 10%, build 1 (results/eval/a~build1) 50%; full gains 20 points on
+    # each (30% / 70%, nested sets: the same 20 problems flip). Paired on builds, full − base is +0.20 with
+    # only problem noise (20 discordant problems of 100 per build): better. The base row has both builds.
+    runs = sweep.grid([("t", "a")], ["full"], [8], [0.1], [0, 1])
+    for r, n in zip(runs, (30, 70)):
+        write_eval(tmp_path / "results" / r.path / "eval", {"arith1": first(n), "reverse": first(50)})
+    write_eval(tmp_path / "results/eval/a", {"arith1": first(10), "reverse": first(50)})
+    write_eval(tmp_path / "results/eval/a~build1", {"arith1": first(50), "reverse": first(50)})
+    args = argparse.Namespace(**{**vars(stats_args()), "student_builds": "per_seed"})
+    ests, comps, scores, _ = report_train.analyse(runs, ["arith1", "reverse"], ["reverse"], {}, tmp_path / "results",
+                                               args)
+    assert scores["a"]["base"].seeds == [0, 1] and ests["a"]["base"]["in_domain_avg"].mean == pytest.approx(0.30)
+    c = next(c for c in comps["a"] if c.column == "in_domain_avg")
+    assert (c.diff, c.paired, c.verdict) == (pytest.approx(0.20), True, "better")
+    # paired on builds the interval is problem noise alone: 20 of 100 flipped per build, SE ~ 0.04 / sqrt(2)
+    assert 0.12 < c.lo < 0.16 and 0.24 < c.hi < 0.28
+    md = report_train.markdown(ests, comps, scores, ["arith1", "reverse", "in_domain_avg", "ood"], ["arith1"], 2, args)
+    assert "Each seed is its own build of the student" in md

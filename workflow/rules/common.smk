@@ -62,11 +62,18 @@ EVAL_SEEDS = config["evaluation"]["seeds"]  # seed 0 writes where a study withou
 
 DATA = config["data"]
 PROMPTS = res("data/train_prompts.jsonl")
-MINIATURE_MODELS = [n for n, m in config["models"].items() if not m.get("hub")]
+# A per-seed study's extra student builds (<student>~build<s>, train.student_builds): models made like their student.
+BUILDS = sweep.builds(config["models"], config["train"])
+MODELS = MODELS + list(BUILDS)
+EVAL_MODELS = config["evaluation"]["models"] or MODELS  # by default every model is evaluated, builds too
+MINIATURE_MODELS = [n for n, m in config["models"].items() if not m.get("hub")] + list(BUILDS)
 HUB_MODELS = [n for n, m in config["models"].items() if m.get("hub")]
 TRAIN = config["train"]
 PAIRS = sweep.pairs(config["models"], TRAIN)
 TRAIN_STUDENTS = list(dict.fromkeys(s for _, s in PAIRS))
+PER_SEED = sweep.per_seed_builds(TRAIN)
+# The base evaluations the training reports read: each student, and each of its builds in a per-seed study.
+BASE_MODELS = TRAIN_STUDENTS + [b for b, (s, _) in BUILDS.items() if s in TRAIN_STUDENTS]
 TRAIN_ID = "{teacher}/{student}/{method}/K~{k}/ratio~{ratio}/seed~{seed}"
 TRAIN_DIR = f"{RESULTS}/train/{TRAIN_ID}"
 REPORT_DIR = f"{RESULTS}/report/{STUDY}"
@@ -81,9 +88,19 @@ def model_dir(model):
     return f"{RESULTS}/models/{model}"
 
 
+def model_config(model):
+    """A model's config block; a student build's is its student's."""
+    return config["models"][BUILDS[model][0] if model in BUILDS else model]
+
+
+def sft_seed(model):
+    """The SFT seed of a miniature model: config `seed`, plus s for the build of training seed s."""
+    return config["seed"] + (BUILDS[model][1] if model in BUILDS else 0)
+
+
 def model_file(model):
     """The file that marks a model as ready: its SFT weights, or the manifest of a hub download."""
-    return f"{model_dir(model)}/" + ("FETCHED.json" if config["models"][model].get("hub") else "model.safetensors")
+    return f"{model_dir(model)}/" + ("FETCHED.json" if model_config(model).get("hub") else "model.safetensors")
 
 
 def pair_label(teacher, student):
@@ -126,7 +143,7 @@ def signal_args(aggregation_flag="--signal-aggregation"):
 
 def sft_args(wildcards):
     """Command-line flags of opd.worlds.miniature.sft for one model, from its config block."""
-    m = config["models"][wildcards.model]
+    m = model_config(wildcards.model)
     keys = ["hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "steps", "batch_size", "lr"]
     flags = " ".join(f"--{k.replace('_', '-')} {m[k]}" for k in keys)
     flags += f" --max-chain {m['max_chain']}" if m["max_chain"] else ""
@@ -296,7 +313,7 @@ def grid_args():
     return (
         f"--pairs {' '.join(f'{t}:{s}' for t, s in PAIRS)} --methods {' '.join(TRAIN['methods'])}"
         f" --top-k {' '.join(map(str, TRAIN['top_k']))} --ratios {' '.join(map(str, TRAIN['ratio']))}"
-        f" --seeds {' '.join(map(str, TRAIN['seeds']))} --tasks {' '.join(BENCHMARKS)} --results {RESULTS}"
+        f" --seeds {' '.join(map(str, TRAIN['seeds']))} --student-builds {TRAIN['student_builds']} --tasks {' '.join(BENCHMARKS)} --results {RESULTS}"
     )
 
 

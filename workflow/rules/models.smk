@@ -27,7 +27,7 @@ if MINIATURE_MODELS:
             args=sft_args,
             out_dir=lambda wc: model_dir(wc.model),
             tokenizer_dir=lambda wc, input: os.path.dirname(input.tokenizer[0]),
-            seed=config["seed"],
+            seed=lambda wc: sft_seed(wc.model),
         shell:
             "python -m opd.worlds.miniature.sft --data {input.data} --tokenizer {params.tokenizer_dir} --out-dir {params.out_dir}"
             " --name {wildcards.model} {params.args} --seed {params.seed} --threads {threads}"

@@ -27,7 +27,7 @@ rule report_models:
 rule report_training:
     input:
         trained=trained_evals(),
-        base=[f for m in TRAIN_STUDENTS for f in eval_files(res(f"eval/{m}"))],
+        base=[f for m in BASE_MODELS for f in eval_files(res(f"eval/{m}"))],
     output:
         md=f"{REPORT_DIR}/training.md",
         csv=report(f"{REPORT_DIR}/training.csv", caption="../report/training.rst", category="Training"),
@@ -54,7 +54,7 @@ rule report_training:
 rule report_sweep:
     input:
         trained=trained_evals(),
-        base=[f for m in TRAIN_STUDENTS for f in eval_files(res(f"eval/{m}"))],
+        base=[f for m in BASE_MODELS for f in eval_files(res(f"eval/{m}"))],
     output:
         md=f"{REPORT_DIR}/sweep.md",
         csv=report(f"{REPORT_DIR}/sweep.csv", caption="../report/sweep.rst", category="Sweep"),
@@ -81,7 +81,7 @@ rule report_sweep:
 rule report_reference:
     input:
         trained=trained_evals(),
-        base=[f for m in TRAIN_STUDENTS for f in eval_files(res(f"eval/{m}"))],
+        base=[f for m in BASE_MODELS for f in eval_files(res(f"eval/{m}"))],
         reference=lambda wc: str(Path(workflow.basedir) / config["evaluation"]["reference"]),
     output:
         md=f"{REPORT_DIR}/reference.md",

@@ -3,7 +3,7 @@
 
 rule train_opd:
     input:
-        student=lambda wc: model_file(wc.student),
+        student=lambda wc: model_file(sweep.student_build(wc.student, int(wc.seed), PER_SEED)),
         teacher=lambda wc: model_file(wc.teacher),
         prompts=PROMPTS,
     output:

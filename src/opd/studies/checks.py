@@ -94,8 +94,22 @@ def served_teacher_problems(config: dict) -> list[str]:
     return teacher_server.config_problems(config, teachers)
 
 
+def student_build_problems(config: dict) -> list[str]:
+    """`train.student_builds: per_seed` rebuilds a student per seed: only a model this workflow makes can be."""
+    if not sweep.per_seed_builds(config["train"]):
+        return []
+    try:
+        students = dict.fromkeys(s for _, s in sweep.pairs(config["models"], config["train"]))
+    except StopIteration:
+        return []
+    return [f"train.student_builds: per_seed builds every student once per seed, but models.{s} is a hub "
+            "model (only a miniature-world student, SFT-trained here, can be rebuilt); use shared"
+            for s in students if config["models"].get(s, {}).get("hub")]
+
+
 CHECKS: list[Check] = [worlds.config_problems, model_problems, weight_problems, benchmarks.config_problems,
-                       evaluate.code_execution_problems, reference.config_problems, served_teacher_problems]
+                       evaluate.code_execution_problems, reference.config_problems, served_teacher_problems,
+                       student_build_problems]
 
 
 def validate(config: dict, checks: list[Check] = CHECKS) -> dict:

@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     args = cli.parse(p, argv, GRID_FLAGS)
     runs = grid_runs(args)
     columns = rs.columns_of(args.tasks, args.ood_tasks)
-    scores = pair_scores(runs, args.tasks, parse_metrics(args.metric), args.results, True, args.eval_seeds)
+    scores = pair_scores(runs, args.tasks, parse_metrics(args.metric), args.results, True, args.eval_seeds,
+                         args.student_builds == "per_seed")
     tables, base, comps = analyse(runs, scores, columns, args)
     args.out_md.parent.mkdir(parents=True, exist_ok=True)
     args.out_md.write_text(markdown(tables, base, comps, args.top_k, args.ratios, len(args.seeds), args))

@@ -1,8 +1,9 @@
 """The distillation report: per student scale, method × benchmark with intervals and paired verdicts.
 
-Rows: the student before OPD (`base`, results/eval/<student>/) and each method
-(results/train/<teacher>/<student>/<method>/K~k/ratio~r/seed~s/eval/, see opd.studies.sweep); with several (K, ratio)
-points in the grid, one row per method and point. Each cell is the mean over seeds of the accuracy with
+Rows: the student before OPD (`base`, results/eval/<student>/; with `train.student_builds: per_seed` one
+evaluation per build, results/eval/<student>~build<s>/ for seed s > 0, every comparison paired on seeds) and
+each method (results/train/<teacher>/<student>/<method>/K~k/ratio~r/seed~s/eval/, see opd.studies.sweep); with
+several (K, ratio) points in the grid, one row per method and point. Each cell is the mean over seeds of the accuracy with
 its interval over seeds and problems; each row is compared, paired on problems, with `full` (the `full` row of
 the same K) and with `base`, and says better / worse / n.d. after Holm's correction over the table's
 comparisons (opd.studies.stats, docs/statistics.md).
@@ -19,7 +20,7 @@ from opd.infra.lmeval_results import METRIC, parse_metrics
 from opd.studies import eval_seeds
 from opd.studies import report_stats as rs
 from opd.studies import stats
-from opd.studies.sweep import Run, grid, pair_label
+from opd.studies.sweep import Run, grid, pair_label, student_build
 
 Point = tuple[str, str, str, int, str]  # (teacher, student, method, K, ratio)
 
@@ -29,12 +30,14 @@ def row_name(run: Run, several: bool) -> str:
 
 
 def pair_evals(runs: list[Run], tasks: list[str], metrics: dict[str, str], results: Path, several: bool,
-               eval_seeds: list[int] = (0,)) -> tuple[dict, dict]:
-    """({pair label: {'base' or row name: Scores}}, {pair label: SeedScores}), rows in grid order."""
+               eval_seeds: list[int] = (0,), per_seed: bool = False) -> tuple[dict, dict]:
+    """({pair label: {'base' or row name: Scores}}, {pair label: SeedScores}), rows in grid order; `per_seed`:
+    the base row has one evaluation per student build (sweep.student_build), one per training seed."""
     pair_list = list(dict.fromkeys((r.teacher, r.student) for r in runs))
     out, seed_scores = {}, {}
     for teacher, student in pair_list:
-        evals = [("base", 0, results / "eval" / student)]
+        seeds = dict.fromkeys(r.seed for r in runs if r.student == student) if per_seed else [0]
+        evals = [("base", s, results / "eval" / student_build(student, s, per_seed)) for s in seeds]
         evals += [(row_name(r, several), r.seed, results / r.path / "eval") for r in runs
                   if (r.teacher, r.student) == (teacher, student)]
         label = pair_label(teacher, student, pair_list)
@@ -43,9 +46,10 @@ def pair_evals(runs: list[Run], tasks: list[str], metrics: dict[str, str], resul
 
 
 def pair_scores(runs: list[Run], tasks: list[str], metrics: dict[str, str], results: Path,
-                several: bool, eval_seeds: list[int] = (0,)) -> dict[str, dict[str, stats.Scores]]:
+                several: bool, eval_seeds: list[int] = (0,),
+                per_seed: bool = False) -> dict[str, dict[str, stats.Scores]]:
     """{pair label: {'base' or row name: Scores}}, rows in grid order."""
-    return pair_evals(runs, tasks, metrics, results, several, eval_seeds)[0]
+    return pair_evals(runs, tasks, metrics, results, several, eval_seeds, per_seed)[0]
 
 
 def is_several(runs: list[Run]) -> bool:
@@ -69,7 +73,8 @@ def analyse(runs: list[Run], tasks: list[str], ood_tasks: list[str], metrics: di
     """(estimates {label: {row: {col: Estimate}}}, comparisons {label: [...]}, scores {label: {row: Scores}},
     spreads over evaluation seeds {label: {row: {col: Spread}}})."""
     several, pair_list = is_several(runs), list(dict.fromkeys((r.teacher, r.student) for r in runs))
-    scores, seed_scores = pair_evals(runs, tasks, metrics, results, several, args.eval_seeds)
+    per_seed = args.student_builds == "per_seed"
+    scores, seed_scores = pair_evals(runs, tasks, metrics, results, several, args.eval_seeds, per_seed)
     columns = rs.columns_of(tasks, ood_tasks)
     summary = {c: columns[c] for c in rs.SUMMARY if c in columns}
     ests, comps = {}, {}
@@ -78,7 +83,7 @@ def analyse(runs: list[Run], tasks: list[str], ood_tasks: list[str], metrics: di
         pair_runs = [r for r in runs if (r.teacher, r.student) == (teacher, student)]
         ests[label] = rs.estimates(scores[label], columns, args)
         comps[label] = stats.compare_all(scores[label], summary, reference_pairs(pair_runs, several),
-                                         args.level, args.n_boot)
+                                         args.level, args.n_boot, seeds_paired=per_seed)
     return ests, comps, scores, {label: eval_seeds.spreads(seed_scores[label], columns) for label in seed_scores}
 
 
@@ -88,8 +93,11 @@ def markdown(ests: dict, comps: dict, scores: dict, columns: list[str], ind_task
     n_eval = len(args.eval_seeds)
     seeds = "" if n_eval < 2 else (f" Each checkpoint is evaluated with {n_eval} evaluation seeds: a problem counts "
                                    f"with its mean over them; (mean ± std) is over the evaluation seeds.")
+    builds = ("" if args.student_builds != "per_seed" else
+              " Each seed is its own build of the student (SFT seed + s), its `base` evaluated per build: "
+              "comparisons are paired on seeds as well as problems.")
     parts = [f"# On-policy distillation results\n\n{n_seeds} seed(s) per method; `base` is the student before "
-             f"distillation.{seeds} {rs.explain(args.level, args.n_boot)}"]
+             f"distillation.{builds}{seeds} {rs.explain(args.level, args.n_boot)}"]
     for label, rows in ests.items():
         heads = [f"vs full ({' / '.join(summary)})", f"vs base ({' / '.join(summary)})"]
         parts.append(f"\n## {label}\n\n| method | " + " | ".join(columns + heads) + " |\n|---|"
@@ -146,7 +154,7 @@ def plot(ests: dict, path: Path, level: float) -> None:
 
 # The grid flags -> the config keys they stand for (opd.infra.cli; shared with opd.studies.report_sweep).
 GRID_FLAGS = {"methods": "train.methods", "top_k": "train.top_k", "ratios": "train.ratio", "seeds": "train.seeds",
-              "eval_seeds": "evaluation.seeds"}
+              "student_builds": "train.student_builds", "eval_seeds": "evaluation.seeds"}
 
 
 def add_grid_args(p: argparse.ArgumentParser, figure: str = "figure") -> None:
@@ -160,6 +168,9 @@ def add_grid_args(p: argparse.ArgumentParser, figure: str = "figure") -> None:
     p.add_argument("--top-k", nargs="+", type=int, required=True, help="K values of the grid")
     p.add_argument("--ratios", nargs="+", type=float, required=True, help="selection ratios of the grid")
     p.add_argument("--seeds", nargs="+", type=int, required=True, help="seeds to average over")
+    p.add_argument("--student-builds", choices=("shared", "per_seed"), default="shared",
+                   help="per_seed: seed s > 0 of a student started from its own build <student>~build<s> "
+                        "(config train.student_builds); comparisons are then paired on seeds")
     p.add_argument("--tasks", nargs="+", required=True, help="benchmarks, in column order")
     p.add_argument("--ood-tasks", nargs="*", required=True, help="benchmarks that count as out-of-domain")
     p.add_argument("--metric", nargs="*", default=[], metavar="TASK=METRIC",

@@ -11,7 +11,10 @@ problem part of the variance by the number of seeds. Percentile intervals; p-val
 standard error (normal approximation). Why this design: docs/statistics.md.
 
 Comparisons of two methods are paired on problems (one problem draw shared by both, so the problems'
-common difficulty cancels) and unpaired on seeds (each method's seeds are separate training runs).
+common difficulty cancels) and unpaired on seeds (each method's seeds are separate training runs) unless
+the caller says the seeds are paired: seed s of every method started from the same student build s
+(config `train.student_builds: per_seed`), so one seed draw is shared by both and a build's common
+distillability cancels as a problem's difficulty does.
 Methods evaluated on different problems cannot be paired: the comparison says so and resamples them
 independently.
 """
@@ -109,13 +112,14 @@ def _seed_task_means(s: Scores, task: str, rng, n_boot: int, w_task=None) -> tup
     return np.array([v.mean() for v in vals]), np.stack([_draw(rng, len(v), n_boot) @ v for v in vals], 1)
 
 
-def _replicates(s: Scores, tasks: list[str], rng, n_boot: int, shared: dict | None = None):
-    """(point estimate, n_boot bootstrap replicates) of `s` on the column made of `tasks`."""
+def _replicates(s: Scores, tasks: list[str], rng, n_boot: int, shared: dict | None = None, seed_w=None):
+    """(point estimate, n_boot bootstrap replicates) of `s` on the column made of `tasks`; `seed_w` is a
+    shared (n_boot, seeds) seed draw."""
     point, boot_BS = np.zeros(len(s.seeds)), np.zeros((n_boot, len(s.seeds)))
     for task in tasks:
         p, b = _seed_task_means(s, task, rng, n_boot, (shared or {}).get(task))
         point, boot_BS = point + p / len(tasks), boot_BS + b / len(tasks)
-    seed_w = _draw(rng, len(s.seeds), n_boot)
+    seed_w = _draw(rng, len(s.seeds), n_boot) if seed_w is None else seed_w
     return float(point.mean()), (seed_w * boot_BS).sum(1)
 
 
@@ -163,14 +167,19 @@ def pairing_problem(a: Scores, b: Scores, tasks: list[str]) -> str:
 
 
 def compare(a: Scores, b: Scores, tasks: list[str], column: str = "", level: float = LEVEL,
-            n_boot: int = N_BOOT, seed: int = SEED) -> Comparison:
-    """a − b on the column made of `tasks`: paired on problems where both saw the same ones."""
+            n_boot: int = N_BOOT, seed: int = SEED, seeds_paired: bool = False) -> Comparison:
+    """a − b on the column made of `tasks`: paired on problems where both saw the same ones, and on seeds
+    when `seeds_paired` (seed s of both started from the same student build) and both have the same seeds."""
     _check_tasks(a, tasks), _check_tasks(b, tasks)
     rng = np.random.default_rng(seed)
     note = pairing_problem(a, b, tasks)
+    if seeds_paired and a.seeds != b.seeds:
+        raise ValueError(f"{a.method} (seeds {a.seeds}) and {b.method} (seeds {b.seeds}) cannot be paired on "
+                         "seeds: every row of a per-seed-build study needs the same seeds")
     shared = None if note else {t: _draw(rng, len(a.tasks[t][0]), n_boot) for t in tasks}
-    mean_a, boot_a = _replicates(a, tasks, rng, n_boot, shared)
-    mean_b, boot_b = _replicates(b, tasks, rng, n_boot, shared)
+    seed_w = _draw(rng, len(a.seeds), n_boot) if seeds_paired else None
+    mean_a, boot_a = _replicates(a, tasks, rng, n_boot, shared, seed_w)
+    mean_b, boot_b = _replicates(b, tasks, rng, n_boot, shared, seed_w)
     diff, boot = mean_a - mean_b, boot_a - boot_b
     lo, hi = _percentiles(boot, level)
     return Comparison(a.method, b.method, column, diff, lo, hi, p_value(diff, boot), not note,
@@ -207,9 +216,10 @@ def verdict(c: Comparison, p_adjusted: float, level: float = LEVEL) -> str:
 
 
 def compare_all(scores: dict[str, Scores], columns: dict[str, list[str]], pairs: list[tuple[str, str]],
-                level: float = LEVEL, n_boot: int = N_BOOT, seed: int = SEED) -> list[Comparison]:
+                level: float = LEVEL, n_boot: int = N_BOOT, seed: int = SEED,
+                seeds_paired: bool = False) -> list[Comparison]:
     """Every (a, b) of `pairs` on every column, with Holm-adjusted p-values and verdicts over that family."""
-    comps = [compare(scores[a], scores[b], tasks, col, level, n_boot, seed)
+    comps = [compare(scores[a], scores[b], tasks, col, level, n_boot, seed, seeds_paired)
              for a, b in pairs for col, tasks in columns.items()]
     adjusted = holm([c.p for c in comps])
     return [Comparison(**{**c.__dict__, "p_holm": p, "verdict": verdict(c, p, level)})

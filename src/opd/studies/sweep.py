@@ -7,6 +7,10 @@ directories to read) cannot disagree. Paths follow snakemake.utils.Paramspace's 
 
 (`Run.path` is that path relative to the results root, config `results_dir`.)
 
+With `train.student_builds: per_seed` every training seed s > 0 starts from its own build of the student,
+the model `<student>~build<s>` (SFT seed = config `seed` + s; seed 0 keeps the student itself): a replicate
+then covers the student's making as well as its distillation (docs/miniature-world.md, docs/statistics.md).
+
 `full` and `release` supervise every (pre-release) position and have no budget, so the ratio grid
 does not multiply them: they run once per K with ratio~1 ("all positions eligible").
 """
@@ -66,6 +70,23 @@ def grid(pair_list: list[tuple[str, str]], methods: list[str], ks: list[int], ra
 def runs(models: dict, train: dict) -> list[Run]:
     """Every training run a study config asks for."""
     return grid(pairs(models, train), train["methods"], train["top_k"], train["ratio"], train["seeds"])
+
+
+def per_seed_builds(train: dict) -> bool:
+    return train.get("student_builds", "shared") == "per_seed"
+
+
+def student_build(student: str, seed: int, per_seed: bool) -> str:
+    """The model a run of `student` with training seed `seed` starts from."""
+    return f"{student}~build{seed}" if per_seed and seed else student
+
+
+def builds(models: dict, train: dict) -> dict[str, tuple[str, int]]:
+    """{build model name: (student, seed)} of the extra student builds a per-seed study makes (none when shared)."""
+    if not per_seed_builds(train):
+        return {}
+    students = dict.fromkeys(s for _, s in pairs(models, train))
+    return {student_build(st, s, True): (st, s) for st in students for s in train["seeds"] if s}
 
 
 def pair_label(teacher: str, student: str, pair_list: list[tuple[str, str]]) -> str:
