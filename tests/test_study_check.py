@@ -72,3 +72,22 @@ def test_a_resolved_base_difference_and_a_changed_verdict_disagree(tmp_path, rep
     assert "DISAGREE: student_s: full − base (in_domain_avg): default better, avx2 n.d." in out
     assert "teacher" not in out.split("DISAGREE:", 1)[1]  # identical answers: no disagreement
     assert "random − full" not in out.split("DISAGREE:", 1)[1]  # same verdict: not a disagreement
+
+
+def test_per_seed_builds_are_compared_as_base_models(tmp_path, repo, capsys):
+    # train.student_builds: per_seed with seeds [0, 1]: the build student_s~build1 is a base model too; under
+    # avx2 it answers every arith1 problem, under default half of them: a resolved difference, named.
+    _study(tmp_path, [i % 2 for i in range(20)], "better")
+    for setting in ("default", "avx2"):
+        for task in TASKS:
+            right = [1] * 20 if (setting, task) == ("avx2", "arith1") else [i % 2 for i in range(20)]
+            _eval(tmp_path / setting / "eval" / "student_s~build1", task, right)
+    overlay = tmp_path / "per_seed.yaml"
+    overlay.write_text("train: {seeds: [0, 1], student_builds: per_seed}\n")
+    with pytest.raises(SystemExit) as info:
+        study_check.main(["--compare-only", "--out-root", str(tmp_path), "--settings", "default", "avx2",
+                          "--configfiles", str(repo / "tests/config/smoke.yaml"), str(overlay)])
+    out = capsys.readouterr().out
+    assert info.value.code == 1
+    assert "DISAGREE: student_s~build1 arith1: default − avx2 = -50.0 points, worse" in out
+    assert "DISAGREE: student_s arith1" not in out  # the seed-0 student agrees

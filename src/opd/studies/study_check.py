@@ -6,9 +6,9 @@ For each kernel setting (`ATEN_CPU_CAPABILITY=default`, `avx2`, and the machine'
 Snakemake over the config(s) into `<out-root>/<setting>/` (every model is rebuilt there: data, tokenizer,
 SFT, evaluation, distillation, reports), then compares the settings' reports:
 
-- every base model must score the same under every setting up to problem sampling: the model built under
-  one setting against the one built under another, paired on the same problems, on each benchmark and the
-  in-domain / OOD averages, Holm-corrected over all of these (`opd.studies.stats`), must be "n.d.";
+- every base model (with `train.student_builds: per_seed`, every student build too) must score the same under
+  every setting up to problem sampling: the model built under one setting against the one built under
+  another, paired on the same problems, on each benchmark and the in-domain / OOD averages, Holm-corrected over all of these (`opd.studies.stats`), must be "n.d.";
 - every comparison of the training report (`training_comparisons.csv`: method − base, method − `full`, ...)
   must reach the same verdict ("better" / "worse" / "n.d.") under every setting.
 
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from opd.infra.config import validate_config
-from opd.studies import report_stats, stats
+from opd.studies import report_stats, stats, sweep
 from opd.studies.validate import load
 
 SETTINGS = ("default", "avx2", "native")  # native: ATEN_CPU_CAPABILITY unset, the best the CPU has
@@ -84,7 +84,7 @@ def base_disagreements(out_root: Path, settings: list[str], config: dict) -> tup
     difference the problems resolve ("better"/"worse") is a disagreement; "n.d." means the two models differ
     by no more than problem sampling can hide."""
     e = config["evaluation"]
-    models = e.get("models") or list(config["models"])
+    models = e.get("models") or [*config["models"], *sweep.builds(config["models"], config["train"])]
     evals = [(f"{m}@{s}", 0, out_root / s / "eval" / m) for m in models for s in settings]
     scores = report_stats.load_scores(evals, e["benchmarks"], e.get("metrics") or {})
     pairs = [(f"{m}@{a}", f"{m}@{b}") for m in models for a, b in itertools.combinations(settings, 2)]
