@@ -2,11 +2,11 @@
 
 Rows: the student before OPD (`base`, results/eval/<student>/; with `train.student_builds: per_seed` one
 evaluation per build, results/eval/<student>~build<s>/ for seed s > 0, every comparison paired on seeds) and
-each method (results/train/<teacher>/<student>/<method>/K~k/ratio~r/seed~s/eval/, see opd.studies.sweep); with
-several (K, ratio) points in the grid, one row per method and point. Each cell is the mean over seeds of the accuracy with
-its interval over seeds and problems; each row is compared, paired on problems, with `full` (the `full` row of
-the same K) and with `base`, and says better / worse / n.d. after Holm's correction over the table's
-comparisons (opd.studies.stats, docs/statistics.md).
+each method (results/train/<teacher>/<student>/<method>/K~k/ratio~r/seed~s/eval/, see opd.studies.sweep);
+with several (K, ratio) points in the grid, one row per method and point. Each cell is the mean over seeds of
+the accuracy with its interval over seeds and problems; each row is compared, paired on problems, with `full`
+(the `full` row of the same K) and with `base`, and says better / worse / n.d. after Holm's correction over
+the table's comparisons (opd.studies.stats, docs/statistics.md).
 """
 
 from __future__ import annotations
