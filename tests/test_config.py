@@ -24,7 +24,7 @@ def cfg(repo: Path) -> dict:
 def test_shipped_configs_are_valid(repo: Path, cfg):
     validate_config(copy.deepcopy(cfg))
     validate_config(yaml.safe_load((repo / "tests/config/smoke.yaml").read_text()))
-    for overlay in ("full_methods", "sweep"):
+    for overlay in ("full_methods", "sweep", "builds"):
         merged = merge(copy.deepcopy(cfg), yaml.safe_load((repo / f"config/{overlay}.yaml").read_text()))
         assert merged["models"] == cfg["models"] and merged["study"] == f"miniature_{overlay}"
         validate_config(merged)
