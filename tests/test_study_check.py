@@ -91,3 +91,22 @@ def test_per_seed_builds_are_compared_as_base_models(tmp_path, repo, capsys):
     assert info.value.code == 1
     assert "DISAGREE: student_s~build1 arith1: default − avx2 = -50.0 points, worse" in out
     assert "DISAGREE: student_s arith1" not in out  # the seed-0 student agrees
+
+
+def _row(a, diff, half, verdict):
+    return {"table": "student_s", "a": a, "b": "full", "metric": "in_domain_avg", "diff": str(diff),
+            "lo": str(diff - half), "hi": str(diff + half), "verdict": verdict}
+
+
+def test_consistency_tells_a_verdict_at_the_threshold_from_a_machine_dependence():
+    # se = half-width / 1.96. ta_opd: +5 ± 4.9 (n.d.) vs +6 ± 4.9 (better): gap 1, se sqrt(2) * 2.5, z 0.283 -> p 0.777
+    # (largest of the three: Holm leaves it):
+    # consistent, listed because the verdicts differ. entropy: -4 ± 3.92 vs -20 ± 3.92: gap 16 over se 2.83,
+    # z 5.7 -> resolved apart. random: +3 ± 2.94 better vs -3 ± 2.94 worse: opposite verdicts, always a problem.
+    native = [_row("ta_opd", 5, 4.9, "n.d."), _row("entropy", -4, 3.92, "worse"), _row("random", 3, 2.94, "better")]
+    avx2 = [_row("ta_opd", 6, 4.9, "better"), _row("entropy", -20, 3.92, "worse"), _row("random", -3, 2.94, "worse")]
+    lines, problems = study_check.consistency({"native": native, "avx2": avx2})
+    assert "| student_s | ta_opd − full | in_domain_avg | native − avx2 | -1.0 | 0.777 | n.d. / better |" in lines
+    assert len(problems) == 2
+    assert problems[0].startswith("student_s: entropy − full (in_domain_avg): native -4.0 vs avx2 -20.0 (Holm p 0.000")
+    assert problems[1].endswith("random − full (in_domain_avg): native +3.0 vs avx2 -3.0 (opposite verdicts)")

@@ -13,8 +13,11 @@ SFT, evaluation, distillation, reports), then compares the settings' reports:
   must reach the same verdict ("better" / "worse" / "n.d.") under every setting.
 
 It prints one table per check and a last line `study-check: AGREE` (exit 0) or `study-check: DISAGREE`
-(exit 1). `--compare-only` compares directories that exist already. The CPU time (user + sys of each
-Snakemake process tree) is printed per setting. CI does not run it (three studies); docs/miniature-world.md
+(exit 1): every verdict the same. Before it, `study-check estimates: CONSISTENT` / `INCONSISTENT` says the
+weaker thing that replication can promise near the resolution limit: no base model differs, no two settings'
+estimates of a comparison are resolved apart (Holm) and no verdicts are opposite (`consistency`).
+`--compare-only` compares directories that exist already. The CPU time (user + sys of each Snakemake process
+tree) is printed per setting. CI does not run it (three studies); docs/miniature-world.md
 quotes its output.
 """
 
@@ -23,12 +26,14 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import math
 import os
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import NormalDist
 
 from opd.infra.config import validate_config
 from opd.studies import report_stats, stats, sweep
@@ -124,6 +129,48 @@ def verdict_disagreements(tables: dict[str, list[dict]]) -> tuple[list[str], lis
     return lines, problems
 
 
+def _se(row: dict) -> float:
+    """A comparison's standard error from its 95% interval (half-width / 1.96; the report's own p uses the
+    bootstrap SE, and the percentile interval of a normal-ish bootstrap is ~ ±1.96 of it)."""
+    return (float(row["hi"]) - float(row["lo"])) / (2 * NormalDist().inv_cdf(0.975))
+
+
+def consistency(tables: dict[str, list[dict]]) -> tuple[list[str], list[str]]:
+    """(lines, problems): is each comparison's *estimate* the same under every pair of settings?
+
+    A verdict can differ between two replications whose estimates agree: a difference near what the study can
+    resolve is "better" in one and "n.d." in the other (the difference between significant and not
+    significant is not itself significant). So each pair of settings' differences is tested against each
+    other, z = (d_a − d_b) / sqrt(se_a² + se_b²), Holm over all; a resolved gap, or opposite verdicts
+    ("better" vs "worse"), is a machine dependence. Lines: the comparisons whose verdicts differ."""
+    def key(r):
+        return r["table"], r["a"], r["b"], r["metric"]
+
+    settings = list(tables)
+    rows = {st: {key(r): r for r in t} for st, t in tables.items()}
+    tests = []
+    for k in rows[settings[0]]:
+        for a, b in itertools.combinations(settings, 2):
+            ra, rb = rows[a].get(k), rows[b].get(k)
+            if ra and rb:
+                se = math.hypot(_se(ra), _se(rb))
+                gap = float(ra["diff"]) - float(rb["diff"])
+                p = (1.0 if abs(gap) < 1e-9 else 0.0) if se < 1e-12 else 2 * (1 - NormalDist().cdf(abs(gap) / se))
+                tests.append((k, a, b, ra, rb, gap, p))
+    lines = ["| student | comparison | metric | settings | difference of differences | Holm p | verdicts |",
+             "|---|---|---|---|---:|---:|---|"]
+    problems = []
+    for (k, a, b, ra, rb, gap, _), p_holm in zip(tests, stats.holm([t[-1] for t in tests])):
+        opposite = {ra["verdict"], rb["verdict"]} == {"better", "worse"}
+        if ra["verdict"] != rb["verdict"]:
+            lines.append(f"| {k[0]} | {k[1]} − {k[2]} | {k[3]} | {a} − {b} | {gap:+.1f} | {p_holm:.3f} | "
+                         f"{ra['verdict']} / {rb['verdict']} |")
+        if p_holm < 1 - stats.LEVEL or opposite:
+            problems.append(f"{k[0]}: {k[1]} − {k[2]} ({k[3]}): {a} {float(ra['diff']):+.1f} vs {b} "
+                            f"{float(rb['diff']):+.1f} ({'opposite verdicts' if opposite else f'Holm p {p_holm:.3f}'})")
+    return lines, problems
+
+
 def compare(out_root: Path, settings: list[str], config: dict) -> list[str]:
     """Print the tables; return every disagreement."""
     report = Path("report") / config["study"]
@@ -134,6 +181,13 @@ def compare(out_root: Path, settings: list[str], config: dict) -> list[str]:
     training = {s: read_csv(out_root / s / report / "training_comparisons.csv") for s in settings}
     lines, found = verdict_disagreements(training)
     print("\nTraining comparisons (difference, verdict):\n" + "\n".join(lines))
+    lines, gaps = consistency(training)
+    print("\nWhere verdicts differ, are the estimates different? (difference of the settings' differences, "
+          "Holm over every comparison and pair of settings):\n" + "\n".join(lines))
+    for g in gaps:
+        print(f"INCONSISTENT: {g}")
+    print(f"study-check estimates: {'INCONSISTENT' if gaps or problems else 'CONSISTENT'} (base models "
+          f"{'differ' if problems else 'agree'}; {len(gaps)} training comparison(s) resolved apart or opposite)")
     return problems + found
 
 
