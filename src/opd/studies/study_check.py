@@ -107,13 +107,14 @@ def base_disagreements(out_root: Path, settings: list[str], config: dict) -> tup
     return lines, problems
 
 
+def _by_comparison(tables: dict[str, list[dict]]) -> dict[str, dict[tuple, dict]]:
+    """{setting: {(table, a, b, metric): row}} of each setting's training_comparisons.csv rows."""
+    return {st: {(r["table"], r["a"], r["b"], r["metric"]): r for r in t} for st, t in tables.items()}
+
+
 def verdict_disagreements(tables: dict[str, list[dict]]) -> tuple[list[str], list[str]]:
     """(lines of the verdict table, problems): a comparison whose verdict differs between settings."""
-    def key(r):
-        return r["table"], r["a"], r["b"], r["metric"]
-
-    settings = list(tables)
-    rows = {s: {key(r): r for r in t} for s, t in tables.items()}
+    settings, rows = list(tables), _by_comparison(tables)
     lines = [f"| student | comparison | metric | {' | '.join(settings)} |", "|---|---|---|" + "---:|" * len(settings)]
     problems = []
     for k in rows[settings[0]]:
@@ -143,11 +144,7 @@ def consistency(tables: dict[str, list[dict]]) -> tuple[list[str], list[str]]:
     significant is not itself significant). So each pair of settings' differences is tested against each
     other, z = (d_a − d_b) / sqrt(se_a² + se_b²), Holm over all; a resolved gap, or opposite verdicts
     ("better" vs "worse"), is a machine dependence. Lines: the comparisons whose verdicts differ."""
-    def key(r):
-        return r["table"], r["a"], r["b"], r["metric"]
-
-    settings = list(tables)
-    rows = {st: {key(r): r for r in t} for st, t in tables.items()}
+    settings, rows = list(tables), _by_comparison(tables)
     tests = []
     for k in rows[settings[0]]:
         for a, b in itertools.combinations(settings, 2):
