@@ -171,3 +171,19 @@ def test_seeds_paired_needs_the_same_seeds():
     s = stats.group(rows("a", {0: [1, 0], 1: [1, 1]}) + rows("base", {0: [0, 0]}))
     with pytest.raises(ValueError, match=r"a \(seeds \[0, 1\]\) and base \(seeds \[0\]\) cannot be paired on seeds"):
         stats.compare(s["a"], s["base"], ["t"], seeds_paired=True)
+
+
+def test_noise_paired_on_seeds_takes_the_sd_of_a_difference():
+    # a: seeds score 0.5 / 0.9, b: 0.3 / 0.7 (10 problems each). Unpaired, each method's seed variance is
+    # (0.2² + 0.2²) / 1 = 0.08: seed sd 0.283. Paired on builds the differences are 0.2 and 0.2: seed sd 0.
+    a = {0: [1] * 5 + [0] * 5, 1: [1] * 9 + [0]}
+    b = {0: [1] * 3 + [0] * 7, 1: [1] * 7 + [0] * 3}
+    s = stats.group(rows("a", a) + rows("b", b))
+    assert stats.noise(s, ["t"])[0] == pytest.approx(math.sqrt(0.08))
+    assert stats.noise(s, ["t"], seeds_paired=True)[0] == pytest.approx(0.0)
+    # detectable with no seed part is the problem part alone, either way: z * problem_sd / sqrt(n)
+    z = 1.959964 + 0.841621
+    assert stats.detectable(0.0, 0.5, 3, 100, seeds_paired=True) == pytest.approx(z * 0.05, rel=1e-5)
+    # paired, seed_sd is a difference's: var = seed_sd² / n instead of 2 seed_sd² / n
+    assert stats.detectable(0.1, 0.0, 2, 100, seeds_paired=True) == pytest.approx(z * 0.1 / math.sqrt(2), rel=1e-5)
+    assert stats.detectable(0.1, 0.0, 2, 100) == pytest.approx(z * 0.1, rel=1e-5)

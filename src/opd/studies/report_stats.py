@@ -136,14 +136,17 @@ def mlflow_metrics(prefix: str, ests: dict[str, dict[str, stats.Estimate]],
     return out
 
 
-def power_markdown(scores: dict[str, stats.Scores], tasks: list[str], level: float) -> str:
-    """How large a true difference the measured noise lets 1-5 seeds x N problems detect (80% power)."""
-    seed_sd, problem_sd = stats.noise(scores, tasks)
+def power_markdown(scores: dict[str, stats.Scores], tasks: list[str], level: float,
+                   seeds_paired: bool = False) -> str:
+    """How large a true difference the measured noise lets 1-5 seeds x N problems detect (80% power);
+    `seeds_paired`: seeds are student builds shared by every row (train.student_builds: per_seed)."""
+    seed_sd, problem_sd = stats.noise(scores, tasks, seeds_paired)
     if not problem_sd > 0:  # nan (nothing pairs) or 0 (every evaluation agrees on every problem): nothing to say
         return ""
     n = sum(len(next(iter(scores.values())).tasks[t][0]) for t in tasks)
     sd_note = "no method with several seeds: seed sd taken as 0, so the table is optimistic" \
-        if math.isnan(seed_sd) else f"seed sd {100 * seed_sd:.1f} points"
+        if math.isnan(seed_sd) else \
+        f"seed sd {'of a paired difference (per build) ' if seeds_paired else ''}{100 * seed_sd:.1f} points"
     seed_sd = 0.0 if math.isnan(seed_sd) else seed_sd
     sizes = [n, 2 * n, 5 * n]
     out = [f"\n**Power** (in-domain average; measured noise: {sd_note}, per-problem sd of a paired difference "
@@ -151,8 +154,8 @@ def power_markdown(scores: dict[str, stats.Scores], tasks: list[str], level: flo
            "power, by seeds per method and problems.\n\n| seeds | " + " | ".join(f"{m} problems" for m in sizes)
            + " |\n|---|" + "---:|" * len(sizes) + "\n"]
     for s in (1, 3, 5):
-        out.append(f"| {s} | " + " | ".join(f"{100 * stats.detectable(seed_sd, problem_sd, s, m, 1 - level):.1f}"
-                                            for m in sizes) + " |\n")
+        cells = [100 * stats.detectable(seed_sd, problem_sd, s, m, 1 - level, seeds_paired=seeds_paired) for m in sizes]
+        out.append(f"| {s} | " + " | ".join(f"{c:.1f}" for c in cells) + " |\n")
     return "".join(out)
 
 

@@ -110,7 +110,7 @@ def markdown(ests: dict, comps: dict, scores: dict, columns: list[str], ind_task
             parts.append(f"| {name} | " + " | ".join([rs.cell(cols[c], row_spreads.get(c)) for c in columns] + vs)
                          + " |\n")
         parts.append(rs.comparisons_markdown(comps[label], args.level))
-        parts.append(rs.power_markdown(scores[label], ind_tasks, args.level))
+        parts.append(rs.power_markdown(scores[label], ind_tasks, args.level, args.student_builds == "per_seed"))
     return "".join(parts)
 
 

@@ -226,18 +226,24 @@ def compare_all(scores: dict[str, Scores], columns: dict[str, list[str]], pairs:
             for c, p in zip(comps, adjusted)]
 
 
-def noise(scores: dict[str, Scores], tasks: list[str]) -> tuple[float, float]:
-    """(seed sd of a method's score, per-problem sd of a paired one-seed difference), fractions.
+def noise(scores: dict[str, Scores], tasks: list[str], seeds_paired: bool = False) -> tuple[float, float]:
+    """(seed sd, per-problem sd of a paired one-seed difference), fractions.
 
     The seed sd pools the methods with several seeds (sample variance of their per-seed scores on `tasks`);
-    the problem sd pools the one-seed differences of every pair of methods on their common problems
-    (first seed of each). nan where the data has no such method or pair.
+    with `seeds_paired` (seed s of every method from student build s) it is the sd over seeds of a *difference*
+    of two methods, pooled over the pairs with the same seeds, since the build's share cancels. The problem sd
+    pools the one-seed differences of every pair of methods on their common problems (first seed of each).
+    nan where the data has no such method or pair.
     """
-    seed_vars, diffs = [], []
-    for s in scores.values():
-        if len(s.seeds) > 1:
-            per_seed = np.mean([[np.mean(list(c.values())) for c in s.tasks[t]] for t in tasks], 0)
-            seed_vars.append(np.var(per_seed, ddof=1))
+    diffs = []
+    per_seed = {n: np.mean([[np.mean(list(c.values())) for c in s.tasks[t]] for t in tasks], 0)
+                for n, s in scores.items() if len(s.seeds) > 1}
+    if seeds_paired:
+        names = list(per_seed)
+        seed_vars = [np.var(per_seed[a] - per_seed[b], ddof=1) for i, a in enumerate(names) for b in names[i + 1:]
+                     if scores[a].seeds == scores[b].seeds]
+    else:
+        seed_vars = [np.var(v, ddof=1) for v in per_seed.values()]
     names = list(scores)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
@@ -250,12 +256,12 @@ def noise(scores: dict[str, Scores], tasks: list[str]) -> tuple[float, float]:
 
 
 def detectable(seed_sd: float, problem_sd: float, n_seeds: int, n_problems: int, alpha: float = 1 - LEVEL,
-               power: float = 0.8) -> float:
+               power: float = 0.8, seeds_paired: bool = False) -> float:
     """Smallest true difference a two-sided test at `alpha` detects with `power` (normal approximation).
 
     Two methods, `n_seeds` each, paired on `n_problems`: var(difference) = 2 seed_sd² / n_seeds +
-    problem_sd² / n_problems. Conservative: the problem part is not divided by the seeds (a problem's
+    problem_sd² / n_problems; paired on seeds, `seed_sd` is already a difference's: seed_sd² / n_seeds. Conservative: the problem part is not divided by the seeds (a problem's
     true difference is the same for every seed) and the seed sd already holds some problem noise.
     """
     z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
-    return z * math.sqrt(2 * seed_sd ** 2 / n_seeds + problem_sd ** 2 / n_problems)
+    return z * math.sqrt((1 if seeds_paired else 2) * seed_sd ** 2 / n_seeds + problem_sd ** 2 / n_problems)
