@@ -52,28 +52,27 @@ def res(path):
 
 
 THREADS = config["threads"]
-MODELS = list(config["models"])
+# A per-seed study's extra student builds (<student>~build<s>, train.student_builds): models made like their student.
+BUILDS = sweep.builds(config["models"], config["train"])
+MODELS = list(config["models"]) + list(BUILDS)
 STUDENTS = [n for n, m in config["models"].items() if m["role"] == "student"]
 DIAGNOSE_FIGURES = ["margin_reverse_kl", "disagreement", "release_points"]
 BENCHMARKS = config["evaluation"]["benchmarks"]
-EVAL_MODELS = config["evaluation"]["models"] or MODELS
+EVAL_MODELS = config["evaluation"]["models"] or MODELS  # by default every model is evaluated, builds too
 EVAL_SEEDS = config["evaluation"]["seeds"]  # seed 0 writes where a study without seeds does (eval_seed_dir)
 
 
 DATA = config["data"]
 PROMPTS = res("data/train_prompts.jsonl")
-# A per-seed study's extra student builds (<student>~build<s>, train.student_builds): models made like their student.
-BUILDS = sweep.builds(config["models"], config["train"])
-MODELS = MODELS + list(BUILDS)
-EVAL_MODELS = config["evaluation"]["models"] or MODELS  # by default every model is evaluated, builds too
 MINIATURE_MODELS = [n for n, m in config["models"].items() if not m.get("hub")] + list(BUILDS)
 HUB_MODELS = [n for n, m in config["models"].items() if m.get("hub")]
 TRAIN = config["train"]
 PAIRS = sweep.pairs(config["models"], TRAIN)
 TRAIN_STUDENTS = list(dict.fromkeys(s for _, s in PAIRS))
 PER_SEED = sweep.per_seed_builds(TRAIN)
-# The base evaluations the training reports read: each student, and each of its builds in a per-seed study.
-BASE_MODELS = TRAIN_STUDENTS + [b for b, (s, _) in BUILDS.items() if s in TRAIN_STUDENTS]
+# The base evaluations the training reports read: each student, and each of its builds in a per-seed study
+# (sweep.builds makes builds of the trained students only).
+BASE_MODELS = TRAIN_STUDENTS + list(BUILDS)
 TRAIN_ID = "{teacher}/{student}/{method}/K~{k}/ratio~{ratio}/seed~{seed}"
 TRAIN_DIR = f"{RESULTS}/train/{TRAIN_ID}"
 REPORT_DIR = f"{RESULTS}/report/{STUDY}"
@@ -313,7 +312,8 @@ def grid_args():
     return (
         f"--pairs {' '.join(f'{t}:{s}' for t, s in PAIRS)} --methods {' '.join(TRAIN['methods'])}"
         f" --top-k {' '.join(map(str, TRAIN['top_k']))} --ratios {' '.join(map(str, TRAIN['ratio']))}"
-        f" --seeds {' '.join(map(str, TRAIN['seeds']))} --student-builds {TRAIN['student_builds']} --tasks {' '.join(BENCHMARKS)} --results {RESULTS}"
+        f" --seeds {' '.join(map(str, TRAIN['seeds']))} --student-builds {TRAIN['student_builds']}"
+        f" --tasks {' '.join(BENCHMARKS)} --results {RESULTS}"
     )
 
 

@@ -85,23 +85,24 @@ def weight_problems(config: dict) -> list[str]:
             for problem in modeldirs.weight_problems(results / "models" / name)]
 
 
+def _pairs(config: dict) -> list[tuple[str, str]]:
+    """The (teacher, student) pairs, or none when the config has no teacher (another check names that)."""
+    try:
+        return sweep.pairs(config["models"], config["train"])
+    except StopIteration:
+        return []
+
+
 def served_teacher_problems(config: dict) -> list[str]:
     """`train.teacher_placement: server`: signals a vLLM server cannot score, and a URL for every teacher."""
-    try:
-        teachers = [t for t, _ in sweep.pairs(config["models"], config["train"])]
-    except StopIteration:
-        teachers = []
-    return teacher_server.config_problems(config, teachers)
+    return teacher_server.config_problems(config, [t for t, _ in _pairs(config)])
 
 
 def student_build_problems(config: dict) -> list[str]:
     """`train.student_builds: per_seed` rebuilds a student per seed: only a model this workflow makes can be."""
     if not sweep.per_seed_builds(config["train"]):
         return []
-    try:
-        students = dict.fromkeys(s for _, s in sweep.pairs(config["models"], config["train"]))
-    except StopIteration:
-        return []
+    students = dict.fromkeys(s for _, s in _pairs(config))
     return [f"train.student_builds: per_seed builds every student once per seed, but models.{s} is a hub "
             "model (only a miniature-world student, SFT-trained here, can be rebuilt); use shared"
             for s in students if config["models"].get(s, {}).get("hub")]

@@ -8,7 +8,8 @@ SFT, evaluation, distillation, reports), then compares the settings' reports:
 
 - every base model (with `train.student_builds: per_seed`, every student build too) must score the same under
   every setting up to problem sampling: the model built under one setting against the one built under
-  another, paired on the same problems, on each benchmark and the in-domain / OOD averages, Holm-corrected over all of these (`opd.studies.stats`), must be "n.d.";
+  another, paired on the same problems, on each benchmark and the in-domain / OOD averages, Holm-corrected
+  over all of these (`opd.studies.stats`), must be "n.d.";
 - every comparison of the training report (`training_comparisons.csv`: method − base, method − `full`, ...)
   must reach the same verdict ("better" / "worse" / "n.d.") under every setting.
 
@@ -17,8 +18,7 @@ It prints one table per check and a last line `study-check: AGREE` (exit 0) or `
 weaker thing that replication can promise near the resolution limit: no base model differs, no two settings'
 estimates of a comparison are resolved apart (Holm) and no verdicts are opposite (`consistency`).
 `--compare-only` compares directories that exist already. The CPU time (user + sys of each Snakemake process
-tree) is printed per setting. CI does not run it (three studies); docs/miniature-world.md
-quotes its output.
+tree) is printed per setting. CI does not run it (three studies); docs/miniature-world.md quotes its output.
 """
 
 from __future__ import annotations
