@@ -152,6 +152,18 @@ def test_evaluation_seeds_multiply_the_evaluation_jobs():
     assert costs[1]["training"] == pytest.approx(costs[0]["training"])
 
 
+def test_per_model_evaluation_is_one_lm_eval_job_per_model_over_every_benchmark():
+    config = paper()
+    config["evaluation"]["jobs"] = "per_model"
+    per_task = [j for j in cost.plan_costs(validate_config(paper()), "h100") if j.rule == "lm_eval"]
+    per_model = [j for j in cost.plan_costs(validate_config(config), "h100") if j.rule == "lm_eval"]
+    assert (len(per_task), len(per_model)) == (21, 3)  # 3 models x 7 benchmarks, then 3 models
+    for job in per_model:  # a job decodes every benchmark's problems: the sum of its model's per-task jobs
+        model = job.job.split()[1]
+        mine = [j for j in per_task if j.job.split()[1] == model]
+        assert job.notes["sequences"] == sum(j.notes["sequences"] for j in mine)
+
+
 def test_a_served_teacher_is_timed_on_its_gpus_and_billed_on_its_own_row():
     config = validate_config(paper())
     served = copy.deepcopy(config)
@@ -197,7 +209,8 @@ def test_the_miniature_study_costs_through_the_hf_paths():
     assert sum(j.count for j in jobs if j.rule == "train_opd") == runs
     assert sum(j.count for j in jobs if j.rule == "eval_trained") == runs
     evals = sum(j.count for j in jobs if j.rule == "lm_eval")
-    assert evals == len(config["evaluation"]["models"] or config["models"]) * len(config["evaluation"]["benchmarks"])
+    assert config["evaluation"]["jobs"] == "per_model"  # one lm_eval job per base model
+    assert evals == len(config["evaluation"]["models"] or config["models"])
 
 
 def test_a_hub_model_without_shape_stops_the_estimate_naming_it(tmp_path):

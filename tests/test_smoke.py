@@ -73,7 +73,7 @@ def test_one_finished_mlflow_run_per_job(smoke):
     students = [m for m, spec in cfg["models"].items() if spec["role"] == "student"]
     names = sorted(r.info.run_name for r in runs)
     expected = sorted(["toy_data", "tokenizer", "report", "diagnose"] + [f"sft[{m}]" for m in cfg["models"]]
-                      + [f"lm_eval[{m},{t}]" for m in cfg["models"] for t in cfg["evaluation"]["benchmarks"]]
+                      + [f"lm_eval[{m}]" for m in cfg["models"]]  # evaluation.jobs: per_model
                       + [f"rollout[{m}]" for m in students]
                       + [f"{stage}[teacher/{m}]" for m in students for stage in ("score", "fixed_context")]
                       + ["report_training", "report_sweep"]
@@ -260,3 +260,26 @@ def test_per_seed_student_builds_plan_one_build_per_seed(tmp_path):
     assert f"--student {RESULTS}/models/student_s " in out and "ratio~1/seed~0 --method full" in out
     assert f"--out-dir {RESULTS}/eval/student_s~build1" in out  # the base row's second build
     assert "--seeds 0 1 --student-builds per_seed" in out
+
+
+@pytest.mark.parametrize("jobs", ["per_task", "per_model"])
+def test_base_evaluation_jobs_per_task_or_per_model(tmp_path, jobs):
+    """evaluation.jobs: one lm_eval job per (model, benchmark), or one per model running every benchmark."""
+    overlay = tmp_path / "jobs.yaml"
+    overlay.write_text(f"evaluation: {{jobs: {jobs}}}\n")
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "--directory", str(tmp_path), "-n", "-p",
+           "--configfile", str(repo / "tests/config/smoke.yaml"), str(overlay), "--config", f"results_dir={RESULTS}",
+           "--cores", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    cfg = yaml.safe_load((repo / "tests/config/smoke.yaml").read_text())
+    models, tasks = list(cfg["models"]), cfg["evaluation"]["benchmarks"]
+    commands = [line for line in out.splitlines() if "opd.studies.evaluate" in line and "--train-dir" not in line]
+    if jobs == "per_task":
+        assert len(commands) == len(models) * len(tasks) == 6
+        assert sum(f"--model-name teacher --tasks arith1 --out-dir {RESULTS}/eval/teacher " in c for c in commands) == 1
+    else:
+        assert len(commands) == len(models) == 2
+        assert all(f"--tasks {' '.join(tasks)} --out-dir" in c for c in commands)

@@ -60,6 +60,8 @@ DIAGNOSE_FIGURES = ["margin_reverse_kl", "disagreement", "release_points"]
 BENCHMARKS = config["evaluation"]["benchmarks"]
 EVAL_MODELS = config["evaluation"]["models"] or MODELS  # by default every model is evaluated, builds too
 EVAL_SEEDS = config["evaluation"]["seeds"]  # seed 0 writes where a study without seeds does (eval_seed_dir)
+# evaluation.jobs: a base model's lm_eval job covers one benchmark (the {task} wildcard) or, per_model, all of them.
+EVAL_JOB_TASK = "" if config["evaluation"]["jobs"] == "per_model" else "/{task}"
 
 
 DATA = config["data"]
@@ -185,6 +187,17 @@ def eval_files(eval_dir, tasks=None):
         for t in (tasks or BENCHMARKS)
         for ext in (".json", ".samples.jsonl")
     ]
+
+
+def eval_outputs(eval_dir):
+    """One lm_eval job's files under `eval_dir`: its {task}'s pair, or every benchmark's (evaluation.jobs per_model)."""
+    tasks = ["{task}"] if EVAL_JOB_TASK else BENCHMARKS
+    return [f"{eval_dir}/{t}{ext}" for t in tasks for ext in (".json", ".samples.jsonl")]
+
+
+def eval_tasks(wildcards):
+    """The --tasks of one lm_eval job (see eval_outputs)."""
+    return wildcards.task if hasattr(wildcards, "task") else " ".join(BENCHMARKS)
 
 
 def task_inputs(wildcards):

@@ -1,4 +1,5 @@
-# lm-eval on every (model, benchmark), with the backend and settings of the evaluation block.
+# lm-eval on every (model, benchmark), with the backend and settings of the evaluation block: one job per
+# (model, benchmark), or per model with every benchmark (evaluation.jobs; EVAL_JOB_TASK, eval_outputs).
 
 
 rule lm_eval:
@@ -6,12 +7,11 @@ rule lm_eval:
         unpack(task_inputs),
         model=lambda wc: model_file(wc.model),
     output:
-        json=res("eval/{model}/{task}.json"),
-        samples=res("eval/{model}/{task}.samples.jsonl"),
+        eval_outputs(res("eval/{model}")),
     log:
-        res("logs/lm_eval/{model}/{task}.log"),
+        res(f"logs/lm_eval/{{model}}{EVAL_JOB_TASK}.log"),
     benchmark:
-        res("benchmarks/lm_eval/{model}/{task}.tsv")
+        res(f"benchmarks/lm_eval/{{model}}{EVAL_JOB_TASK}.tsv")
     conda:
         ENV_EVAL
     threads: THREADS
@@ -22,23 +22,24 @@ rule lm_eval:
     params:
         args=eval_args,
         model_dir=lambda wc: model_dir(wc.model),
-        out_dir=lambda wc, output: os.path.dirname(output.json),
+        out_dir=lambda wc, output: os.path.dirname(output[0]),
+        tasks=eval_tasks,
     shell:
         "python -m opd.studies.evaluate --model-dir {params.model_dir} --model-name {wildcards.model}"
-        " --tasks {wildcards.task} --out-dir {params.out_dir}"
+        " --tasks {params.tasks} --out-dir {params.out_dir}"
         " {params.args} --threads {threads} --study $OPD_STUDY > {log} 2>&1"
 
 
 # The same evaluation under evaluation seed {eseed} > 0 (config evaluation.seeds), in evalseed~{eseed}/.
 use rule lm_eval as lm_eval_seeded with:
     output:
-        json=res("eval/{model}/evalseed~{eseed}/{task}.json"),
-        samples=res("eval/{model}/evalseed~{eseed}/{task}.samples.jsonl"),
+        eval_outputs(res("eval/{model}/evalseed~{eseed}")),
     log:
-        res("logs/lm_eval/{model}/evalseed~{eseed}/{task}.log"),
+        res(f"logs/lm_eval/{{model}}/evalseed~{{eseed}}{EVAL_JOB_TASK}.log"),
     benchmark:
-        res("benchmarks/lm_eval/{model}/evalseed~{eseed}/{task}.tsv")
+        res(f"benchmarks/lm_eval/{{model}}/evalseed~{{eseed}}{EVAL_JOB_TASK}.tsv")
     params:
         args=seeded_eval_args,
         model_dir=lambda wc: model_dir(wc.model),
         out_dir=lambda wc: res(f"eval/{wc.model}"),  # opd.studies.evaluate adds evalseed~{eseed}/
+        tasks=eval_tasks,

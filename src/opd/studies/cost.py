@@ -220,17 +220,19 @@ def eval_phases(config: dict, S: Shape, tasks: list[str], a: Assumptions) -> tup
 
 
 def eval_jobs(config: dict, shapes: dict, a: Assumptions) -> list[JobCost]:
-    """lm_eval: one job per (model, benchmark, evaluation seed); eval_trained: one job per (run, evaluation seed),
-    every benchmark (the `_seeded` rules of seeds > 0 are counted with them)."""
+    """lm_eval: one job per (model, benchmark, evaluation seed), or per (model, seed) with every benchmark
+    (evaluation.jobs per_model); eval_trained: one job per (run, evaluation seed), every benchmark (the
+    `_seeded` rules of seeds > 0 are counted with them)."""
     from opd.studies import sweep
 
     ev, gpus = config["evaluation"], max(1, config["resources"]["eval"]["gpu"])
     seeds = len(ev.get("seeds") or [0])
     out = []
     for name in ev.get("models") or list(config["models"]):
-        for task in ev["benchmarks"]:
-            phases, notes = eval_phases(config, shapes[name], [task], a)
-            out.append(JobCost("lm_eval", f"lm_eval {name} {task}", seeds, gpus, phases, notes=notes))
+        groups = [ev["benchmarks"]] if ev.get("jobs") == "per_model" else [[t] for t in ev["benchmarks"]]
+        for tasks in groups:
+            phases, notes = eval_phases(config, shapes[name], tasks, a)
+            out.append(JobCost("lm_eval", f"lm_eval {name} {' '.join(tasks)}", seeds, gpus, phases, notes=notes))
     runs = sweep.runs(config["models"], config["train"])
     for t, s in sweep.pairs(config["models"], config["train"]):
         n = seeds * sum(1 for r in runs if (r.teacher, r.student) == (t, s))
