@@ -139,3 +139,14 @@ def test_per_seed_student_builds_of_a_hub_student_are_refused_naming_key_and_mod
         validate.main([str(repo / "config" / "paper.yaml"), str(overlay)])
     assert "train.student_builds: per_seed builds every student once per seed, but models.qwen3_1p7b is a hub" \
         in str(err.value)
+
+
+def test_evaluation_with_training_is_refused_for_vllm_and_torchrun_naming_the_key(repo, tmp_path):
+    overlay = _overlay(tmp_path, {"evaluation": {"trained": "with_training"}})
+    with pytest.raises(SystemExit) as err:
+        validate.main([str(repo / "config" / "paper.yaml"), str(overlay)])
+    lead = "  - evaluation.trained: with_training evaluates in the training job's own process, but "
+    assert f"{lead}evaluation.backend is 'vllm' (needs hf); use separate" in str(err.value)
+    assert f"{lead}qwen3_8b -> qwen3_4b trains on 4 GPUs under torchrun (needs one process); use separate" \
+        in str(err.value)
+    validate.main([str(repo / "config" / "config.yaml")])  # the miniature study: hf, one process

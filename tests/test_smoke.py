@@ -262,19 +262,24 @@ def test_per_seed_student_builds_plan_one_build_per_seed(tmp_path):
     assert "--seeds 0 1 --student-builds per_seed" in out
 
 
-@pytest.mark.parametrize("jobs", ["per_task", "per_model"])
-def test_base_evaluation_jobs_per_task_or_per_model(tmp_path, jobs):
-    """evaluation.jobs: one lm_eval job per (model, benchmark), or one per model running every benchmark."""
-    overlay = tmp_path / "jobs.yaml"
-    overlay.write_text(f"evaluation: {{jobs: {jobs}}}\n")
+def _dry_run_with(tmp_path, evaluation: str) -> str:
+    """The shell commands of a dry run of the smoke config with the evaluation block overlaid."""
+    overlay = tmp_path / "evaluation.yaml"
+    overlay.write_text(f"evaluation: {evaluation}\n")
     repo = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "--directory", str(tmp_path), "-n", "-p",
            "--configfile", str(repo / "tests/config/smoke.yaml"), str(overlay), "--config", f"results_dir={RESULTS}",
            "--cores", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
-    cfg = yaml.safe_load((repo / "tests/config/smoke.yaml").read_text())
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("jobs", ["per_task", "per_model"])
+def test_base_evaluation_jobs_per_task_or_per_model(tmp_path, jobs):
+    """evaluation.jobs: one lm_eval job per (model, benchmark), or one per model running every benchmark."""
+    out = _dry_run_with(tmp_path, f"{{jobs: {jobs}}}")
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "tests/config/smoke.yaml").read_text())
     models, tasks = list(cfg["models"]), cfg["evaluation"]["benchmarks"]
     commands = [line for line in out.splitlines() if "opd.studies.evaluate" in line and "--train-dir" not in line]
     if jobs == "per_task":
@@ -283,3 +288,32 @@ def test_base_evaluation_jobs_per_task_or_per_model(tmp_path, jobs):
     else:
         assert len(commands) == len(models) == 2
         assert all(f"--tasks {' '.join(tasks)} --out-dir" in c for c in commands)
+
+
+@pytest.mark.parametrize("trained", ["separate", "with_training"])
+def test_trained_students_evaluated_in_their_own_job_or_the_training_job(tmp_path, trained):
+    """evaluation.trained: eval_trained jobs, or one process per run that trains then evaluates (opd.infra.chain)."""
+    out = _dry_run_with(tmp_path, f"{{trained: {trained}}}")
+    run = f"{RESULTS}/train/teacher/student_s/full/K~4/ratio~1/seed~0"
+    trains = [line for line in out.splitlines() if "opd.engines.train --student" in line]
+    evals = [line for line in out.splitlines() if "opd.studies.evaluate" in line and "--train-dir" in line]
+    assert len(trains) == 3  # the smoke grid's runs
+    evaluation = (f"opd.studies.evaluate --model-dir {run}/model --model-name teacher/student_s/full/K~4/ratio~1/seed~0"
+                  f" --tasks arith1 arith2 reverse --out-dir {run}/eval --train-dir {run} --backend hf")
+    if trained == "separate":
+        assert not any("opd.infra.chain" in line for line in trains) and len(evals) == 3
+        assert sum(f"python -m {evaluation}" in line for line in evals) == 1
+    else:
+        assert all("python -m opd.infra.chain opd.engines.train --student" in line for line in trains)
+        assert evals == [line for line in trains if "--then opd.studies.evaluate" in line]
+        assert sum(f" --study $OPD_STUDY --then {evaluation}" in line for line in trains) == 1
+        assert "eval_trained" not in out
+
+
+def test_the_teachers_sft_is_scheduled_first(tmp_path):
+    """Every distillation waits for the teacher: its SFT job has priority 1, the students' the default 0."""
+    out = _dry_run_with(tmp_path, "{}")
+    jobs = out.split("rule sft_model:")[1:]
+    priorities = {job.split("output: ")[1].split()[0].split("/")[-2]: "priority: 1" in job.split("\n\n")[0]
+                  for job in jobs}
+    assert priorities == {"teacher": True, "student_s": False}

@@ -61,7 +61,7 @@ BENCHMARKS = config["evaluation"]["benchmarks"]
 EVAL_MODELS = config["evaluation"]["models"] or MODELS  # by default every model is evaluated, builds too
 EVAL_SEEDS = config["evaluation"]["seeds"]  # seed 0 writes where a study without seeds does (eval_seed_dir)
 # evaluation.jobs: a base model's lm_eval job covers one benchmark (the {task} wildcard) or, per_model, all of them.
-EVAL_JOB_TASK = "" if config["evaluation"]["jobs"] == "per_model" else "/{task}"
+PER_MODEL_EVAL = config["evaluation"]["jobs"] == "per_model"
 
 
 DATA = config["data"]
@@ -77,6 +77,8 @@ PER_SEED = sweep.per_seed_builds(TRAIN)
 BASE_MODELS = TRAIN_STUDENTS + list(BUILDS)
 TRAIN_ID = "{teacher}/{student}/{method}/K~{k}/ratio~{ratio}/seed~{seed}"
 TRAIN_DIR = f"{RESULTS}/train/{TRAIN_ID}"
+# evaluation.trained: with_training = train_opd evaluates its student in the same process (opd.infra.chain).
+EVAL_WITH_TRAINING = config["evaluation"]["trained"] == "with_training"
 REPORT_DIR = f"{RESULTS}/report/{STUDY}"
 RES = config["resources"]
 # Conda env per job for --sdm conda (absolute: the .smk files live at several depths); vLLM only where needed.
@@ -97,6 +99,12 @@ def model_config(model):
 def sft_seed(model):
     """The SFT seed of a miniature model: config `seed`, plus s for the build of training seed s."""
     return config["seed"] + (BUILDS[model][1] if model in BUILDS else 0)
+
+
+def sft_priority(wildcards):
+    """Teachers' SFT first: every distillation and diagnostic job waits for a teacher, so its SFT is the critical
+    path (the miniature teacher: ~10 of ~20 minutes on 2 cores); started after the students, it cost 3 minutes."""
+    return 1 if model_config(wildcards.model).get("role") == "teacher" else 0
 
 
 def model_file(model):
@@ -191,8 +199,13 @@ def eval_files(eval_dir, tasks=None):
 
 def eval_outputs(eval_dir):
     """One lm_eval job's files under `eval_dir`: its {task}'s pair, or every benchmark's (evaluation.jobs per_model)."""
-    tasks = ["{task}"] if EVAL_JOB_TASK else BENCHMARKS
+    tasks = BENCHMARKS if PER_MODEL_EVAL else ["{task}"]
     return [f"{eval_dir}/{t}{ext}" for t in tasks for ext in (".json", ".samples.jsonl")]
+
+
+def eval_job(*dirs):
+    """One lm_eval job's log or benchmark path: `dirs`, then its {task} unless evaluation.jobs is per_model."""
+    return os.path.join(*dirs, *([] if PER_MODEL_EVAL else ["{task}"]))
 
 
 def eval_tasks(wildcards):
@@ -313,6 +326,27 @@ def train_launcher(wildcards):
     """One process per GPU: torchrun (DDP or FSDP, opd.engines.distributed) when a training job has several GPUs."""
     gpus = train_gpus(wildcards)
     return f"torchrun --standalone --nproc-per-node {gpus}" if gpus > 1 else "python"
+
+
+def trained_eval_outputs(*seed_dir):
+    """A trained run's lm-eval files (seed_dir: "evalseed~{eseed}" for a seed > 0); its TRAIN_DIR wildcards kept."""
+    eval_dir = os.path.join(f"{TRAIN_DIR}/eval", *seed_dir)
+    return expand(f"{eval_dir}/{{task}}{{ext}}", task=BENCHMARKS, ext=[".json", ".samples.jsonl"], allow_missing=True)
+
+
+def trained_eval_flags(wildcards, threads, args=eval_args):
+    """opd.studies.evaluate's flags for a trained run: eval_trained's, or train_opd's chained evaluation."""
+    train_dir = TRAIN_DIR.format(**dict(wildcards.items()))
+    return (
+        f"--model-dir {train_dir}/model --model-name {TRAIN_ID.format(**dict(wildcards.items()))}"
+        f" --tasks {' '.join(BENCHMARKS)} --out-dir {train_dir}/eval --train-dir {train_dir}"
+        f" {args(wildcards)} --threads {threads} --study $OPD_STUDY"
+    )
+
+
+def train_then_eval(wildcards, threads):
+    """What follows the training flags: nothing, or the chained evaluation (evaluation.trained with_training)."""
+    return f" --then opd.studies.evaluate {trained_eval_flags(wildcards, threads)}" if EVAL_WITH_TRAINING else ""
 
 
 def trained_evals():

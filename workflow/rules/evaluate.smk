@@ -1,5 +1,5 @@
 # lm-eval on every (model, benchmark), with the backend and settings of the evaluation block: one job per
-# (model, benchmark), or per model with every benchmark (evaluation.jobs; EVAL_JOB_TASK, eval_outputs).
+# (model, benchmark), or per model with every benchmark (evaluation.jobs; eval_outputs, eval_job).
 
 
 rule lm_eval:
@@ -9,9 +9,9 @@ rule lm_eval:
     output:
         eval_outputs(res("eval/{model}")),
     log:
-        res(f"logs/lm_eval/{{model}}{EVAL_JOB_TASK}.log"),
+        res(eval_job("logs/lm_eval/{model}") + ".log"),
     benchmark:
-        res(f"benchmarks/lm_eval/{{model}}{EVAL_JOB_TASK}.tsv")
+        res(eval_job("benchmarks/lm_eval/{model}") + ".tsv")
     conda:
         ENV_EVAL
     threads: THREADS
@@ -35,9 +35,9 @@ use rule lm_eval as lm_eval_seeded with:
     output:
         eval_outputs(res("eval/{model}/evalseed~{eseed}")),
     log:
-        res(f"logs/lm_eval/{{model}}/evalseed~{{eseed}}{EVAL_JOB_TASK}.log"),
+        res(eval_job("logs/lm_eval/{model}/evalseed~{eseed}") + ".log"),
     benchmark:
-        res(f"benchmarks/lm_eval/{{model}}/evalseed~{{eseed}}{EVAL_JOB_TASK}.tsv")
+        res(eval_job("benchmarks/lm_eval/{model}/evalseed~{eseed}") + ".tsv")
     params:
         args=seeded_eval_args,
         model_dir=lambda wc: model_dir(wc.model),

@@ -16,6 +16,7 @@ if MINIATURE_MODELS:
             res("benchmarks/sft/{model}.tsv")
         wildcard_constraints:
             model="|".join(MINIATURE_MODELS) or "^$",
+        priority: sft_priority
         conda:
             ENV_CORE
         threads: THREADS

@@ -150,9 +150,9 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, flags: dict[s
     return validate(parser.parse_args(argv), flags, section)
 
 
-def run(main: Callable[[], object]) -> None:
+def run(main: Callable[[], object], prog: str | None = None) -> None:
     """`main()`, with a bad input (an InputError: a flag, a config key, a data file) or a fault of the machine
-    (a Fault: a full disk, a worker that died) told in one line.
+    (a Fault: a full disk, a worker that died) told in one line, after `prog` (default: the `python -m` module).
 
     OPD_TRACEBACK=1 shows the traceback instead.
     """
@@ -163,7 +163,7 @@ def run(main: Callable[[], object]) -> None:
         main()
     except (InputError, Fault) as err:
         spec = getattr(sys.modules.get("__main__"), "__spec__", None)  # python -m opd.engines.train
-        prog = spec.name if spec is not None else "opd"
+        prog = prog or (spec.name if spec is not None else "opd")
         sys.exit(f"{prog}: error: {err}")
 
 

@@ -16,7 +16,7 @@ from opd import worlds
 from opd.engines import teacher_server
 from opd.infra import modeldirs
 from opd.infra.config import Check, load_yaml, validate_config
-from opd.studies import benchmarks, evaluate, reference, sweep
+from opd.studies import benchmarks, evaluate, plan, reference, sweep
 
 
 def merge(base: dict, overlay: dict) -> dict:
@@ -108,9 +108,21 @@ def student_build_problems(config: dict) -> list[str]:
             for s in students if config["models"].get(s, {}).get("hub")]
 
 
+def trained_eval_problems(config: dict) -> list[str]:
+    """`evaluation.trained: with_training` evaluates in the training process: one process, lm-eval's hf backend."""
+    if config["evaluation"]["trained"] != "with_training":
+        return []
+    why = [f"evaluation.backend is {config['evaluation']['backend']!r} (needs hf)"] * (
+        config["evaluation"]["backend"] != "hf")
+    why += [f"{t} -> {s} trains on {n} GPUs under torchrun (needs one process)" for t, s in _pairs(config)
+            if (n := plan.pair_gpus(config, t, s)) > 1]
+    return [f"evaluation.trained: with_training evaluates in the training job's own process, but {w}; use separate"
+            for w in why]
+
+
 CHECKS: list[Check] = [worlds.config_problems, model_problems, weight_problems, benchmarks.config_problems,
                        evaluate.code_execution_problems, reference.config_problems, served_teacher_problems,
-                       student_build_problems]
+                       student_build_problems, trained_eval_problems]
 
 
 def validate(config: dict, checks: list[Check] = CHECKS) -> dict:

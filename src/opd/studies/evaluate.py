@@ -271,8 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags, checked against the config schema (opd.infra.cli.parse)."""
+    return cli.parse(build_parser(), argv, FLAGS)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = cli.parse(build_parser(), argv, FLAGS)
+    args = parse_args(argv)
     out_dir = eval_seed_dir(args.out_dir, args.eval_seed)
     modeldirs.check_dir(args.model_dir, "--model-dir")
     check_task_data(args.tasks, args.include_path, args.data_root)
