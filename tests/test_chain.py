@@ -1,9 +1,9 @@
-"""opd.infra.chain: several entry points in one process, every step's flags checked before any step runs."""
+"""opd.studies.chain: several entry points in one process, every step's flags checked before any step runs."""
 
 import pytest
 
 from opd.engines import train
-from opd.infra import chain
+from opd.studies import chain
 from opd.infra.io import InputError
 from opd.studies import evaluate
 

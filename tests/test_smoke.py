@@ -292,7 +292,7 @@ def test_base_evaluation_jobs_per_task_or_per_model(tmp_path, jobs):
 
 @pytest.mark.parametrize("trained", ["separate", "with_training"])
 def test_trained_students_evaluated_in_their_own_job_or_the_training_job(tmp_path, trained):
-    """evaluation.trained: eval_trained jobs, or one process per run that trains then evaluates (opd.infra.chain)."""
+    """evaluation.trained: eval_trained jobs, or one process per run that trains then evaluates (opd.studies.chain)."""
     out = _dry_run_with(tmp_path, f"{{trained: {trained}}}")
     run = f"{RESULTS}/train/teacher/student_s/full/K~4/ratio~1/seed~0"
     trains = [line for line in out.splitlines() if "opd.engines.train --student" in line]
@@ -301,10 +301,10 @@ def test_trained_students_evaluated_in_their_own_job_or_the_training_job(tmp_pat
     evaluation = (f"opd.studies.evaluate --model-dir {run}/model --model-name teacher/student_s/full/K~4/ratio~1/seed~0"
                   f" --tasks arith1 arith2 reverse --out-dir {run}/eval --train-dir {run} --backend hf")
     if trained == "separate":
-        assert not any("opd.infra.chain" in line for line in trains) and len(evals) == 3
+        assert not any("opd.studies.chain" in line for line in trains) and len(evals) == 3
         assert sum(f"python -m {evaluation}" in line for line in evals) == 1
     else:
-        assert all("python -m opd.infra.chain opd.engines.train --student" in line for line in trains)
+        assert all("python -m opd.studies.chain opd.engines.train --student" in line for line in trains)
         assert evals == [line for line in trains if "--then opd.studies.evaluate" in line]
         assert sum(f" --study $OPD_STUDY --then {evaluation}" in line for line in trains) == 1
         assert "eval_trained" not in out

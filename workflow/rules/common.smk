@@ -77,7 +77,7 @@ PER_SEED = sweep.per_seed_builds(TRAIN)
 BASE_MODELS = TRAIN_STUDENTS + list(BUILDS)
 TRAIN_ID = "{teacher}/{student}/{method}/K~{k}/ratio~{ratio}/seed~{seed}"
 TRAIN_DIR = f"{RESULTS}/train/{TRAIN_ID}"
-# evaluation.trained: with_training = train_opd evaluates its student in the same process (opd.infra.chain).
+# evaluation.trained: with_training = train_opd evaluates its student in the same process (opd.studies.chain).
 EVAL_WITH_TRAINING = config["evaluation"]["trained"] == "with_training"
 REPORT_DIR = f"{RESULTS}/report/{STUDY}"
 RES = config["resources"]

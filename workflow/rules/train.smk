@@ -2,7 +2,7 @@
 
 
 # Under evaluation.trained with_training the training job also writes eval_trained's files, in the same process
-# (opd.infra.chain: ~9 s of imports saved per run on a CPU), and wins them by the ruleorder below.
+# (opd.studies.chain: ~9 s of imports saved per run on a CPU), and wins them by the ruleorder below.
 rule train_opd:
     input:
         unpack(lambda wc: task_inputs(wc) if EVAL_WITH_TRAINING else {}),
@@ -31,7 +31,7 @@ rule train_opd:
         teacher_dir=lambda wc, input: os.path.dirname(input.teacher),
         name=lambda wc: TRAIN_ID.format(**dict(wc.items())),
         launcher=train_launcher,
-        entry="opd.infra.chain opd.engines.train" if EVAL_WITH_TRAINING else "opd.engines.train",
+        entry="opd.studies.chain opd.engines.train" if EVAL_WITH_TRAINING else "opd.engines.train",
         then_eval=train_then_eval,
     shell:
         "{params.launcher} -m {params.entry} --student {params.student_dir} --teacher {params.teacher_dir}"

@@ -16,7 +16,7 @@ from opd import worlds
 from opd.engines import teacher_server
 from opd.infra import modeldirs
 from opd.infra.config import Check, load_yaml, validate_config
-from opd.studies import benchmarks, evaluate, plan, reference, sweep
+from opd.studies import benchmarks, evaluate, reference, shapes, sweep
 
 
 def merge(base: dict, overlay: dict) -> dict:
@@ -115,7 +115,7 @@ def trained_eval_problems(config: dict) -> list[str]:
     why = [f"evaluation.backend is {config['evaluation']['backend']!r} (needs hf)"] * (
         config["evaluation"]["backend"] != "hf")
     why += [f"{t} -> {s} trains on {n} GPUs under torchrun (needs one process)" for t, s in _pairs(config)
-            if (n := plan.pair_gpus(config, t, s)) > 1]
+            if (n := shapes.pair_gpus(config, t, s)) > 1]
     return [f"evaluation.trained: with_training evaluates in the training job's own process, but {w}; use separate"
             for w in why]
 

@@ -1,4 +1,4 @@
-"""Several entry points in one Python process: `python -m opd.infra.chain MODULE ARGS... --then MODULE ARGS...`.
+"""Several entry points in one Python process: `python -m opd.studies.chain MODULE ARGS... --then MODULE ARGS...`.
 
 Why: on a CPU a job's imports (torch, transformers, MLflow, lm-eval: about 9 s) can outweigh its work. The
 miniature study's training job evaluates its student in the same process (config `evaluation.trained:
