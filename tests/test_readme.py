@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # Blocks not run here, and why: each README block must be listed here or run below.
 NOT_RUN = {
-    "make study": "the whole miniature study (20 minutes): CI runs it, `make test` runs the smoke study",
+    "make study": "the whole miniature study (about 18 minutes on 2 cores); `make test` runs the smoke study",
     "profiles/slurm": "needs a SLURM cluster and GPUs (tests/test_slurm.py runs the profile on a test cluster)",
 }
 

@@ -16,6 +16,7 @@ want of space) is one `opd.infra.io.Fault` naming the directory and the previous
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import pickle
 import random
@@ -86,8 +87,32 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if CHECKPOINT_RE.fullmatch(p.name) and (p / "state.json").is_file())
 
 
+# The models a run starts from, by content: a student rebuilt at the same path (a new SFT, another download)
+# makes the checkpoints another run's. Snakemake reruns the job then, but leaves checkpoints/ (not an output).
+WEIGHT_KEYS = {"student": "student_weights", "teacher": "teacher_weights"}
+DIGEST_SAMPLES, DIGEST_BYTES = 16, 1 << 16
+
+
+def weights_digest(model_dir: Path) -> str:
+    """sha256 of a model directory's *.safetensors: each file's name and size, its first 64 KiB (the header and
+    the first weights) and 16 evenly spaced 64 KiB samples. A retrained or rebuilt model differs everywhere,
+    so the samples see it, and reading ~1 MiB per file costs milliseconds even for a 16 GB model; an edit of a
+    few bytes between two samples is not seen."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as fh:
+            for offset in sorted({0, *(i * size // DIGEST_SAMPLES for i in range(1, DIGEST_SAMPLES))}):
+                fh.seek(offset)
+                digest.update(fh.read(DIGEST_BYTES))
+    return digest.hexdigest()
+
+
 def _resume_flags(args: argparse.Namespace) -> dict:
-    return {k: str(v) for k, v in vars(args).items() if k not in RESUME_EXEMPT}
+    flags = {k: str(v) for k, v in vars(args).items() if k not in RESUME_EXEMPT}
+    return flags | {key: weights_digest(getattr(args, flag)) for flag, key in WEIGHT_KEYS.items()
+                    if getattr(args, flag, None) is not None}
 
 
 def save_checkpoint(out_dir: Path, step: int, args: argparse.Namespace, model_state: dict, optimizer_state: dict,
@@ -199,5 +224,8 @@ ADDED_FLAG_DEFAULTS = {"async_rollouts": "0", "clip_eps_high": "None", "optimize
 
 
 def changed_flags(args: argparse.Namespace, ckpt: dict) -> list[str]:
+    """The flags (and `WEIGHT_KEYS`: the models' contents) that differ from the checkpoint's; a checkpoint from
+    before the weights were recorded is compared on its flags alone."""
     written = {**ADDED_FLAG_DEFAULTS, **ckpt["flags"]}
-    return sorted(k for k, v in _resume_flags(args).items() if written.get(k) != v)
+    return sorted(k for k, v in _resume_flags(args).items()
+                  if written.get(k) != v and (k in written or k not in WEIGHT_KEYS.values()))
