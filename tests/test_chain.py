@@ -19,6 +19,11 @@ def test_split_into_steps_in_order():
     assert chain.split(["opd.studies.evaluate"]) == [("opd.studies.evaluate", [])]
 
 
+def test_help_is_the_module_doc(capsys):
+    chain.main(["--help"])
+    assert capsys.readouterr().out.startswith("Several entry points in one Python process")
+
+
 @pytest.mark.parametrize("argv", [[], ["opd.engines.train", "--then"], ["--then", "opd.studies.evaluate"],
                                   ["opd.engines.train", "--then", "--then", "opd.studies.evaluate"]])
 def test_a_missing_module_is_one_error(argv):

@@ -40,7 +40,11 @@ def split(argv: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    steps = [(importlib.import_module(m), m, args) for m, args in split(sys.argv[1:] if argv is None else argv)]
+    argv = sys.argv[1:] if argv is None else argv
+    if argv in ([], ["-h"], ["--help"]):
+        print(__doc__)
+        return
+    steps = [(importlib.import_module(m), m, args) for m, args in split(argv)]
     for module, name, args in steps:  # every step's flags before any step's work
         cli.run(functools.partial(module.parse_args, args), prog=name)
     for module, name, args in steps:
