@@ -1,4 +1,5 @@
-"""MLflow tracking: one run per rule execution, grouped by study (one experiment per study).
+"""MLflow tracking: one run per entry point called (a training job chained with its evaluation logs two),
+grouped by study (one experiment per study).
 
 The default store is `sqlite:///<results root>/mlflow.db` (no server; the root from `OPD_RESULTS`, which the
 workflow sets from config `results_dir`, else `results`); `MLFLOW_TRACKING_URI` overrides it.
