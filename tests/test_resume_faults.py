@@ -1,7 +1,10 @@
-"""Faults during training: a corrupt checkpoint, a killed run, a dead tracking server; none loses work or lies."""
+"""Faults during training: a corrupt checkpoint, a killed run, a dead tracking server, a student rebuilt under a
+run's checkpoints; none loses work or lies."""
 
+import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +16,7 @@ import torch
 
 from opd.engines import checkpoint, train
 from opd.infra import tracking
+from opd.worlds.miniature.sft import build_model
 
 from test_distributed import _free_port
 from test_train import Killed, _final_state, argv
@@ -173,3 +177,40 @@ def test_server_that_never_answers_times_out(monkeypatch):
         with pytest.raises(tracking.TrackingError, match="no MLflow server answers within 1 s"):
             tracking.check_reachable(timeout=1)
         assert time.monotonic() - start < 5
+
+
+def test_a_student_rebuilt_at_the_same_path_is_not_resumed(tiny_world, tmp_path):
+    """A new SFT of the student (same path, same flags) makes the old checkpoints another run's: refused naming
+    student_weights, and with --restart-if-flags-changed (the workflow's) set aside and trained afresh."""
+    student = tmp_path / "student"
+    shutil.copytree(tiny_world["student"], student)
+    base = ["--student", str(student), "--teacher", str(tiny_world["teacher"]), "--world", "miniature",
+            "--prompts", str(tiny_world["prompts"]), "--out-dir", str(tmp_path / "out"), "--method", "full",
+            "--steps", "1", "--prompts-per-step", "2", "--samples", "1", "--max-new-tokens", "8", "--top-k", "4"]
+    train.main(base)
+    tok = tiny_world["tokenizer"]  # the same shapes, other weights (seed 3): a rebuild
+    build_model(len(tok), 16, 1, 2, 1, 32, tok.eos_token_id, 3, head_dim=32).save_pretrained(str(student))
+    with pytest.raises(ValueError, match="other flags \\(student_weights\\)"):
+        train.main(base)
+    assert train.main(base + ["--restart-if-flags-changed"])["step"] == 1
+    assert len(list((tmp_path / "out").glob("checkpoints.replaced-*/step_000001/state.json"))) == 1
+
+
+def test_weights_digest_sees_size_and_sampled_bytes_and_old_checkpoints_keep_resuming(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    weights = model / "model.safetensors"
+    weights.write_bytes(bytes(1 << 20))  # 1 MiB: the samples sit at multiples of 64 KiB
+    first = checkpoint.weights_digest(model)
+    assert checkpoint.weights_digest(model) == first
+    data = bytearray(1 << 20)
+    data[5 * (1 << 20) // 16] = 1  # a byte at a sample
+    weights.write_bytes(bytes(data))
+    assert checkpoint.weights_digest(model) != first
+    weights.write_bytes(bytes((1 << 20) + 1))  # one byte longer
+    assert checkpoint.weights_digest(model) != first
+    args = argparse.Namespace(student=model, teacher=model, lr=1e-4)
+    flags = {"lr": "0.0001", "student": str(model), "teacher": str(model)}  # written before the weights were
+    # recorded: compared on its flags alone
+    assert checkpoint.changed_flags(args, {"flags": flags}) == []
+    assert checkpoint.changed_flags(args, {"flags": {**flags, "student_weights": first}}) == ["student_weights"]

@@ -187,20 +187,19 @@ def seeded_eval_args(wildcards):
     return f"{eval_args(wildcards)} --eval-seed {wildcards.eseed}"
 
 
+def task_files(eval_dir, tasks):
+    """Each task's lm-eval result and per-problem samples in one directory (wildcards in `eval_dir` kept)."""
+    return [f"{eval_dir}/{t}{ext}" for t in tasks for ext in (".json", ".samples.jsonl")]
+
+
 def eval_files(eval_dir, tasks=None):
     """Every evaluation seed's lm-eval result and per-problem samples of each task under one evaluation directory."""
-    return [
-        f"{eval_seed_dir(eval_dir, s)}/{t}{ext}"
-        for s in EVAL_SEEDS
-        for t in (tasks or BENCHMARKS)
-        for ext in (".json", ".samples.jsonl")
-    ]
+    return [f for s in EVAL_SEEDS for f in task_files(eval_seed_dir(eval_dir, s), tasks or BENCHMARKS)]
 
 
 def eval_outputs(eval_dir):
     """One lm_eval job's files under `eval_dir`: its {task}'s pair, or every benchmark's (evaluation.jobs per_model)."""
-    tasks = BENCHMARKS if PER_MODEL_EVAL else ["{task}"]
-    return [f"{eval_dir}/{t}{ext}" for t in tasks for ext in (".json", ".samples.jsonl")]
+    return task_files(eval_dir, BENCHMARKS if PER_MODEL_EVAL else ["{task}"])
 
 
 def eval_job(*dirs):
@@ -330,8 +329,7 @@ def train_launcher(wildcards):
 
 def trained_eval_outputs(*seed_dir):
     """A trained run's lm-eval files (seed_dir: "evalseed~{eseed}" for a seed > 0); its TRAIN_DIR wildcards kept."""
-    eval_dir = os.path.join(f"{TRAIN_DIR}/eval", *seed_dir)
-    return expand(f"{eval_dir}/{{task}}{{ext}}", task=BENCHMARKS, ext=[".json", ".samples.jsonl"], allow_missing=True)
+    return task_files(os.path.join(f"{TRAIN_DIR}/eval", *seed_dir), BENCHMARKS)
 
 
 def trained_eval_flags(wildcards, threads, args=eval_args):

@@ -260,8 +260,9 @@ def detectable(seed_sd: float, problem_sd: float, n_seeds: int, n_problems: int,
     """Smallest true difference a two-sided test at `alpha` detects with `power` (normal approximation).
 
     Two methods, `n_seeds` each, paired on `n_problems`: var(difference) = 2 seed_sd² / n_seeds +
-    problem_sd² / n_problems; paired on seeds, `seed_sd` is already a difference's: seed_sd² / n_seeds. Conservative: the problem part is not divided by the seeds (a problem's
-    true difference is the same for every seed) and the seed sd already holds some problem noise.
+    problem_sd² / n_problems; paired on seeds, `seed_sd` is already a difference's: seed_sd² / n_seeds.
+    Conservative: the problem part is not divided by the seeds (a problem's true difference is the same for
+    every seed) and the seed sd already holds some problem noise.
     """
     z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
     return z * math.sqrt((1 if seeds_paired else 2) * seed_sd ** 2 / n_seeds + problem_sd ** 2 / n_problems)
